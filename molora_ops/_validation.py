@@ -1,0 +1,142 @@
+"""Input checks shared by the public ops, the reference and the backends.
+
+Every error names the argument and says what was expected. Shape, dtype and device checks read only
+metadata. The id-range check reads the ids' values; on a GPU that is a host sync, so the hot path (the
+patched model, which validates its routing once per forward) turns it off with ``check_ids=False``.
+The kernels never dereference an id outside [0, N) whether or not it ran.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+ID_DTYPES = (torch.int32, torch.int64)
+
+
+def _check_tensor(name: str, t, ndim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+
+
+def _check_same_device(**tensors: torch.Tensor) -> None:
+    items = [(n, t) for n, t in tensors.items() if isinstance(t, torch.Tensor)]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(
+                f"{name} is on {t.device} but {first_name} is on {first.device}; all tensors must share one device"
+            )
+
+
+def _check_routing(topk_ids, topk_weights, num_tokens: int, num_adapters: int, check_ids: bool) -> None:
+    _check_tensor("topk_ids", topk_ids, 2)
+    if topk_ids.dtype not in ID_DTYPES:
+        raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    if topk_ids.shape[0] != num_tokens:
+        raise ValueError(f"topk_ids must have {num_tokens} rows (one per token), got shape {tuple(topk_ids.shape)}")
+    if topk_ids.shape[1] < 1:
+        raise ValueError(f"topk_ids must have K >= 1 slots per token, got shape {tuple(topk_ids.shape)}")
+    if topk_weights is not None:
+        _check_tensor("topk_weights", topk_weights, 2)
+        if not topk_weights.is_floating_point():
+            raise TypeError(f"topk_weights must be a floating tensor, got {topk_weights.dtype}")
+        if topk_weights.shape != topk_ids.shape:
+            raise ValueError(
+                f"topk_weights must have the shape of topk_ids {tuple(topk_ids.shape)}, got {tuple(topk_weights.shape)}"
+            )
+    if check_ids and topk_ids.numel() > 0:
+        lo, hi = int(topk_ids.min()), int(topk_ids.max())
+        if lo < -1 or hi >= num_adapters:
+            raise ValueError(
+                f"topk_ids must lie in [-1, {num_adapters}) (N = {num_adapters} adapters, -1 = empty slot), "
+                f"got values in [{lo}, {hi}]"
+            )
+
+
+def check_scaling(scaling, num_adapters: int, device: torch.device) -> None:
+    if scaling is None or isinstance(scaling, (int, float)) and not isinstance(scaling, bool):
+        return
+    if not isinstance(scaling, torch.Tensor):
+        raise TypeError(f"scaling must be None, a float or a [N] tensor, got {type(scaling).__name__}")
+    if not scaling.is_floating_point():
+        raise TypeError(f"scaling must be a floating tensor, got {scaling.dtype}")
+    if tuple(scaling.shape) != (num_adapters,):
+        raise ValueError(f"scaling must have shape [N] = ({num_adapters},), got {tuple(scaling.shape)}")
+    if scaling.device != device:
+        raise ValueError(f"scaling is on {scaling.device} but the inputs are on {device}")
+
+
+def scaling_vector(scaling, num_adapters: int, device: torch.device) -> torch.Tensor:
+    """The per-adapter scale as a contiguous [N] float32 tensor (float64 stays float64)."""
+    if scaling is None:
+        return torch.ones(num_adapters, dtype=torch.float32, device=device)
+    if isinstance(scaling, torch.Tensor):
+        dtype = torch.float64 if scaling.dtype == torch.float64 else torch.float32
+        return scaling.to(dtype).contiguous()
+    return torch.full((num_adapters,), float(scaling), dtype=torch.float32, device=device)
+
+
+def check_shrink(x, lora_a, topk_ids, topk_weights, scaling, *, check_ids: bool = True) -> None:
+    _check_tensor("x", x, 2)
+    _check_tensor("lora_a", lora_a, 3)
+    _check_float("x", x)
+    if lora_a.dtype != x.dtype:
+        raise TypeError(f"lora_a must have x's dtype {x.dtype}, got {lora_a.dtype}")
+    if lora_a.shape[2] != x.shape[1]:
+        raise ValueError(
+            f"lora_a must be [N, R, H_in] with H_in = x.shape[1] = {x.shape[1]}, got {tuple(lora_a.shape)}"
+        )
+    if lora_a.shape[0] < 1 or lora_a.shape[1] < 1:
+        raise ValueError(f"lora_a must have N >= 1 adapters and rank R >= 1, got {tuple(lora_a.shape)}")
+    _check_same_device(x=x, lora_a=lora_a, topk_ids=topk_ids, topk_weights=topk_weights)
+    _check_routing(topk_ids, topk_weights, x.shape[0], lora_a.shape[0], check_ids)
+    check_scaling(scaling, lora_a.shape[0], x.device)
+
+
+def check_expand(h, lora_b, topk_ids, out, *, check_ids: bool = True) -> None:
+    _check_tensor("h", h, 3)
+    _check_tensor("lora_b", lora_b, 3)
+    _check_float("lora_b", lora_b)
+    if h.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"h must be float32 (the output of lora_shrink), got {h.dtype}")
+    if h.shape[2] != lora_b.shape[2]:
+        raise ValueError(f"lora_b must be [N, H_out, R] with R = h.shape[2] = {h.shape[2]}, got {tuple(lora_b.shape)}")
+    if lora_b.shape[0] < 1:
+        raise ValueError(f"lora_b must hold N >= 1 adapters, got {tuple(lora_b.shape)}")
+    _check_same_device(h=h, lora_b=lora_b, topk_ids=topk_ids, out=out)
+    _check_routing(topk_ids, None, h.shape[0], lora_b.shape[0], check_ids)
+    if tuple(topk_ids.shape) != tuple(h.shape[:2]):
+        raise ValueError(f"topk_ids must be [T, K] = {tuple(h.shape[:2])} to match h, got {tuple(topk_ids.shape)}")
+    _check_out(out, h.shape[0], lora_b.shape[1], lora_b.dtype)
+
+
+def _check_out(out, num_tokens: int, h_out: int, dtype: torch.dtype) -> None:
+    if out is None:
+        return
+    _check_tensor("out", out, 2)
+    if tuple(out.shape) != (num_tokens, h_out):
+        raise ValueError(f"out must have shape [T, H_out] = ({num_tokens}, {h_out}), got {tuple(out.shape)}")
+    if out.dtype != dtype:
+        raise TypeError(f"out must have dtype {dtype}, got {out.dtype}")
+
+
+def check_routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scaling, out, *, check_ids: bool = True) -> None:
+    check_shrink(x, lora_a, topk_ids, topk_weights, scaling, check_ids=check_ids)
+    _check_tensor("lora_b", lora_b, 3)
+    if lora_b.dtype != x.dtype:
+        raise TypeError(f"lora_b must have x's dtype {x.dtype}, got {lora_b.dtype}")
+    if lora_b.shape[0] != lora_a.shape[0] or lora_b.shape[2] != lora_a.shape[1]:
+        raise ValueError(
+            f"lora_b must be [N, H_out, R] = [{lora_a.shape[0]}, H_out, {lora_a.shape[1]}] to match lora_a, "
+            f"got {tuple(lora_b.shape)}"
+        )
+    _check_same_device(x=x, lora_b=lora_b, out=out)
+    _check_out(out, x.shape[0], lora_b.shape[1], x.dtype)

@@ -1,0 +1,78 @@
+"""The `torch` backend: grouped by adapter, one matmul per *active* adapter.
+
+This is the fast path on CPU and the fallback everywhere. It never computes all N adapters densely: for
+each adapter with routed pairs it gathers that adapter's tokens (one contiguous segment of the routing
+plan), runs shrink and expand as two small matmuls in float32, and scatters the result back. Listing
+the active adapters reads the plan's offsets on the host, which is a sync when the tensors are on a GPU;
+use the `triton` or `cuda` backend there.
+
+Results are deterministic on CPU (index_add_ is sequential there).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..plan import RoutingPlan
+
+name = "torch"
+
+
+def _segments(plan: RoutingPlan):
+    """Yield (adapter, pair indices [M] int64, token indices [M] int64) for each active adapter."""
+    offsets = plan.seg_offsets.tolist()
+    pairs_all = plan.sorted_pairs.long()
+    for e in range(plan.num_adapters):
+        lo, hi = offsets[e], offsets[e + 1]
+        if hi > lo:
+            pairs = pairs_all[lo:hi]
+            yield e, pairs, pairs // plan.top_k
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _shrink_segment(x, lora_a, topk_weights, scale, e, pairs, tokens, cd):
+    coef = topk_weights.reshape(-1)[pairs].to(cd) * scale[e].to(cd)  # [M]
+    return (x[tokens].to(cd) @ lora_a[e].to(cd).t()) * coef[:, None]  # [M, R]
+
+
+def _write_out(out: torch.Tensor, delta: torch.Tensor, accumulate: bool) -> None:
+    if accumulate:
+        out.copy_(out.to(delta.dtype) + delta)
+    else:
+        out.copy_(delta)
+
+
+def shrink(x, lora_a, topk_ids, topk_weights, scale, plan: RoutingPlan) -> torch.Tensor:
+    """h[t, k] = w[t, k] * scale[e] * lora_a[e] @ x[t]; returns [T, K, R] float32 (zeros in empty slots)."""
+    del topk_ids
+    cd = _compute_dtype(x, scale)
+    num_tokens, top_k, rank = x.shape[0], plan.top_k, lora_a.shape[1]
+    h = torch.zeros(num_tokens * top_k, rank, dtype=cd, device=x.device)
+    for e, pairs, tokens in _segments(plan):
+        h[pairs] = _shrink_segment(x, lora_a, topk_weights, scale, e, pairs, tokens, cd)
+    return h.view(num_tokens, top_k, rank)
+
+
+def expand(h, lora_b, topk_ids, plan: RoutingPlan, out: torch.Tensor, accumulate: bool) -> None:
+    """out[t] (+)= sum_k lora_b[e] @ h[t, k] over non-empty slots, formed in float32, rounded once into out."""
+    del topk_ids
+    cd = _compute_dtype(h, lora_b)
+    h_flat = h.reshape(-1, h.shape[-1])
+    delta = torch.zeros(out.shape, dtype=cd, device=out.device)
+    for e, pairs, tokens in _segments(plan):
+        delta.index_add_(0, tokens, h_flat[pairs].to(cd) @ lora_b[e].to(cd).t())
+    _write_out(out, delta, accumulate)
+
+
+def routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale, plan: RoutingPlan, out, accumulate: bool) -> None:
+    """Shrink and expand per active adapter without materialising h for the whole batch."""
+    del topk_ids
+    cd = _compute_dtype(x, scale)
+    delta = torch.zeros(out.shape, dtype=cd, device=out.device)
+    for e, pairs, tokens in _segments(plan):
+        h = _shrink_segment(x, lora_a, topk_weights, scale, e, pairs, tokens, cd)
+        delta.index_add_(0, tokens, h @ lora_b[e].to(cd).t())
+    _write_out(out, delta, accumulate)
