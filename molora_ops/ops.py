@@ -155,11 +155,12 @@ def _(x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs, seg_offset
 
 
 # --------------------------------------------------------------------------------------- public wrappers
-def _should_check_ids(validate: bool, device: torch.device) -> bool:
+def _should_check_ids(validate: bool, tensor) -> bool:
     """Reading ids is a host sync on a GPU and impossible while tracing or capturing: skip it there."""
     if not validate or torch.compiler.is_compiling():
         return False
-    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    on_cuda = isinstance(tensor, Tensor) and tensor.device.type == "cuda"
+    return not (on_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def _plan_tensors(plan: Optional[RoutingPlan], topk_ids: Tensor, num_adapters: int):
@@ -187,7 +188,7 @@ def lora_shrink(x, lora_a, topk_ids, topk_weights, *, scaling=None, backend="aut
     Returns:
         h: [T, K, R] float32.
     """
-    check_shrink(x, lora_a, topk_ids, topk_weights, scaling, check_ids=_should_check_ids(validate, x.device))
+    check_shrink(x, lora_a, topk_ids, topk_weights, scaling, check_ids=_should_check_ids(validate, x))
     sorted_pairs, seg_offsets = _plan_tensors(plan, topk_ids, lora_a.shape[0])
     scale = scaling_vector(scaling, lora_a.shape[0], x.device)
     name = _backends.resolve(backend, x.device)
@@ -205,7 +206,7 @@ def lora_expand(h, lora_b, topk_ids, *, out=None, backend="auto", plan=None, val
     Returns:
         [T, H_out] of lora_b.dtype; the sum is formed in float32 and rounded once.
     """
-    check_expand(h, lora_b, topk_ids, out, check_ids=_should_check_ids(validate, h.device))
+    check_expand(h, lora_b, topk_ids, out, check_ids=_should_check_ids(validate, h))
     sorted_pairs, seg_offsets = _plan_tensors(plan, topk_ids, lora_b.shape[0])
     name = _backends.resolve(backend, h.device)
     if out is None:
@@ -237,7 +238,7 @@ def routed_lora(
         [T, H_out] x.dtype.
     """
     check_routed_lora(
-        x, lora_a, lora_b, topk_ids, topk_weights, scaling, out, check_ids=_should_check_ids(validate, x.device)
+        x, lora_a, lora_b, topk_ids, topk_weights, scaling, out, check_ids=_should_check_ids(validate, x)
     )
     sorted_pairs, seg_offsets = _plan_tensors(plan, topk_ids, lora_a.shape[0])
     scale = scaling_vector(scaling, lora_a.shape[0], x.device)

@@ -111,3 +111,17 @@ def make_problem(
     return Problem(
         x.to(dtype), lora_a.to(dtype), lora_b.to(dtype), ids.to(id_dtype), weights, scaling
     ).to(device)
+
+
+def naive_lowp(problem: Problem) -> torch.Tensor:
+    """Plain PyTorch in the inputs' own precision (per-slot matmuls, sums in that dtype): the error yardstick
+    for the flash-attention tolerance rule."""
+    x, a, b, ids = problem.x, problem.lora_a, problem.lora_b, problem.topk_ids
+    dtype = x.dtype
+    out = torch.zeros(x.shape[0], b.shape[1], dtype=dtype, device=x.device)
+    for k in range(ids.shape[1]):
+        e = ids[:, k].clamp(min=0).long()
+        coef = (problem.topk_weights[:, k] * problem.scaling[e] * (ids[:, k] >= 0)).to(dtype)
+        h = torch.bmm(a[e], x[:, :, None])[..., 0] * coef[:, None]
+        out = out + torch.bmm(b[e], h[:, :, None])[..., 0]
+    return out

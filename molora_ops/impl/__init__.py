@@ -20,17 +20,27 @@ BACKENDS = ("torch", "triton", "cuda")
 _MODULES = {"torch": "torch_grouped", "triton": "triton_backend", "cuda": "cuda_backend"}
 
 
-def get(name: str) -> ModuleType:
-    """The backend module for `name` (one of BACKENDS)."""
+def _check_name(name: str) -> None:
     if name not in _MODULES:
         raise ValueError(f"backend must be one of 'auto', {', '.join(repr(b) for b in BACKENDS)}; got {name!r}")
+
+
+def get(name: str) -> ModuleType:
+    """The backend module for `name` (one of BACKENDS)."""
+    _check_name(name)
     return importlib.import_module(f"{__name__}.{_MODULES[name]}")
 
 
+@torch.compiler.assume_constant_result
 def _status(name: str) -> tuple[bool, bool, str]:
+    """(compiled, available, reason). Under torch.compile it runs once at trace time and is a constant."""
     if name == "torch":
         return True, True, "plain PyTorch: grouped by adapter, one matmul per active adapter"
-    return get(name).status()
+    try:
+        module = get(name)
+    except ImportError as exc:  # a broken install must not break `import molora_ops` or `backends()`
+        return False, False, f"backend module failed to import: {exc}"
+    return module.status()
 
 
 def backends() -> dict[str, dict]:
@@ -54,7 +64,7 @@ def resolve(backend: str, device: torch.device) -> str:
                 if compiled and available:
                     return candidate
         return "torch"
-    get(backend)  # validates the name
+    _check_name(backend)
     if backend == "torch":
         return backend
     compiled, available, reason = _status(backend)
