@@ -23,7 +23,9 @@ def _check_tensor(name: str, t, ndim: int) -> None:
 
 def _check_float(name: str, t: torch.Tensor) -> None:
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+        raise TypeError(
+            f"{name} must be float16, bfloat16 or float32 (float64: reference and torch backend only), got {t.dtype}"
+        )
 
 
 def _check_same_device(**tensors: torch.Tensor) -> None:
