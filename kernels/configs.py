@@ -1,0 +1,133 @@
+"""Heuristic launch configurations for the routed-LoRA Triton kernels, keyed by shape.
+
+Pure Python (no triton import), so the choice of path and tiles can be tested and inspected without a GPU.
+There is deliberately no ``triton.autotune`` on the runtime path: autotuning benchmarks on first call,
+which stalls a serving step, breaks CUDA-graph capture and makes results depend on timing noise. A tuned
+table can be layered on top later by replacing these functions' outputs for known shapes.
+
+Semantics of the knobs:
+    BLOCK_M    rows (routed pairs for shrink, tokens for expand/fused) per program
+    BLOCK_R    rank columns per program (shrink: one r-tile per program along grid axis 2;
+               expand: the R loop step; fused: the whole padded rank)
+    BLOCK_K    H_in step of the shrink reduction
+    BLOCK_N    H_out columns per program (expand, fused)
+    SPLIT_K    number of programs that share one shrink reduction over H_in (partials reduced in fixed order)
+    num_warps  warps per program
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Register budget for the [rows, cols, R] broadcast-multiply-reduce tiles of the gather kernels: with 4 warps
+# (128 threads) an 8192-element fp32 tile is 64 registers a thread.
+_GATHER_TILE_ELEMS = 8192
+
+# The fused shrink+expand path is taken at decode sizes: few tokens and a small rank-space (R * K), where
+# two launches cost more than recomputing the tiny shrink in every H_out tile.
+FUSED_MAX_TOKENS = 16
+FUSED_MAX_RANK_SLOTS = 128  # next_pow2(R) * K
+FUSED_MAX_RANK = 64
+
+# Split-K on shrink when there are few pairs (few M tiles) and a long H_in reduction.
+SPLIT_K_MAX_PAIRS = 128
+SPLIT_K_MAX = 16
+SPLIT_K_MIN_STEPS = 4  # each split does at least this many BLOCK_K steps
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _clamp(v: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, v))
+
+
+@dataclass(frozen=True)
+class ShrinkConfig:
+    BLOCK_M: int
+    BLOCK_R: int
+    BLOCK_K: int
+    SPLIT_K: int
+    num_warps: int
+
+    def k_per_split(self, h_in: int) -> int:
+        """H_in columns per split, a multiple of BLOCK_K (the last split may be shorter)."""
+        steps = cdiv(max(h_in, 1), self.BLOCK_K)
+        return cdiv(steps, self.SPLIT_K) * self.BLOCK_K
+
+    def with_split(self, split_k: int, h_in: int) -> "ShrinkConfig":
+        """This config with SPLIT_K = split_k, reduced so that no split is empty."""
+        steps = cdiv(max(h_in, 1), self.BLOCK_K)
+        split_k = _clamp(int(split_k), 1, steps)
+        per = cdiv(steps, split_k)
+        return ShrinkConfig(self.BLOCK_M, self.BLOCK_R, self.BLOCK_K, cdiv(steps, per), self.num_warps)
+
+
+@dataclass(frozen=True)
+class GatherConfig:
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_R: int
+    BLOCK_K: int  # fused only (H_in step); 0 for expand
+    num_warps: int
+
+
+def shrink_config(num_pairs: int, num_adapters: int, rank: int, h_in: int) -> ShrinkConfig:
+    """Tiles for the adapter-segmented shrink. tl.dot needs every tile dimension >= 16."""
+    del num_adapters  # segments can be as long as num_pairs, so tiles are sized from it
+    if num_pairs <= 128:
+        block_m = 16
+    elif num_pairs <= 2048:
+        block_m = 32
+    else:
+        block_m = 64
+    block_r = _clamp(next_pow2(rank), 16, 64)
+    block_k = 128 if block_m <= 32 else 64
+    block_k = min(block_k, max(16, next_pow2(h_in)))
+    steps = cdiv(max(h_in, 1), block_k)
+    split_k = 1
+    if num_pairs <= SPLIT_K_MAX_PAIRS:
+        split_k = _clamp(steps // SPLIT_K_MIN_STEPS, 1, SPLIT_K_MAX)
+    cfg = ShrinkConfig(block_m, block_r, block_k, 1, 4)
+    return cfg.with_split(split_k, h_in)
+
+
+def _gather_block_n(rows: int, block_r: int, h_out: int) -> int:
+    # rows and block_r are powers of two, so the quotient is one too.
+    block_n = _GATHER_TILE_ELEMS // max(1, rows * block_r)
+    return _clamp(block_n, 16, min(256, max(16, next_pow2(h_out))))
+
+
+def expand_config(num_tokens: int, rank: int, h_out: int) -> GatherConfig:
+    """Tiles for the token-major expand (each program owns BLOCK_M tokens x BLOCK_N output columns)."""
+    block_m = _clamp(next_pow2(num_tokens), 1, 16)
+    block_r = _clamp(next_pow2(rank), 1, 32)
+    block_n = _gather_block_n(block_m, block_r, h_out)
+    return GatherConfig(block_m, block_n, block_r, 0, 4)
+
+
+def use_fused(num_tokens: int, top_k: int, rank: int, h_in: int, h_out: int) -> bool:
+    """One launch (shrink recomputed per H_out tile) at decode sizes; two launches otherwise."""
+    del h_in, h_out
+    r_pad = next_pow2(rank)
+    return num_tokens <= FUSED_MAX_TOKENS and r_pad <= FUSED_MAX_RANK and r_pad * top_k <= FUSED_MAX_RANK_SLOTS
+
+
+def fused_config(num_tokens: int, rank: int, h_in: int, h_out: int) -> GatherConfig:
+    """Tiles for the fused kernel: the whole padded rank lives in one tile."""
+    block_m = _clamp(next_pow2(num_tokens), 1, 4)
+    block_r = next_pow2(rank)
+    block_k = _clamp(_GATHER_TILE_ELEMS // (block_m * block_r), 16, min(256, max(16, next_pow2(h_in))))
+    block_n = _gather_block_n(block_m, block_r, h_out)
+    return GatherConfig(block_m, block_n, block_r, block_k, 4)
+
+
+def reduce_config(rank: int) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_R) for the split-K partial reduction."""
+    block_r = _clamp(next_pow2(rank), 1, 64)
+    return max(1, 2048 // block_r), block_r

@@ -1,0 +1,339 @@
+"""Triton kernels for routed multi-LoRA, and thin launchers that take explicit tensors and configs.
+
+Shapes (T tokens, K slots, P = T * K pairs, pair p = t * K + k, N adapters, R padded rank):
+    x [T, H_in], lora_a [N, R, H_in], lora_b [N, H_out, R], topk_ids / topk_weights [T, K], scale [N],
+    h [T, K, R] float32 (addressed as rows p of a [P, R] view), out [T, H_out].
+
+Kernels
+    _shrink_kernel         adapter-segmented gather-GEMM: a program owns BLOCK_M pairs of one adapter's segment
+                           of the routing plan, one BLOCK_R slice of the rank and one of SPLIT_K slices of H_in.
+                           tl.dot on the gathered x rows against lora_a[e] (gathered by index: base + e * stride).
+    _shrink_reduce_kernel  sums the SPLIT_K partials in a fixed order (deterministic) and applies
+                           probability x scaling in rank space; writes every element of h (zeros for empty slots).
+    _expand_kernel         token-major: a program owns BLOCK_M tokens x BLOCK_N output columns and reduces the
+                           K slots of each token itself (deterministic, every out element written exactly once).
+    _fused_kernel          shrink + expand in one launch for decode sizes (small T, small R * K): each program
+                           recomputes its tokens' h in registers, then expands into its own output tile.
+
+Conventions: every load and store is masked; offsets are int64; ids outside [0, N) are masked out before
+they are ever used in an address, so they are never dereferenced; accumulation is float32 and the result
+is rounded once into out. Grids never depend on device values: the shrink grid is sized for the longest
+possible segment (all P pairs on one adapter) and programs past their segment's end return at once, which
+keeps launches CUDA-graph safe.
+
+UPCAST (constexpr): cast tl.dot operands to float32 and use input_precision="ieee". Set for float32 inputs
+(on a GPU tf32 would break the float32 tolerance) and under TRITON_INTERPRET=1, where bf16 tl.dot is wrong.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .configs import GatherConfig, ShrinkConfig, cdiv, reduce_config
+
+
+# ------------------------------------------------------------------------------------------------- shrink
+@triton.jit
+def _shrink_kernel(
+    # pointers
+    x_ptr, a_ptr, w_ptr, scale_ptr, sorted_pairs_ptr, seg_offsets_ptr, out_ptr,
+    # sizes
+    top_k, rank, h_in, k_per_split,
+    # strides
+    stride_xt, stride_xh,
+    stride_ae, stride_ar, stride_ah,
+    stride_wt, stride_wk,
+    stride_os, stride_op, stride_or,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    APPLY_COEF: tl.constexpr, USE_ATOMIC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Semantics: for each pair p = t*K + k routed to adapter e (the segment e of the plan),
+        out[s, p, r] = sum_{h in split s} lora_a[e, r, h] * x[t, h]          (APPLY_COEF = False, partials)
+        out[p, r]    = w[t, k] * scale[e] * sum_h lora_a[e, r, h] * x[t, h]   (APPLY_COEF = True, SPLIT_K = 1
+                                                                              or USE_ATOMIC: added in place)
+    Grid: (cdiv(P, BLOCK_M), N, SPLIT_K * cdiv(R, BLOCK_R)). Rows of pairs outside every segment are untouched.
+    """
+    pid_m = tl.program_id(0)
+    e = tl.program_id(1)
+    pid_z = tl.program_id(2)
+    pid_sk = pid_z % SPLIT_K
+    pid_r = pid_z // SPLIT_K
+
+    seg_start = tl.load(seg_offsets_ptr + e)
+    seg_end = tl.load(seg_offsets_ptr + e + 1)
+    row_start = seg_start + pid_m * BLOCK_M
+    if row_start >= seg_end:
+        return  # grid is sized for the longest possible segment
+
+    offs_m = row_start + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < seg_end
+    pairs = tl.load(sorted_pairs_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+    tokens = pairs // top_k
+    slots = pairs - tokens * top_k
+
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < rank
+    k_lo = pid_sk * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, h_in)
+
+    x_rows = x_ptr + tokens[:, None] * stride_xt  # [BLOCK_M, 1]
+    a_cols = a_ptr + e.to(tl.int64) * stride_ae + offs_r.to(tl.int64)[None, :] * stride_ar  # [1, BLOCK_R]
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        mask_k = offs_k < k_hi
+        xt = tl.load(x_rows + offs_k[None, :] * stride_xh, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        at = tl.load(a_cols + offs_k[:, None] * stride_ah, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        if UPCAST:
+            acc += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(xt, at)
+
+    if APPLY_COEF:
+        w = tl.load(w_ptr + tokens * stride_wt + slots * stride_wk, mask=mask_m, other=0.0).to(tl.float32)
+        s = tl.load(scale_ptr + e).to(tl.float32)
+        acc = acc * (w * s)[:, None]
+
+    out_ptrs = (
+        out_ptr + pid_sk.to(tl.int64) * stride_os + pairs[:, None] * stride_op
+        + offs_r.to(tl.int64)[None, :] * stride_or
+    )
+    mask = mask_m[:, None] & mask_r[None, :]
+    if USE_ATOMIC:
+        tl.atomic_add(out_ptrs, acc, mask=mask)
+    else:
+        tl.store(out_ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _shrink_reduce_kernel(
+    # pointers
+    part_ptr, ids_ptr, w_ptr, scale_ptr, h_ptr,
+    # sizes
+    num_pairs, top_k, rank, num_adapters,
+    # strides
+    stride_ps, stride_pp, stride_pr,
+    stride_idt, stride_idk,
+    stride_wt, stride_wk,
+    stride_hp, stride_hr,
+    # meta-parameters
+    BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """Semantics: h[p, r] = w[t, k] * scale[e] * sum_{s = 0..SPLIT_K-1} part[s, p, r] (in that order) for
+    pairs with e = ids[t, k] in [0, N); h[p, r] = 0 otherwise (partials of such pairs are never read).
+    Grid: (cdiv(P, BLOCK_P),). Writes every element of h."""
+    pid = tl.program_id(0)
+    offs_p = pid.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < num_pairs
+    tokens = offs_p // top_k
+    slots = offs_p - tokens * top_k
+    ids = tl.load(ids_ptr + tokens * stride_idt + slots * stride_idk, mask=mask_p, other=-1).to(tl.int64)
+    valid = mask_p & (ids >= 0) & (ids < num_adapters)
+    safe_ids = tl.where(valid, ids, 0)
+    w = tl.load(w_ptr + tokens * stride_wt + slots * stride_wk, mask=valid, other=0.0).to(tl.float32)
+    s = tl.load(scale_ptr + safe_ids, mask=valid, other=0.0).to(tl.float32)
+    coef = tl.where(valid, w * s, 0.0)
+    for r0 in range(0, rank, BLOCK_R):
+        offs_r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+        mask_r = offs_r < rank
+        acc = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
+        for sk in tl.static_range(SPLIT_K):
+            acc += tl.load(
+                part_ptr + sk * stride_ps + offs_p[:, None] * stride_pp + offs_r[None, :] * stride_pr,
+                mask=valid[:, None] & mask_r[None, :], other=0.0,
+            )
+        tl.store(
+            h_ptr + offs_p[:, None] * stride_hp + offs_r[None, :] * stride_hr,
+            acc * coef[:, None], mask=mask_p[:, None] & mask_r[None, :],
+        )
+
+
+# ------------------------------------------------------------------------------------------------- expand
+@triton.jit
+def _expand_kernel(
+    # pointers
+    h_ptr, b_ptr, ids_ptr, out_ptr,
+    # sizes
+    num_tokens, top_k, rank, h_out, num_adapters,
+    # strides
+    stride_ht, stride_hk, stride_hr,
+    stride_be, stride_bo, stride_br,
+    stride_idt, stride_idk,
+    stride_ot, stride_oo,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ACCUMULATE: tl.constexpr,
+):
+    """Semantics: out[t, o] = (out[t, o] if ACCUMULATE else 0) + sum_{k: 0 <= e < N} sum_r lora_b[e, o, r] * h[t, k, r],
+    e = ids[t, k]; the k sum runs in slot order inside this program, in float32, rounded once into out.
+    Grid: (cdiv(T, BLOCK_M), cdiv(H_out, BLOCK_N)). Every element of out is written exactly once."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_t = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_t = offs_t < num_tokens
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < h_out
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, top_k):
+        ids = tl.load(ids_ptr + offs_t * stride_idt + k * stride_idk, mask=mask_t, other=-1).to(tl.int64)
+        valid = mask_t & (ids >= 0) & (ids < num_adapters)
+        ids = tl.where(valid, ids, 0)  # never form an address from an out-of-range id
+        h_rows = h_ptr + offs_t[:, None] * stride_ht + k * stride_hk  # [M, 1]
+        b_rows = b_ptr + ids[:, None, None] * stride_be + offs_n[None, :, None] * stride_bo  # [M, N, 1]
+        mask_b = valid[:, None, None] & mask_n[None, :, None]
+        for r0 in range(0, rank, BLOCK_R):
+            offs_r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+            mask_r = offs_r < rank
+            hv = tl.load(h_rows + offs_r[None, :] * stride_hr, mask=valid[:, None] & mask_r[None, :], other=0.0)
+            bv = tl.load(b_rows + offs_r[None, None, :] * stride_br, mask=mask_b & mask_r[None, None, :], other=0.0)
+            acc += tl.sum(bv.to(tl.float32) * hv.to(tl.float32)[:, None, :], axis=2)
+
+    out_ptrs = out_ptr + offs_t[:, None] * stride_ot + offs_n[None, :] * stride_oo
+    mask = mask_t[:, None] & mask_n[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# -------------------------------------------------------------------------------------------------- fused
+@triton.jit
+def _fused_kernel(
+    # pointers
+    x_ptr, a_ptr, b_ptr, ids_ptr, w_ptr, scale_ptr, out_ptr,
+    # sizes
+    num_tokens, top_k, rank, h_in, h_out, num_adapters,
+    # strides
+    stride_xt, stride_xh,
+    stride_ae, stride_ar, stride_ah,
+    stride_be, stride_bo, stride_br,
+    stride_idt, stride_idk,
+    stride_wt, stride_wk,
+    stride_ot, stride_oo,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+):
+    """Semantics: out[t, o] = (out[t, o] if ACCUMULATE else 0)
+                  + sum_{k: 0 <= e < N} sum_r lora_b[e, o, r] * (w[t, k] * scale[e] * sum_h lora_a[e, r, h] * x[t, h]),
+    e = ids[t, k]; h stays in float32 registers, slots are summed in order, one rounding into out.
+    Grid: (cdiv(T, BLOCK_M), cdiv(H_out, BLOCK_N)); BLOCK_R >= R (the whole rank in one tile)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_t = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_t = offs_t < num_tokens
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < h_out
+    offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
+    mask_r = offs_r < rank
+
+    x_rows = x_ptr + offs_t[:, None] * stride_xt  # [M, 1]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, top_k):
+        ids = tl.load(ids_ptr + offs_t * stride_idt + k * stride_idk, mask=mask_t, other=-1).to(tl.int64)
+        valid = mask_t & (ids >= 0) & (ids < num_adapters)
+        ids = tl.where(valid, ids, 0)
+        w = tl.load(w_ptr + offs_t * stride_wt + k * stride_wk, mask=valid, other=0.0).to(tl.float32)
+        s = tl.load(scale_ptr + ids, mask=valid, other=0.0).to(tl.float32)
+        coef = tl.where(valid, w * s, 0.0)
+
+        # shrink: hk[m, r] = sum_h lora_a[e_m, r, h] * x[t_m, h]
+        a_rows = a_ptr + ids[:, None, None] * stride_ae + offs_r[None, :, None] * stride_ar  # [M, R, 1]
+        mask_a = valid[:, None, None] & mask_r[None, :, None]
+        hk = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, h_in, BLOCK_K):
+            offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+            mask_k = offs_k < h_in
+            xv = tl.load(x_rows + offs_k[None, :] * stride_xh, mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+            av = tl.load(a_rows + offs_k[None, None, :] * stride_ah, mask=mask_a & mask_k[None, None, :], other=0.0)
+            hk += tl.sum(av.to(tl.float32) * xv.to(tl.float32)[:, None, :], axis=2)
+        hk = hk * coef[:, None]
+
+        # expand: acc[m, o] += sum_r lora_b[e_m, o, r] * hk[m, r]
+        b_ptrs = (
+            b_ptr + ids[:, None, None] * stride_be + offs_n[None, :, None] * stride_bo
+            + offs_r[None, None, :] * stride_br
+        )
+        mask_b = valid[:, None, None] & mask_n[None, :, None] & mask_r[None, None, :]
+        bv = tl.load(b_ptrs, mask=mask_b, other=0.0)
+        acc += tl.sum(bv.to(tl.float32) * hk[:, None, :], axis=2)
+
+    out_ptrs = out_ptr + offs_t[:, None] * stride_ot + offs_n[None, :] * stride_oo
+    mask = mask_t[:, None] & mask_n[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+def launch_shrink(x, lora_a, topk_weights, scale, sorted_pairs, seg_offsets, out, *, top_k: int,
+                  cfg: ShrinkConfig, apply_coef: bool, use_atomic: bool, upcast: bool) -> None:
+    """Launch _shrink_kernel. `out` is [SPLIT_K, P, R] float32 partials (apply_coef=False) or the [P, R]
+    float32 h (apply_coef=True; with use_atomic the splits are added into it, so it must start at zero)."""
+    num_pairs, num_adapters, rank, h_in = sorted_pairs.shape[0], lora_a.shape[0], lora_a.shape[1], x.shape[1]
+    stride_os, stride_op, stride_or = (out.stride() if out.dim() == 3 else (0,) + out.stride())
+    grid = (cdiv(num_pairs, cfg.BLOCK_M), num_adapters, cfg.SPLIT_K * cdiv(rank, cfg.BLOCK_R))
+    _shrink_kernel[grid](
+        x, lora_a, topk_weights, scale, sorted_pairs, seg_offsets, out,
+        top_k, rank, h_in, cfg.k_per_split(h_in),
+        x.stride(0), x.stride(1),
+        lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
+        topk_weights.stride(0), topk_weights.stride(1),
+        stride_os, stride_op, stride_or,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_R=cfg.BLOCK_R, BLOCK_K=cfg.BLOCK_K, SPLIT_K=cfg.SPLIT_K,
+        APPLY_COEF=apply_coef, USE_ATOMIC=use_atomic, UPCAST=upcast, num_warps=cfg.num_warps,
+    )
+
+
+def launch_shrink_reduce(partials, topk_ids, topk_weights, scale, h, *, num_adapters: int) -> None:
+    """Launch _shrink_reduce_kernel: partials [SPLIT_K, P, R] float32 -> h [P, R] float32 (fully written)."""
+    split_k, num_pairs, rank = partials.shape
+    block_p, block_r = reduce_config(rank)
+    _shrink_reduce_kernel[(cdiv(num_pairs, block_p),)](
+        partials, topk_ids, topk_weights, scale, h,
+        num_pairs, topk_ids.shape[1], rank, num_adapters,
+        partials.stride(0), partials.stride(1), partials.stride(2),
+        topk_ids.stride(0), topk_ids.stride(1),
+        topk_weights.stride(0), topk_weights.stride(1),
+        h.stride(0), h.stride(1),
+        BLOCK_P=block_p, BLOCK_R=block_r, SPLIT_K=split_k,
+    )
+
+
+def launch_expand(h, lora_b, topk_ids, out, *, cfg: GatherConfig, accumulate: bool) -> None:
+    """Launch _expand_kernel: h [T, K, R] (any float dtype, any strides) into out [T, H_out]."""
+    num_tokens, top_k, rank = h.shape
+    num_adapters, h_out = lora_b.shape[0], lora_b.shape[1]
+    grid = (cdiv(num_tokens, cfg.BLOCK_M), cdiv(h_out, cfg.BLOCK_N))
+    _expand_kernel[grid](
+        h, lora_b, topk_ids, out,
+        num_tokens, top_k, rank, h_out, num_adapters,
+        h.stride(0), h.stride(1), h.stride(2),
+        lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
+        topk_ids.stride(0), topk_ids.stride(1),
+        out.stride(0), out.stride(1),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_R=cfg.BLOCK_R, ACCUMULATE=accumulate,
+        num_warps=cfg.num_warps,
+    )
+
+
+def launch_fused(x, lora_a, lora_b, topk_ids, topk_weights, scale, out, *, cfg: GatherConfig, accumulate: bool) -> None:
+    """Launch _fused_kernel: routed LoRA of x into out [T, H_out] in one launch (cfg.BLOCK_R >= R)."""
+    num_tokens, h_in = x.shape
+    num_adapters, rank, h_out = lora_a.shape[0], lora_a.shape[1], lora_b.shape[1]
+    if cfg.BLOCK_R < rank:
+        raise ValueError(f"fused kernel needs BLOCK_R >= R, got BLOCK_R={cfg.BLOCK_R} and R={rank}")
+    grid = (cdiv(num_tokens, cfg.BLOCK_M), cdiv(h_out, cfg.BLOCK_N))
+    _fused_kernel[grid](
+        x, lora_a, lora_b, topk_ids, topk_weights, scale, out,
+        num_tokens, topk_ids.shape[1], rank, h_in, h_out, num_adapters,
+        x.stride(0), x.stride(1),
+        lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
+        lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
+        topk_ids.stride(0), topk_ids.stride(1),
+        topk_weights.stride(0), topk_weights.stride(1),
+        out.stride(0), out.stride(1),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_R=cfg.BLOCK_R, BLOCK_K=cfg.BLOCK_K,
+        ACCUMULATE=accumulate, num_warps=cfg.num_warps,
+    )

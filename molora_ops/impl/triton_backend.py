@@ -1,0 +1,207 @@
+"""The `triton` backend: adapter-segmented shrink, token-major expand, and a fused decode path.
+
+Semantics (inputs already validated by the op layer; `scale` is [N] float32/float64; `plan` a RoutingPlan):
+    shrink(x [T, H_in], lora_a [N, R, H_in], topk_ids [T, K], topk_weights [T, K], scale [N], plan)
+        -> h [T, K, R] float32:  h[t, k] = w[t, k] * scale[e] * lora_a[e] @ x[t], zeros for empty slots
+    expand(h [T, K, R], lora_b [N, H_out, R], topk_ids, plan, out [T, H_out], accumulate) -> None:
+        out[t] = (out[t] if accumulate else 0) + sum_k lora_b[e] @ h[t, k] over non-empty slots
+    routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale, plan, out, accumulate) -> None:
+        out[t] = (out[t] if accumulate else 0) + sum_k w[t, k] * scale[e] * lora_b[e] @ (lora_a[e] @ x[t])
+Slots whose id is outside [0, N) (empty, or out of range when validation is off) add nothing and are never
+dereferenced. float32 accumulation throughout; one rounding into out.
+
+Design (see molora_ops/kernels/routed_lora.py for the kernels):
+  * shrink groups (token, slot) pairs by adapter using the plan and runs one tl.dot gather-GEMM per segment
+    tile; for few pairs it splits the H_in reduction across SPLIT_K programs that write float32 partials,
+    reduced in a fixed order by a second kernel (deterministic). fp32 atomics instead of the partial buffer
+    are available behind ``override(atomic_split_k=True)`` or MOLORA_TRITON_ATOMIC_SPLITK=1, off by default
+    because they are not deterministic.
+  * expand is token-major: each program owns a tile of out and sums the K slots of its tokens itself, so
+    every element is written exactly once, deterministically, including tokens whose slots are all empty.
+  * routed_lora runs shrink + expand (two launches, h in a float32 workspace), or at decode sizes (few tokens,
+    small R * K) a single fused launch that keeps h in registers.
+Configs come from shape heuristics (molora_ops.kernels.configs); there is no autotuning on this path, no
+.item() and no grid sized from device values, so every launch can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from typing import Optional
+
+import torch
+
+from ..plan import RoutingPlan
+
+name = "triton"
+
+try:
+    import triton  # noqa: F401
+
+    _IMPORT_ERROR: Optional[str] = None
+except Exception as exc:  # a missing or broken triton is reported by status(), never raised at import
+    triton = None
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclasses.dataclass
+class Settings:
+    """Process-wide switches, mainly for tests and benchmarks. None means "use the shape heuristic".
+
+    fused:          force the fused (True) or the two-launch (False) routed_lora path
+    split_k:        force the shrink's SPLIT_K (clamped so no split is empty)
+    atomic_split_k: reduce split-K partials with fp32 atomics instead of the deterministic partial buffer
+    """
+
+    fused: Optional[bool] = None
+    split_k: Optional[int] = None
+    atomic_split_k: bool = os.environ.get("MOLORA_TRITON_ATOMIC_SPLITK") == "1"
+
+
+settings = Settings()
+
+
+@contextlib.contextmanager
+def override(**changes):
+    """Temporarily change `settings`, e.g. ``with override(fused=False, split_k=4): ...``."""
+    old = dataclasses.replace(settings)
+    for key, value in changes.items():
+        if not hasattr(settings, key):
+            raise TypeError(f"unknown triton backend setting {key!r}")
+        setattr(settings, key, value)
+    try:
+        yield settings
+    finally:
+        for field in dataclasses.fields(Settings):
+            setattr(settings, field.name, getattr(old, field.name))
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def status() -> tuple[bool, bool, str]:
+    """(compiled, available, reason). compiled: triton imports (it JIT-compiles on first call); available:
+    additionally a CUDA device is present, or the interpreter is on."""
+    if _IMPORT_ERROR is not None:
+        return False, False, f"triton is not importable ({_IMPORT_ERROR}); pip install 'molora-ops[triton]'"
+    version = getattr(triton, "__version__", "?")
+    if torch.cuda.is_available():
+        return True, True, f"triton {version}: JIT-compiled kernels on CUDA"
+    if interpreting():
+        return True, True, f"triton {version} interpreter (TRITON_INTERPRET=1): CPU tensors, slow, for testing"
+    return True, False, f"triton {version} is importable but there is no CUDA device (TRITON_INTERPRET=1 runs it on CPU)"
+
+
+def _kernels():
+    # Imported lazily: triton decides at decoration time whether kernels are compiled or interpreted.
+    from molora_ops.kernels import routed_lora as kernels
+
+    return kernels
+
+
+def _configs():
+    from molora_ops.kernels import configs
+
+    return configs
+
+
+def _check_dtype(**tensors: torch.Tensor) -> None:
+    for arg, t in tensors.items():
+        if t.dtype not in _SUPPORTED:
+            raise TypeError(f"backend='triton' supports float16, bfloat16 and float32 {arg}, got {t.dtype}")
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    """fp32 dot operands with ieee precision: for float32 inputs, and for every dtype under the interpreter
+    (its bf16 tl.dot multiplies raw bit patterns)."""
+    return dtype == torch.float32 or interpreting()
+
+
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _shrink_config(num_pairs: int, num_adapters: int, rank: int, h_in: int):
+    cfg = _configs().shrink_config(num_pairs, num_adapters, rank, h_in)
+    if settings.split_k is not None:
+        cfg = cfg.with_split(settings.split_k, h_in)
+    return cfg
+
+
+def _shrink_rows(x, lora_a, topk_ids, topk_weights, scale, plan: RoutingPlan, *, zero_empty: bool) -> torch.Tensor:
+    """h as a [P, R] float32 tensor. Rows of empty slots are zero when zero_empty, else unspecified."""
+    kernels = _kernels()
+    num_pairs, num_adapters, rank = plan.sorted_pairs.shape[0], lora_a.shape[0], lora_a.shape[1]
+    cfg = _shrink_config(num_pairs, num_adapters, rank, x.shape[1])
+    common = dict(top_k=plan.top_k, cfg=cfg, upcast=_upcast(x.dtype))
+    args = (x, lora_a, topk_weights, scale, plan.sorted_pairs, plan.seg_offsets)
+    if cfg.SPLIT_K == 1 or settings.atomic_split_k:
+        atomic = cfg.SPLIT_K > 1
+        alloc = torch.zeros if (zero_empty or atomic) else torch.empty
+        h = alloc(num_pairs, rank, dtype=torch.float32, device=x.device)
+        kernels.launch_shrink(*args, h, apply_coef=True, use_atomic=atomic, **common)
+        return h
+    partials = torch.empty(cfg.SPLIT_K, num_pairs, rank, dtype=torch.float32, device=x.device)
+    kernels.launch_shrink(*args, partials, apply_coef=False, use_atomic=False, **common)
+    h = torch.empty(num_pairs, rank, dtype=torch.float32, device=x.device)
+    kernels.launch_shrink_reduce(partials, topk_ids, topk_weights, scale, h, num_adapters=num_adapters)
+    return h
+
+
+def shrink(x, lora_a, topk_ids, topk_weights, scale, plan: RoutingPlan) -> torch.Tensor:
+    """h[t, k] = w[t, k] * scale[e] * lora_a[e] @ x[t]; returns [T, K, R] float32 (zeros in empty slots).
+    (float64 when `scale` is float64, to match the op's declared output; the arithmetic is float32.)"""
+    _check_dtype(x=x, lora_a=lora_a)
+    num_tokens, top_k, rank = x.shape[0], topk_ids.shape[1], lora_a.shape[1]
+    out_dtype = torch.float64 if scale.dtype == torch.float64 else torch.float32
+    if num_tokens == 0:
+        return torch.zeros(num_tokens, top_k, rank, dtype=out_dtype, device=x.device)
+    with _device_guard(x):
+        h = _shrink_rows(x, lora_a, topk_ids, topk_weights, scale, plan, zero_empty=True)
+    return h.view(num_tokens, top_k, rank).to(out_dtype)
+
+
+def _expand_into(h, lora_b, topk_ids, out, accumulate: bool) -> None:
+    cfg = _configs().expand_config(h.shape[0], h.shape[2], lora_b.shape[1])
+    _kernels().launch_expand(h, lora_b, topk_ids, out, cfg=cfg, accumulate=accumulate)
+
+
+def expand(h, lora_b, topk_ids, plan: RoutingPlan, out: torch.Tensor, accumulate: bool) -> None:
+    """out[t] (+)= sum_k lora_b[e] @ h[t, k] over non-empty slots, formed in float32, rounded once into out.
+    Every element of out is written (overwritten when accumulate is False)."""
+    del plan  # the expand is token-major: it reads each token's ids directly
+    _check_dtype(lora_b=lora_b, out=out)
+    if out.numel() == 0:
+        return
+    with _device_guard(out):
+        _expand_into(h, lora_b, topk_ids, out, accumulate)
+
+
+def choose_fused(num_tokens: int, top_k: int, rank: int, h_in: int, h_out: int) -> bool:
+    """Whether routed_lora takes the single-launch fused path for this shape (settings.fused overrides)."""
+    if settings.fused is not None:
+        return bool(settings.fused)
+    return _configs().use_fused(num_tokens, top_k, rank, h_in, h_out)
+
+
+def routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale, plan: RoutingPlan, out, accumulate: bool) -> None:
+    """out[t] (+)= sum_k w[t, k] * scale[e] * lora_b[e] @ (lora_a[e] @ x[t]); fused at decode sizes."""
+    _check_dtype(x=x, lora_a=lora_a, lora_b=lora_b, out=out)
+    if out.numel() == 0:
+        return
+    num_tokens, h_in = x.shape
+    top_k, rank, h_out = topk_ids.shape[1], lora_a.shape[1], lora_b.shape[1]
+    with _device_guard(out):
+        if choose_fused(num_tokens, top_k, rank, h_in, h_out):
+            cfg = _configs().fused_config(num_tokens, rank, h_in, h_out)
+            _kernels().launch_fused(x, lora_a, lora_b, topk_ids, topk_weights, scale, out, cfg=cfg, accumulate=accumulate)
+            return
+        # The expand masks empty slots itself, so h's empty rows need not be zeroed.
+        h = _shrink_rows(x, lora_a, topk_ids, topk_weights, scale, plan, zero_empty=False)
+        _expand_into(h.view(num_tokens, top_k, rank), lora_b, topk_ids, out, accumulate)
