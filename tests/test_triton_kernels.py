@@ -1,0 +1,259 @@
+"""Kernel-level tests of the Triton backend: both routed_lora paths (fused and two-launch), split-K on and
+off (and the atomic switch), out-of-range ids that must never be dereferenced, bitwise determinism, token
+counts spanning many tiles, and strided / non-contiguous operands.
+
+Without a GPU these run under TRITON_INTERPRET=1 on CPU tensors (tests/conftest.py), so sizes stay small.
+The parity grid over all backends lives in test_parity.py.
+"""
+
+import pytest
+import torch
+
+import molora_ops as mo
+from molora_ops import reference
+from molora_ops.impl import triton_backend as tb
+from molora_ops.kernels import configs
+
+from _utils import assert_close, assert_parity, make_problem, naive_lowp
+
+compiled, available, reason = tb.status()
+pytestmark = pytest.mark.skipif(not available, reason=reason)
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+PATHS = (pytest.param(True, id="fused"), pytest.param(False, id="unfused"))
+
+
+def _run(p, *, fused=None, split_k=None, out=None, validate=True, ids=None):
+    ids = p.topk_ids if ids is None else ids
+    with tb.override(fused=fused, split_k=split_k):
+        return mo.routed_lora(
+            p.x, p.lora_a, p.lora_b, ids, p.topk_weights, scaling=p.scaling, out=out, backend="triton",
+            validate=validate,
+        )
+
+
+def _shrink(p, *, split_k=None, atomic=False, ids=None, validate=True):
+    ids = p.topk_ids if ids is None else ids
+    with tb.override(split_k=split_k, atomic_split_k=atomic):
+        return mo.lora_shrink(p.x, p.lora_a, ids, p.topk_weights, scaling=p.scaling, backend="triton", validate=validate)
+
+
+def _exact_shrink(p, ids=None):
+    d = torch.float64
+    ids = p.topk_ids if ids is None else ids
+    return reference.lora_shrink(p.x.to(d), p.lora_a.to(d), ids, p.topk_weights.to(d), scaling=p.scaling.to(d))
+
+
+# --------------------------------------------------------------------------------------------- status
+def test_status_and_interpreting_agree_with_environment():
+    assert compiled and available
+    assert tb.interpreting() == (__import__("os").environ.get("TRITON_INTERPRET") == "1")
+    assert mo.backends()["triton"]["available"]
+
+
+def test_float64_is_a_type_error():
+    p = make_problem(3, 2, 3, 4, 16, 8, torch.float64)
+    plan = mo.build_plan(p.topk_ids, 3)
+    out = torch.empty(3, 8, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        tb.routed_lora(p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights, p.scaling, plan, out, False)
+
+
+# ---------------------------------------------------------------------------------------------- paths
+@pytest.mark.parametrize("fused", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 2, 4, 16, 64, 64), (7, 4, 5, 7, 123, 77), (13, 3, 6, 8, 2049, 40)],
+                         ids=lambda s: "T{}K{}N{}R{}_{}x{}".format(*s))
+def test_fused_and_unfused_match_reference(fused, dtype, shape):
+    p = make_problem(*shape, dtype, empty_frac=0.2, duplicate_frac=0.3)
+    got = _run(p, fused=fused)
+    assert got.dtype == dtype
+    assert_parity(got, p.exact(), naive_lowp(p), dtype)
+
+
+def test_heuristic_picks_fused_at_decode_and_two_launches_for_prefill(monkeypatch):
+    kernels = tb._kernels()
+    calls = []
+    for fn in ("launch_fused", "launch_shrink", "launch_expand"):
+        real = getattr(kernels, fn)
+        monkeypatch.setattr(kernels, fn, lambda *a, _real=real, _fn=fn, **kw: (calls.append(_fn), _real(*a, **kw))[1])
+
+    decode = make_problem(2, 2, 4, 16, 64, 48, torch.float16)
+    assert tb.choose_fused(2, 2, 16, 64, 48)
+    assert_parity(_run(decode), decode.exact(), naive_lowp(decode), torch.float16)
+    assert calls == ["launch_fused"]
+
+    calls.clear()
+    prefill = make_problem(70, 2, 4, 16, 64, 48, torch.float16)
+    assert not tb.choose_fused(70, 2, 16, 64, 48)
+    assert_parity(_run(prefill), prefill.exact(), naive_lowp(prefill), torch.float16)
+    assert calls == ["launch_shrink", "launch_expand"]
+    assert not tb.choose_fused(1, 4, 64, 64, 48), "R * K too large for the fused path"
+
+
+# -------------------------------------------------------------------------------------------- split-K
+@pytest.mark.parametrize("split_k", (1, 2, 5))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_shrink_split_k(split_k, dtype):
+    p = make_problem(9, 3, 4, 7, 1100, 8, dtype, empty_frac=0.25, duplicate_frac=0.3)
+    cfg = tb._shrink_config(27, 4, 7, 1100)
+    if split_k > 1:
+        assert cfg.with_split(split_k, 1100).SPLIT_K > 1
+    h = _shrink(p, split_k=split_k)
+    assert h.dtype == torch.float32 and h.shape == (9, 3, 7)
+    assert_close(h, _exact_shrink(p), atol=1e-5, rtol=1e-5, name=f"h split_k={split_k}")
+    assert bool((h[p.topk_ids < 0] == 0).all())
+    # the routed result through the two-launch path with this split
+    assert_parity(_run(p, fused=False, split_k=split_k), p.exact(), naive_lowp(p), dtype)
+
+
+def test_heuristic_splits_small_batches_only():
+    assert configs.shrink_config(4, 8, 16, 4096).SPLIT_K > 1
+    assert configs.shrink_config(8192, 8, 16, 4096).SPLIT_K == 1
+    for num_pairs in (1, 7, 64, 130, 5000):
+        for h_in in (1, 16, 123, 2049, 4096, 8191):
+            for rank in (1, 7, 16, 64, 70):
+                cfg = configs.shrink_config(num_pairs, 4, rank, h_in)
+                assert min(cfg.BLOCK_M, cfg.BLOCK_R, cfg.BLOCK_K) >= 16, "tl.dot needs tiles >= 16"
+                per = cfg.k_per_split(h_in)
+                assert per % cfg.BLOCK_K == 0 and per * cfg.SPLIT_K >= h_in
+                assert per * (cfg.SPLIT_K - 1) < max(h_in, 1), "no split may be empty"
+
+
+def test_atomic_split_k_switch_is_off_by_default_and_still_correct():
+    assert tb.settings.atomic_split_k is False or __import__("os").environ.get("MOLORA_TRITON_ATOMIC_SPLITK") == "1"
+    p = make_problem(6, 2, 3, 8, 600, 8, torch.float32, empty_frac=0.3)
+    h = _shrink(p, split_k=4, atomic=True)
+    assert_close(h, _exact_shrink(p), atol=1e-5, rtol=1e-5, name="h (atomic split-K)")
+    assert bool((h[p.topk_ids < 0] == 0).all())
+
+
+# --------------------------------------------------------------------------------- out-of-range ids
+def _nan_fenced(p):
+    """Copies of lora_a / lora_b living in the middle of NaN-filled buffers: reading adapter -1 or N (or
+    any row outside the real weights) turns the result into NaN."""
+    n = p.lora_a.shape[0]
+    a = torch.full((n + 2,) + p.lora_a.shape[1:], float("nan"), dtype=p.lora_a.dtype)
+    b = torch.full((n + 2,) + p.lora_b.shape[1:], float("nan"), dtype=p.lora_b.dtype)
+    a[1 : n + 1] = p.lora_a
+    b[1 : n + 1] = p.lora_b
+    return a[1 : n + 1], b[1 : n + 1]
+
+
+@pytest.mark.parametrize("fused", PATHS)
+def test_out_of_range_ids_unvalidated_contribute_nothing(fused):
+    p = make_problem(23, 3, 4, 8, 40, 24, torch.float32)
+    p.lora_a, p.lora_b = _nan_fenced(p)
+    bad = p.topk_ids.clone()
+    bad[::3, 0] = 4  # == N
+    bad[1::4, 2] = 1_000_000
+    bad[2::5, 1] = -7
+    bad[5] = torch.tensor([-1, 4, 99])  # a token with no valid slot at all
+    cleaned = torch.where((bad >= 0) & (bad < 4), bad, torch.full_like(bad, -1))
+    want = reference.routed_lora(p.x, p.lora_a, p.lora_b, cleaned, p.topk_weights, scaling=p.scaling)
+
+    got = _run(p, fused=fused, ids=bad, validate=False)
+    assert_close(got, want, atol=2e-5, rtol=2e-5)
+    assert bool((got[5] == 0).all())
+
+    base = torch.randn(23, 24)
+    out = base.clone()
+    _run(p, fused=fused, ids=bad, validate=False, out=out)
+    assert_close(out, base + want, atol=3e-5, rtol=2e-5, name="out=")
+    assert torch.equal(out[5], base[5])
+
+    h = _shrink(p, split_k=3, ids=bad, validate=False)
+    assert_close(h, _exact_shrink(p, cleaned), atol=1e-5, rtol=1e-5, name="h")
+    assert bool((h[cleaned < 0] == 0).all())
+    y = mo.lora_expand(h, p.lora_b, bad, backend="triton", validate=False)
+    assert_close(y, want, atol=2e-5, rtol=2e-5, name="expand")
+
+
+@pytest.mark.parametrize("fused", PATHS)
+def test_every_output_element_is_written(fused):
+    """accumulate=False must overwrite out completely, including tokens whose slots are all empty."""
+    p = make_problem(19, 2, 3, 8, 32, 37, torch.float16, empty_frac=0.5)
+    p.topk_ids[:4] = -1
+    plan = mo.build_plan(p.topk_ids, 3)
+    out = torch.full((19, 37), float("nan"), dtype=torch.float16)
+    with tb.override(fused=fused):
+        tb.routed_lora(p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights, p.scaling.float(), plan, out, False)
+    assert not out.isnan().any()
+    assert bool((out[:4] == 0).all())
+    assert_parity(out, p.exact(), naive_lowp(p), torch.float16)
+
+    h = torch.full((19, 2, 8), float("nan"))
+    h[p.topk_ids >= 0] = 0.5  # NaN rows sit exactly in the empty slots: they must never be read
+    out.fill_(float("nan"))
+    tb.expand(h, p.lora_b, p.topk_ids, plan, out, False)
+    assert not out.isnan().any() and bool((out[:4] == 0).all())
+
+
+def test_zero_tokens_launch_nothing_and_leave_out_alone():
+    p = make_problem(0, 2, 3, 8, 32, 16, torch.float32)
+    plan = mo.build_plan(p.topk_ids, 3)
+    assert tb.shrink(p.x, p.lora_a, p.topk_ids, p.topk_weights, p.scaling, plan).shape == (0, 2, 8)
+    out = torch.empty(0, 16)
+    for fused in (True, False):
+        with tb.override(fused=fused):
+            tb.routed_lora(p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights, p.scaling, plan, out, True)
+    tb.expand(torch.empty(0, 2, 8), p.lora_b, p.topk_ids, plan, out, False)
+
+
+# -------------------------------------------------------------------------------------- determinism
+@pytest.mark.parametrize(
+    "fused,split_k", [(True, None), (False, 1), (False, 4)], ids=["fused", "unfused", "unfused-splitk4"]
+)
+def test_bitwise_deterministic(fused, split_k):
+    p = make_problem(29, 3, 5, 16, 300, 40, torch.bfloat16, pattern="skewed", empty_frac=0.1, duplicate_frac=0.3)
+    first = _run(p, fused=fused, split_k=split_k)
+    second = _run(p, fused=fused, split_k=split_k)
+    assert torch.equal(first, second)
+    h1, h2 = _shrink(p, split_k=split_k), _shrink(p, split_k=split_k)
+    assert torch.equal(h1, h2)
+
+
+# -------------------------------------------------------------------------------------------- tiling
+def test_many_tiles_per_segment():
+    """A hot adapter whose segment spans dozens of BLOCK_M tiles, and tokens spanning many expand tiles."""
+    p = make_problem(611, 2, 3, 8, 40, 48, torch.float16, pattern="skewed", empty_frac=0.05, duplicate_frac=0.1)
+    cfg = configs.shrink_config(611 * 2, 3, 8, 40)
+    assert configs.cdiv(611 * 2, cfg.BLOCK_M) >= 20
+    assert configs.cdiv(611, configs.expand_config(611, 8, 48).BLOCK_M) >= 20
+    got = _run(p, fused=False)
+    assert_parity(got, p.exact(), naive_lowp(p), torch.float16)
+
+
+def test_rank_spanning_several_tiles():
+    """R = 70 > BLOCK_R: several rank tiles in shrink, several R steps in expand, and a fused tile of 128."""
+    p = make_problem(11, 2, 3, 70, 48, 33, torch.float32, empty_frac=0.2)
+    assert configs.shrink_config(22, 3, 70, 48).BLOCK_R < 70
+    for fused in (False, True):
+        assert_parity(_run(p, fused=fused), p.exact(), naive_lowp(p), torch.float32)
+
+
+# --------------------------------------------------------------------------------------------- strides
+@pytest.mark.parametrize("fused", PATHS)
+def test_non_contiguous_and_strided_operands(fused):
+    p = make_problem(21, 2, 4, 8, 64, 40, torch.float32, empty_frac=0.15, duplicate_frac=0.2)
+    x = torch.empty(64, 21).t()  # column-major
+    x.copy_(p.x)
+    a = torch.empty(4, 64, 8).transpose(1, 2)  # H_in fastest stride is not 1
+    a.copy_(p.lora_a)
+    b = torch.empty(4, 40, 16)[:, :, ::2]  # stride 2 along R
+    b.copy_(p.lora_b)
+    ids = torch.empty(2, 21, dtype=torch.int32).t()
+    ids.copy_(p.topk_ids)
+    w = p.topk_weights.double().t().contiguous().t()  # float64 weights, column-major
+    assert not any(t.is_contiguous() for t in (x, a, b, ids, w))
+    base = torch.randn(40, 21).t()  # out is column-major too
+    out = base.clone()
+    with tb.override(fused=fused):
+        mo.routed_lora(x, a, b, ids, w, scaling=p.scaling, out=out, backend="triton")
+    assert_parity(out, base.double() + p.exact(), base + naive_lowp(p), torch.float32)
+
+    h = _shrink(p, split_k=2)
+    h_nc = torch.empty(8, 2, 21).permute(2, 1, 0)
+    h_nc.copy_(h)
+    y = mo.lora_expand(h_nc, b, ids, backend="triton")
+    assert_close(y, mo.lora_expand(h, p.lora_b, p.topk_ids, backend="torch"), atol=2e-5, rtol=2e-5)
