@@ -9,6 +9,8 @@ from . import reference
 from .impl import backends
 from .ops import lora_expand, lora_shrink, routed_lora
 from .plan import RoutingPlan, build_plan
+from .patch import patch, unpatch
+from .routing import routing
 
 __version__ = "0.1.0"
 
@@ -20,5 +22,8 @@ __all__ = [
     "RoutingPlan",
     "build_plan",
     "backends",
+    "patch",
+    "unpatch",
+    "routing",
     "__version__",
 ]

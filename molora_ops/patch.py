@@ -1,0 +1,450 @@
+"""Drop-in routed multi-LoRA for Hugging Face transformers models.
+
+Usage::
+
+    import molora_ops as mo
+    model = mo.patch(model, adapters={"code": "dir/code", "math": "dir/math", "qa": "dir/qa"},
+                     router=None, top_k=2, backend="auto")        # in place; returns the model
+    with mo.routing(model, adapter_names=["code", "__base__", "qa"]):   # one adapter per sequence
+        out = model.generate(input_ids, max_new_tokens=32)
+    with mo.routing(model, adapter_weights={"code": 0.5, "math": 0.4, "qa": 0.1}):   # one blend for all
+        logits = model(input_ids).logits
+    with mo.routing(model, adapter_weights=W):   # W [B, N] per sequence or [B, S, N] per token
+        ...
+    mo.unpatch(model)                            # original modules back, bit-identical outputs
+
+Without a routing context the ``router`` given to ``patch`` picks the ``top_k`` adapters of every token (from
+the hidden state entering block ``router.layer``); without a router either the model computes exactly the base.
+
+How it works. Every module that some adapter targets (``nn.Linear`` or GPT-2's ``Conv1D``) is patched as an
+*instance*: its class is swapped for a subclass ``Routed<Class>`` that runs the original forward and then adds
+the routed LoRA delta into the output in place with ``molora_ops.routed_lora(..., out=base_output,
+plan=shared_plan, validate=False)``. Attribute names are unchanged, the stacked weights are non-persistent
+buffers, so ``state_dict()`` keys and loading are unchanged and ``model.to(...)`` moves them; ``print(model)``
+shows ``RoutedLinear(..., adapters=3, r=16)``. ``unpatch`` restores the classes and removes the buffers and hooks.
+
+Per target module the N adapters are stacked as lora_a [N, R, H_in] and lora_b [N, H_out, R], zero-padded to
+the largest rank R (a missing adapter is all zeros), with per-adapter scaling [N]. Sibling projections that read
+the same input (``q_proj``/``k_proj``/``v_proj``, ``gate_proj``/``up_proj``: the table ``SIBLING_GROUPS``) are
+fused: their A's are concatenated along R and their B's placed block-diagonally (each member's scaling folded
+into its B block), so the first member called computes the whole group's delta in ONE routed_lora launch and
+each member adds its column slice. Fused modules (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``/``gate_up_proj``) are one
+module already. The block-diagonal B spends (members - 1)/members of the expand FLOPs on zeros, which is cheap
+at LoRA ranks; launches, not FLOPs, dominate at decode sizes.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import itertools
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import nn
+
+from .peft_io import AdapterError, LoraAdapter, adapters_from_peft_model, load_adapter
+from .routing import BASE, BackboneHooks
+
+__all__ = ["patch", "unpatch", "SIBLING_GROUPS", "is_patched"]
+
+# Projections of one block that read the same input tensor and can share one launch. Names that differ
+# per architecture live here (and in _io_features), never in per-model copies.
+SIBLING_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "k_proj", "v_proj"),  # Llama, Mistral, Qwen2, Gemma
+    ("gate_proj", "up_proj"),  # Llama, Mistral, Qwen2, Gemma MLP
+    ("query", "key", "value"),  # BERT-style
+    ("w1", "w3"),  # Mixtral-style experts
+)
+
+_counter = itertools.count()
+
+
+def _io_features(module: nn.Module) -> Optional[tuple[int, int]]:
+    """(in, out) of a supported projection, else None. GPT-2's Conv1D stores weight as [in, out]
+    (fan_in_fan_out); PEFT's A [r, in] and B [out, r] are the same for both kinds."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx"):
+        return int(module.nx), int(module.nf)
+    return None
+
+
+# --------------------------------------------------------------------------------------- patched classes
+class _RoutedMixin:
+    """Mixed in front of the original class of a patched instance."""
+
+    def forward(self, x, *args, **kwargs):
+        out = super().forward(x, *args, **kwargs)
+        return self._molora_slot.apply(self, x, out)
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()
+        return f"{base}, {self._molora_slot.describe()}" if base else self._molora_slot.describe()
+
+    def __repr__(self) -> str:
+        base_repr = self._molora_orig_class.__repr__
+        if base_repr is nn.Module.__repr__:
+            return nn.Module.__repr__(self)
+        text = base_repr(self)  # e.g. Conv1D's own "Conv1D(nf=.., nx=..)"
+        return f"Routed{text[:-1]}, {self._molora_slot.describe()})" if text.endswith(")") else text
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _routed_class(cls: type) -> type:
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"Routed{cls.__name__}", (_RoutedMixin, cls), {"__module__": __name__})
+    return _CLASSES[cls]
+
+
+class _Group:
+    """Sibling modules whose LoRA deltas are computed together in one launch."""
+
+    def __init__(self, leader: nn.Module, names: list[str]):
+        self.leader = leader
+        self.names = names
+        self.key = next(_counter)
+
+
+class _Slot:
+    """Per patched module: where its stacked weights live and how to add its delta."""
+
+    def __init__(self, state, name: str, in_f: int, out_f: int, ranks: list[int], group=None, out_slice=None):
+        self.state = state
+        self.name = name
+        self.in_f, self.out_f = in_f, out_f
+        self.ranks = ranks
+        self.group: Optional[_Group] = group
+        self.out_slice = out_slice
+        self._cast: dict = {}
+
+    def describe(self) -> str:
+        text = f"adapters={len(self.ranks)}, r={max(self.ranks)}"
+        if self.group is not None:
+            text += f", fused={'+'.join(self.group.names)}"
+        return text
+
+    def _stacks(self, owner: nn.Module, dtype: torch.dtype):
+        a, b = owner.molora_lora_a, owner.molora_lora_b
+        if a.dtype == dtype:
+            return a, b
+        key = (id(owner), dtype, a.device, a.data_ptr())
+        hit = self._cast.get(key)
+        if hit is None:
+            hit = self._cast[key] = (a.to(dtype), b.to(dtype))
+        return hit
+
+    def apply(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        fs = self.state.fwd_var.get()
+        if fs is None or fs.routing is None:
+            return out
+        r = fs.routing
+        x2 = x.reshape(-1, self.in_f)
+        if x2.shape[0] != r.topk_ids.shape[0]:
+            raise RuntimeError(
+                f"molora_ops: {self.name} got {x2.shape[0]} tokens but this forward was routed for "
+                f"{r.topk_ids.shape[0]} (batch x new tokens); modules called on other token sets are not supported"
+            )
+        x2 = x2.contiguous()
+        o2 = out.view(-1, self.out_f)
+        be = self.state.backend
+        from .ops import routed_lora
+
+        if self.group is None:
+            a, b = self._stacks(module, x2.dtype)
+            scale = module.molora_scaling
+            routed_lora(x2, a, b, r.topk_ids, r.topk_weights, scaling=scale, out=o2, backend=be, plan=r.plan,
+                        validate=False)
+            return out
+        leader = self.group.leader
+        hit = fs.cache.get(self.group.key)
+        if hit is None or hit[0] is not x:
+            a, b = self._stacks(leader, x2.dtype)
+            delta = routed_lora(x2, a, b, r.topk_ids, r.topk_weights, scaling=None, backend=be, plan=r.plan,
+                                validate=False)
+            hit = fs.cache[self.group.key] = (x, delta)
+        o2.add_(hit[1][:, self.out_slice])
+        return out
+
+
+# ------------------------------------------------------------------------------------------- patch state
+class _PatchState:
+    def __init__(self, model, adapter_names, backend, router, top_k):
+        uid = next(_counter)
+        self.model_ref = model
+        self.adapter_names = adapter_names
+        self.backend = backend
+        self.router = router
+        self.top_k = top_k
+        self.spec_var = contextvars.ContextVar(f"molora_spec_{uid}", default=None)
+        self.fwd_var = contextvars.ContextVar(f"molora_forward_{uid}", default=None)
+        self.router_state_var = contextvars.ContextVar(f"molora_router_state_{uid}", default=None)
+        self.patched: list[tuple[nn.Module, type]] = []
+        self.hooks: Optional[BackboneHooks] = None
+        self.peft_layers: list[tuple[nn.Module, bool]] = []
+        self.first_module: Optional[nn.Module] = None
+
+    def device(self):
+        if self.first_module is None:
+            return None
+        return self.first_module.molora_lora_a.device if hasattr(self.first_module, "molora_lora_a") else None
+
+
+def _state_of(model) -> _PatchState:
+    state = getattr(model, "_molora_state", None)
+    if state is None:
+        raise ValueError("this model is not patched; call molora_ops.patch(model, adapters=...) first")
+    return state
+
+
+def is_patched(model) -> bool:
+    return getattr(model, "_molora_state", None) is not None
+
+
+def _find_backbone(root: nn.Module, target_names: list[str]):
+    """The ModuleList holding the most patched modules is the block list; its parent is the backbone."""
+    best, best_count = None, 0
+    for name, mod in root.named_modules():
+        if isinstance(mod, nn.ModuleList):
+            prefix = name + "." if name else ""
+            count = sum(1 for t in target_names if t.startswith(prefix))
+            if count > best_count:
+                best, best_count = name, count
+    if best is None:
+        return root, None
+    parent = best.rsplit(".", 1)[0] if "." in best else ""
+    return root.get_submodule(parent), root.get_submodule(best)
+
+
+def _resolve_adapters(adapters) -> dict[str, LoraAdapter]:
+    if not isinstance(adapters, Mapping) or not adapters:
+        raise ValueError("adapters must be a non-empty dict {name: PEFT directory | (config, state_dict)}")
+    out = {}
+    for name, source in adapters.items():
+        if not isinstance(name, str) or not name or name == BASE:
+            raise ValueError(f"adapter names must be non-empty strings other than {BASE!r}, got {name!r}")
+        out[name] = load_adapter(name, source)
+    return out
+
+
+def patch(model, adapters=None, router=None, top_k: int = 2, backend: str = "auto"):
+    """Patch `model` in place for routed multi-LoRA and return it.
+
+    Args:
+        model: a transformers model (the model the adapters were trained on, e.g. LlamaForCausalLM), or a
+            PeftModel with LoRA adapters loaded (adapters=None takes all of them, or a list of their names).
+        adapters: {name: PEFT directory | (config, state_dict) | {"config", "state_dict"}}; order = adapter ids.
+        router: optional TokenRouter / ContextRouter / KeywordRouter used when no routing() context is active.
+        top_k: adapters per token chosen by the router.
+        backend: "auto" | "torch" | "triton" | "cuda", passed to molora_ops.routed_lora.
+    """
+    if is_patched(model):
+        raise ValueError("model is already patched; call molora_ops.unpatch(model) first")
+    if backend not in ("auto", "torch", "triton", "cuda"):
+        raise ValueError(f"backend must be 'auto', 'torch', 'triton' or 'cuda', got {backend!r}")
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive int, got {top_k!r}")
+
+    peft_model = None
+    root = model
+    if hasattr(model, "peft_config") and hasattr(model, "base_model") and hasattr(model.base_model, "model"):
+        peft_model = model
+        names = None if adapters is None or isinstance(adapters, Mapping) else list(adapters)
+        if isinstance(adapters, Mapping):
+            raise ValueError("for a PeftModel pass adapters=None (all loaded) or a list of loaded adapter names")
+        root, loaded = adapters_from_peft_model(model, names)
+    else:
+        if adapters is None:
+            raise ValueError("patch() needs adapters={name: PEFT directory or state} (or a PeftModel)")
+        loaded = _resolve_adapters(adapters)
+    names = list(loaded)
+    n = len(names)
+
+    # Which modules to patch, and their (in, out) features.
+    targets: dict[str, nn.Module] = {}
+    for adapter in loaded.values():
+        for mod_name, w in adapter.modules.items():
+            try:
+                mod = root.get_submodule(mod_name)
+            except AttributeError:
+                raise AdapterError(
+                    f"adapter {adapter.name!r} targets module {mod_name!r}, which this model does not have"
+                ) from None
+            if peft_model is not None and hasattr(mod, "base_layer"):
+                mod = mod.get_base_layer()
+            io = _io_features(mod)
+            if io is None:
+                raise AdapterError(
+                    f"adapter {adapter.name!r}: module {mod_name!r} is a {type(mod).__name__}; only nn.Linear and "
+                    "Conv1D projections are supported"
+                )
+            in_f, out_f = io
+            if w.lora_a.shape[1] != in_f or w.lora_b.shape[0] != out_f:
+                raise AdapterError(
+                    f"adapter {adapter.name!r} does not fit module {mod_name!r} ({type(mod).__name__} in={in_f}, "
+                    f"out={out_f}): lora_A {tuple(w.lora_a.shape)}, lora_B {tuple(w.lora_b.shape)}"
+                )
+            targets[mod_name] = mod
+
+    state = _PatchState(model, names, backend, router, top_k)
+    if router is not None:
+        num = getattr(router, "num_adapters", n)
+        if num != n:
+            raise ValueError(f"router has {num} outputs but {n} adapters were given")
+        r_names = getattr(router, "adapter_names", None)
+        if r_names is not None and list(r_names) != names:
+            raise ValueError(f"router was built for adapters {list(r_names)} but patch() got {names}")
+
+    # Group siblings (same parent, names in one SIBLING_GROUPS row, same input size, same dtype).
+    grouped: dict[str, tuple[str, list[str]]] = {}
+    by_parent: dict[str, list[str]] = {}
+    for mod_name in targets:
+        parent, _, leaf = mod_name.rpartition(".")
+        by_parent.setdefault(parent, []).append(leaf)
+    for parent, leaves in by_parent.items():
+        for row in SIBLING_GROUPS:
+            members = [leaf for leaf in row if leaf in leaves]
+            full = [f"{parent}.{m}" if parent else m for m in members]
+            if len(members) < 2:
+                continue
+            mods = [targets[f] for f in full]
+            if len({_io_features(m)[0] for m in mods}) != 1 or len({m.weight.dtype for m in mods}) != 1:
+                continue
+            for f in full:
+                grouped[f] = (full[0], full)
+
+    def ref_param(mod):
+        return mod.weight
+
+    done = set()
+    try:
+        for mod_name, mod in targets.items():
+            if mod_name in done:
+                continue
+            if mod_name in grouped:
+                _, full = grouped[mod_name]
+                _patch_group(state, loaded, names, full, [targets[f] for f in full], ref_param)
+                done.update(full)
+            else:
+                _patch_single(state, loaded, names, mod_name, mod, ref_param(mod))
+                done.add(mod_name)
+
+        backbone, blocks = _find_backbone(root, list(targets))
+        router_block = None
+        if router is not None:
+            layer = int(getattr(router, "layer", 0))
+            if blocks is None or not (0 <= layer < len(blocks)):
+                raise ValueError(f"router.layer={layer} is not a block index of this model")
+            router_block = blocks[layer]
+            router.to(device=ref_param(next(iter(targets.values()))).device)
+        state.hooks = BackboneHooks(state, backbone, router_block)
+        if peft_model is not None:
+            from peft.tuners.lora import LoraLayer
+
+            for mod in root.modules():
+                if isinstance(mod, LoraLayer):
+                    state.peft_layers.append((mod, mod.disable_adapters))
+                    mod._disable_adapters = True  # PEFT's own LoRA off; our patched base_layer adds it
+    except Exception:
+        _restore(state)
+        raise
+    model._molora_state = state
+    return model
+
+
+def _stack(loaded, names, mod_name, in_f, out_f, dtype, device):
+    ranks = [loaded[a].modules[mod_name].rank if mod_name in loaded[a].modules else 0 for a in names]
+    r = max(max(ranks), 1)
+    n = len(names)
+    a = torch.zeros(n, r, in_f, dtype=dtype, device=device)
+    b = torch.zeros(n, out_f, r, dtype=dtype, device=device)
+    s = torch.zeros(n, dtype=torch.float32, device=device)
+    for i, name in enumerate(names):
+        w = loaded[name].modules.get(mod_name)
+        if w is None:
+            continue
+        a[i, : w.rank] = w.lora_a.to(device=device, dtype=torch.float32).to(dtype)
+        b[i, :, : w.rank] = w.lora_b.to(device=device, dtype=torch.float32).to(dtype)
+        s[i] = w.scaling
+    return a, b, s, ranks
+
+
+def _register(state, mod, slot, a, b, s):
+    mod.register_buffer("molora_lora_a", a, persistent=False)
+    mod.register_buffer("molora_lora_b", b, persistent=False)
+    if s is not None:
+        mod.register_buffer("molora_scaling", s, persistent=False)
+    _install(state, mod, slot)
+
+
+def _install(state, mod, slot):
+    orig = type(mod)
+    mod._molora_slot = slot
+    mod._molora_orig_class = orig
+    mod.__class__ = _routed_class(orig)
+    state.patched.append((mod, orig))
+    if state.first_module is None and hasattr(mod, "molora_lora_a"):
+        state.first_module = mod
+
+
+def _patch_single(state, loaded, names, mod_name, mod, weight):
+    in_f, out_f = _io_features(mod)
+    a, b, s, ranks = _stack(loaded, names, mod_name, in_f, out_f, weight.dtype, weight.device)
+    _register(state, mod, _Slot(state, mod_name, in_f, out_f, ranks), a, b, s)
+
+
+def _patch_group(state, loaded, names, full, mods, ref_param):
+    weight = ref_param(mods[0])
+    in_f = _io_features(mods[0])[0]
+    parts = []
+    for f, m in zip(full, mods):
+        a, b, s, ranks = _stack(loaded, names, f, in_f, _io_features(m)[1], torch.float32, weight.device)
+        parts.append((a, b * s[:, None, None], ranks))  # scaling folded into each member's B block
+    n = len(names)
+    r_tot = sum(p[0].shape[1] for p in parts)
+    o_tot = sum(p[1].shape[1] for p in parts)
+    a_cat = torch.cat([p[0] for p in parts], dim=1).to(weight.dtype)
+    b_bd = torch.zeros(n, o_tot, r_tot, dtype=torch.float32, device=weight.device)
+    r_off = o_off = 0
+    slices = []
+    for a, b, _ in parts:
+        r_i, o_i = a.shape[1], b.shape[1]
+        b_bd[:, o_off : o_off + o_i, r_off : r_off + r_i] = b
+        slices.append(slice(o_off, o_off + o_i))
+        r_off += r_i
+        o_off += o_i
+    b_bd = b_bd.to(weight.dtype)
+    leaves = [f.rpartition(".")[2] for f in full]
+    group = _Group(mods[0], leaves)
+    for i, (f, m) in enumerate(zip(full, mods)):
+        in_i, out_i = _io_features(m)
+        slot = _Slot(state, f, in_i, out_i, parts[i][2], group=group, out_slice=slices[i])
+        if i == 0:
+            _register(state, m, slot, a_cat, b_bd, None)
+        else:
+            _install(state, m, slot)
+
+
+def _restore(state) -> None:
+    for mod, orig in reversed(state.patched):
+        mod.__class__ = orig
+        for buf in ("molora_lora_a", "molora_lora_b", "molora_scaling"):
+            mod._buffers.pop(buf, None)
+        for attr in ("_molora_slot", "_molora_orig_class"):
+            mod.__dict__.pop(attr, None)
+    state.patched = []
+    if state.hooks is not None:
+        state.hooks.remove()
+        state.hooks = None
+    for mod, was_disabled in state.peft_layers:
+        mod._disable_adapters = was_disabled
+    state.peft_layers = []
+
+
+def unpatch(model):
+    """Undo :func:`patch`: original classes, no extra buffers or hooks; outputs bit-identical to before."""
+    state = _state_of(model)
+    _restore(state)
+    del model._molora_state
+    return model

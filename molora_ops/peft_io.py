@@ -1,0 +1,270 @@
+"""Read LoRA adapters exactly as PEFT saves them.
+
+An adapter source is one of:
+    * a directory with ``adapter_config.json`` and ``adapter_model.safetensors`` (or, failing that,
+      ``adapter_model.bin``, loaded only with ``torch.load(weights_only=True)``: nothing else is unpickled);
+    * in-memory PEFT state: ``(config, state_dict)`` or ``{"config": ..., "state_dict": ...}``, where config is a
+      ``peft.LoraConfig`` or its dict form and state_dict maps PEFT keys to tensors;
+    * a LoRA layer set pulled out of a loaded ``PeftModel`` (see :func:`adapters_from_peft_model`).
+
+What is honoured: ``r``, ``lora_alpha``, ``use_rslora`` (scaling = alpha / sqrt(r)), ``rank_pattern`` and
+``alpha_pattern`` (PEFT's own key matching: the pattern must match a suffix of the module name at a ``.``
+boundary), ``target_modules`` (list or regex; every module with weights must be targeted), ``fan_in_fan_out``
+(GPT-2's Conv1D; PEFT stores A [r, in] and B [out, r] in either case, so the forward uses them as is).
+Anything that would change the math and that we do not implement (DoRA, LoRA bias, aLoRA, embedding LoRA,
+``modules_to_save``, trainable tokens, non-LoRA PEFT types, ...) raises :class:`AdapterError` instead of
+silently computing something else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+__all__ = ["AdapterError", "LoraAdapter", "LoraModuleWeights", "load_adapter", "adapters_from_peft_model"]
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+
+# Config fields that, when set to a non-default value, change what the adapter computes.
+_UNSUPPORTED_FLAGS = {
+    "use_dora": "DoRA (weight-decomposed LoRA)",
+    "lora_bias": "LoRA with a bias on lora_B",
+    "use_qalora": "QA-LoRA",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "target_parameters": "LoRA on nn.Parameter targets",
+    "modules_to_save": "modules_to_save (fully trained extra modules)",
+    "trainable_token_indices": "trainable token indices",
+    "layer_replication": "layer replication",
+    "megatron_config": "Megatron-parallel LoRA",
+}
+
+_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be read, or that would not compute what PEFT computes."""
+
+
+@dataclass
+class LoraModuleWeights:
+    """One target module of one adapter: A [r, in], B [out, r] and scaling (alpha / r or alpha / sqrt(r))."""
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.lora_a.shape[0])
+
+
+@dataclass
+class LoraAdapter:
+    """A LoRA adapter: {module name: weights}. Module names are relative to the model PEFT wrapped."""
+
+    name: str
+    modules: dict[str, LoraModuleWeights] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    source: str = "<memory>"
+
+
+# ------------------------------------------------------------------------------------------------ config
+def _config_to_dict(config: Any) -> dict:
+    if isinstance(config, Mapping):
+        return dict(config)
+    if hasattr(config, "to_dict"):
+        return dict(config.to_dict())
+    raise AdapterError(f"adapter config must be a dict or a peft LoraConfig, got {type(config).__name__}")
+
+
+def _check_config(name: str, cfg: dict, source: str) -> None:
+    peft_type = str(cfg.get("peft_type", "LORA"))
+    peft_type = peft_type.split(".")[-1].upper()  # "PeftType.LORA" -> "LORA"
+    if peft_type != "LORA":
+        raise AdapterError(f"adapter {name!r} ({source}) is a {peft_type} adapter; only plain LoRA is supported")
+    for key, what in _UNSUPPORTED_FLAGS.items():
+        value = cfg.get(key)
+        if value not in (None, False, [], {}, ()):
+            raise AdapterError(
+                f"adapter {name!r} ({source}) uses {what} ({key}={value!r}); molora_ops does not implement it and "
+                "will not silently compute something else"
+            )
+    variant = cfg.get("lora_ga_config") or cfg.get("eva_config")
+    if cfg.get("use_rslora") not in (None, False, True):
+        raise AdapterError(f"adapter {name!r}: use_rslora must be a bool, got {cfg.get('use_rslora')!r}")
+    del variant  # init-time options only; they do not change the forward
+    if "r" not in cfg or "lora_alpha" not in cfg:
+        raise AdapterError(f"adapter {name!r} ({source}): config needs 'r' and 'lora_alpha'")
+
+
+def _pattern_key(pattern_keys, module_name: str):
+    """PEFT's get_pattern_key: the first pattern matching a '.'-bounded suffix of the module name."""
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return None
+
+
+def _is_targeted(cfg: dict, module_name: str) -> bool:
+    """PEFT's target_modules rule: a regex string must fullmatch; list entries match the name or a '.'-suffix."""
+    targets = cfg.get("target_modules")
+    if targets is None or targets == "all-linear":
+        return True
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module_name) is not None
+    return any(module_name == t or module_name.endswith("." + t) for t in targets)
+
+
+def _rank_and_alpha(cfg: dict, module_name: str) -> tuple[int, float]:
+    rank_pattern = cfg.get("rank_pattern") or {}
+    alpha_pattern = cfg.get("alpha_pattern") or {}
+    rk = _pattern_key(rank_pattern.keys(), module_name)
+    ak = _pattern_key(alpha_pattern.keys(), module_name)
+    r = int(rank_pattern[rk]) if rk is not None else int(cfg["r"])
+    alpha = float(alpha_pattern[ak]) if ak is not None else float(cfg["lora_alpha"])
+    return r, alpha
+
+
+# --------------------------------------------------------------------------------------------- weights
+def _read_weights(path: str, name: str) -> dict[str, torch.Tensor]:
+    st = os.path.join(path, SAFETENSORS_NAME)
+    bn = os.path.join(path, BIN_NAME)
+    if os.path.isfile(st):
+        try:
+            from safetensors.torch import load_file
+
+            return load_file(st, device="cpu")
+        except Exception as exc:  # safetensors raises its own error types for truncated or garbled files
+            raise AdapterError(f"adapter {name!r}: cannot read {st}: the file is corrupt ({exc})") from exc
+    if os.path.isfile(bn):
+        try:
+            return torch.load(bn, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise AdapterError(
+                f"adapter {name!r}: cannot read {bn} with torch.load(weights_only=True): the file is corrupt or "
+                f"holds more than tensors, and nothing else is ever unpickled ({exc})"
+            ) from exc
+    raise AdapterError(f"adapter {name!r}: {path} has neither {SAFETENSORS_NAME} nor {BIN_NAME}")
+
+
+def _read_config(path: str, name: str) -> dict:
+    cfg_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(cfg_path):
+        raise AdapterError(f"adapter {name!r}: {path} has no {CONFIG_NAME}")
+    try:
+        with open(cfg_path, encoding="utf-8") as fh:
+            cfg = json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"adapter {name!r}: cannot parse {cfg_path}: the file is corrupt ({exc})") from exc
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"adapter {name!r}: {cfg_path} does not hold a JSON object")
+    return cfg
+
+
+def _build(name: str, cfg: dict, state: Mapping[str, torch.Tensor], source: str) -> LoraAdapter:
+    _check_config(name, cfg, source)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        if "lora_magnitude_vector" in key:
+            raise AdapterError(f"adapter {name!r} ({source}) holds DoRA magnitude vectors ({key}); DoRA is not supported")
+        if "lora_embedding_" in key:
+            raise AdapterError(f"adapter {name!r} ({source}) has LoRA on an embedding ({key}); not supported")
+        if "lora_" not in key:
+            # A full weight in an adapter file (modules_to_save and friends) would change the base model.
+            raise AdapterError(f"adapter {name!r} ({source}) holds a non-LoRA tensor {key!r}; not supported")
+        m = _KEY_RE.match(key)
+        if m is None:
+            raise AdapterError(f"adapter {name!r} ({source}): unrecognised LoRA tensor {key!r} (a LoRA bias or variant?)")
+        if not isinstance(tensor, torch.Tensor):
+            raise AdapterError(f"adapter {name!r} ({source}): {key!r} is not a tensor")
+        pairs.setdefault(m.group("module"), {})[m.group("ab")] = tensor
+    if not pairs:
+        raise AdapterError(f"adapter {name!r} ({source}) holds no LoRA weights")
+    use_rslora = bool(cfg.get("use_rslora", False))
+    adapter = LoraAdapter(name=name, config=cfg, source=source)
+    for module, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"adapter {name!r} ({source}): module {module!r} has lora_{set(ab).pop()} only")
+        a, b = ab["A"], ab["B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise AdapterError(
+                f"adapter {name!r} ({source}): module {module!r} has lora_A {tuple(a.shape)} and lora_B "
+                f"{tuple(b.shape)}; expected [r, in] and [out, r] (only Linear/Conv1D LoRA is supported)"
+            )
+        if not _is_targeted(cfg, module):
+            raise AdapterError(
+                f"adapter {name!r} ({source}): weights for {module!r}, which target_modules="
+                f"{cfg.get('target_modules')!r} does not select; config and weights disagree"
+            )
+        r, alpha = _rank_and_alpha(cfg, module)
+        if r != a.shape[0]:
+            raise AdapterError(
+                f"adapter {name!r} ({source}): module {module!r} has rank {a.shape[0]} in its weights but r={r} "
+                "by the config (r / rank_pattern)"
+            )
+        scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        adapter.modules[module] = LoraModuleWeights(a, b, scaling)
+    return adapter
+
+
+def load_adapter(name: str, source: Any) -> LoraAdapter:
+    """Read one adapter from a PEFT directory or from in-memory PEFT state (see the module docstring)."""
+    if isinstance(source, LoraAdapter):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.isdir(path):
+            raise AdapterError(f"adapter {name!r}: directory {path!r} does not exist")
+        cfg = _read_config(path, name)
+        return _build(name, cfg, _read_weights(path, name), path)
+    if isinstance(source, tuple) and len(source) == 2:
+        cfg, state = source
+        return _build(name, _config_to_dict(cfg), state, "<memory>")
+    if isinstance(source, Mapping) and "config" in source and ("state_dict" in source or "weights" in source):
+        state = source.get("state_dict", source.get("weights"))
+        return _build(name, _config_to_dict(source["config"]), state, "<memory>")
+    raise AdapterError(
+        f"adapter {name!r}: expected a PEFT directory, (config, state_dict) or {{'config', 'state_dict'}}, "
+        f"got {type(source).__name__}"
+    )
+
+
+def adapters_from_peft_model(peft_model, names=None) -> tuple[Any, dict[str, LoraAdapter]]:
+    """The wrapped base model and the LoRA adapters loaded in a PeftModel (all of them, or `names`).
+
+    Module names are relative to the wrapped model (``peft_model.base_model.model``) and point at the LoRA
+    layers; :func:`molora_ops.patch` routes through their ``base_layer``.
+    """
+    inner = peft_model.base_model.model
+    configs = peft_model.peft_config
+    names = list(configs) if names is None else list(names)
+    out: dict[str, LoraAdapter] = {}
+    for name in names:
+        if name not in configs:
+            raise AdapterError(f"adapter {name!r} is not loaded in the PeftModel (loaded: {sorted(configs)})")
+        cfg = _config_to_dict(configs[name])
+        _check_config(name, cfg, "PeftModel")
+        adapter = LoraAdapter(name=name, config=cfg, source="PeftModel")
+        for mod_name, mod in inner.named_modules():
+            lora_a = getattr(mod, "lora_A", None)
+            if lora_a is None or not hasattr(lora_a, "keys") or name not in lora_a.keys():
+                continue
+            if getattr(mod, "lora_variant", {}).get(name) is not None:
+                raise AdapterError(f"adapter {name!r}: module {mod_name!r} uses a LoRA variant (DoRA?); not supported")
+            a = mod.lora_A[name].weight.detach()
+            b = mod.lora_B[name].weight.detach()
+            if a.dim() != 2:
+                raise AdapterError(f"adapter {name!r}: module {mod_name!r} is not a Linear/Conv1D LoRA layer")
+            adapter.modules[mod_name] = LoraModuleWeights(a, b, float(mod.scaling[name]))
+        if not adapter.modules:
+            raise AdapterError(f"adapter {name!r} has no LoRA layers in the PeftModel")
+        out[name] = adapter
+    return inner, out

@@ -1,0 +1,116 @@
+"""mo.patch / mo.routing against PEFT on tiny random-init models of every covered architecture (torch backend)."""
+
+import copy
+
+import pytest
+import torch
+
+from _hf import ADAPTERS, ARCHS, Setup, assert_logits_close, hook_reference_logits
+
+import molora_ops as mo
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def setup(request, tmp_path_factory):
+    return Setup(request.param, tmp_path_factory.mktemp(request.param))
+
+
+@torch.no_grad()
+def test_no_routing_is_base_and_unpatch_bit_identical(setup):
+    ref = setup.base(setup.ids).logits
+    model = setup.patched()
+    assert torch.equal(model(setup.ids).logits, ref)
+    with mo.routing(model, adapter_names=["code", "math", "qa"]):
+        assert not torch.equal(model(setup.ids).logits, ref)
+    text = repr(model)
+    assert "Routed" in text and "adapters=3" in text
+    assert set(model.state_dict()) == set(setup.base.state_dict())
+    model.load_state_dict(setup.base.state_dict())  # HF names kept: state dicts still load
+    mo.unpatch(model)
+    assert "Routed" not in repr(model)
+    assert not any("molora" in n for n, _ in model.named_buffers())
+    assert torch.equal(model(setup.ids).logits, ref)
+    assert repr(model) == repr(setup.base)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("names", [["code", "__base__", "qa"], ["math", "math", "code"], ["__base__"] * 3])
+def test_adapter_names_match_peft_mixed_batch(setup, names):
+    ref = setup.pm(setup.ids, adapter_names=names).logits
+    model = setup.patched()
+    with mo.routing(model, adapter_names=names):
+        out = model(setup.ids).logits
+    assert_logits_close(out, ref)
+
+
+def _peft_cat(pm, weights: dict, name: str):
+    # PEFT's cat copies the FIRST adapter's config with lora_alpha = r_total, so if that adapter uses rslora the
+    # merged scaling becomes sqrt(r_total) instead of 1 (a PEFT quirk): list the rslora adapter ("math") last.
+    active = sorted(((k, v) for k, v in weights.items() if v != 0), key=lambda kv: kv[0] == "math")
+    pm.add_weighted_adapter([k for k, _ in active], [v for _, v in active], name, combination_type="cat")
+    return name
+
+
+@torch.no_grad()
+def test_dict_blend_matches_peft_cat(setup):
+    blend = {"code": 0.5, "math": 0.4, "qa": 0.1}
+    pm = copy.deepcopy(setup.pm)
+    pm.set_adapter(_peft_cat(pm, blend, "mix"))
+    ref = pm(setup.ids).logits
+    model = setup.patched()
+    with mo.routing(model, adapter_weights=blend):
+        out = model(setup.ids).logits
+    assert_logits_close(out, ref)
+
+
+@torch.no_grad()
+def test_per_sequence_blend_matches_peft_cat(setup):
+    w = torch.tensor([[0.7, 0.3, 0.0], [0.0, -0.5, 1.2], [0.2, 0.3, 0.5]])
+    model = setup.patched()
+    with mo.routing(model, adapter_weights=w):
+        out = model(setup.ids).logits
+    pm = copy.deepcopy(setup.pm)
+    for b in range(w.shape[0]):
+        blend = dict(zip(ADAPTERS, w[b].tolist()))
+        pm.set_adapter(_peft_cat(pm, blend, f"row{b}"))
+        ref = pm(setup.ids[b : b + 1]).logits
+        assert_logits_close(out[b : b + 1], ref, name=f"row {b}")
+
+
+@torch.no_grad()
+def test_per_token_blend_matches_hook_reference(setup):
+    b, s = setup.ids.shape
+    w = torch.rand(b, s, len(ADAPTERS))
+    w[w < 0.3] = 0.0  # zero entries become empty slots
+    w[0, 0] = 0.0  # a token with no adapter at all
+    ref = hook_reference_logits(setup.pm, setup.ids, w, list(ADAPTERS))
+    model = setup.patched()
+    with mo.routing(model, adapter_weights=w):
+        out = model(setup.ids).logits
+    assert_logits_close(out, ref)
+
+
+@torch.no_grad()
+def test_per_token_routing_with_kv_cache(setup):
+    """Prefill then one cached decode step route by absolute position, like one full forward."""
+    b, s = setup.ids.shape
+    w = torch.rand(b, s, len(ADAPTERS))
+    model = setup.patched()
+    with mo.routing(model, adapter_weights=w):
+        full = model(setup.ids).logits
+        pre = model(setup.ids[:, : s - 1], use_cache=True)
+        step = model(setup.ids[:, s - 1 :], past_key_values=pre.past_key_values, use_cache=True).logits
+    assert_logits_close(pre.logits, full[:, : s - 1], name="prefill")
+    assert_logits_close(step[:, -1], full[:, -1], name="decode step")
+
+
+@torch.no_grad()
+def test_greedy_generate_matches_peft(setup):
+    names = ["qa", "__base__", "code"]
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    mask = torch.ones_like(setup.ids)
+    ref = setup.pm.generate(input_ids=setup.ids, attention_mask=mask, adapter_names=names, **kw)
+    model = setup.patched()
+    with mo.routing(model, adapter_names=names):
+        out = model.generate(input_ids=setup.ids, attention_mask=mask, **kw)
+    assert torch.equal(out, ref)
