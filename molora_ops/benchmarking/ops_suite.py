@@ -1,0 +1,191 @@
+"""The kernel sweep: routed_lora against every provider, one named grid at a time.
+
+For each point it first checks every provider's output against molora_ops.reference (on up to 256 of the
+tokens: rows are independent, so a subset is an exact check of those rows), then times the providers that
+agree, the base projection GEMM (x @ W.T on the same shapes) and, once per run, a large copy (the bandwidth
+ceiling) and the cheapest launch (the latency floor).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import asdict
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from .baselines import Provider, all_providers
+from .env import environment
+from .problems import TRAFFIC_PATTERNS, OpsConfig, cost_model, make_problem
+from .timing import TimingConfig, copy_bandwidth, launch_floor, time_fn
+
+# Max |provider - reference| relative to max |reference|: loose enough for low-precision paths (PEFT and
+# dense run in the input dtype, triton may use tf32 for float32), tight enough that a dropped slot,
+# weight or scale (errors of order 1) is caught.
+VERIFY_TOL = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 5e-2}
+VERIFY_ROWS = 256
+GRAPH_MAX_T = 64  # decode sizes: time with CUDA graphs where the provider can be captured
+HEADLINE = dict(H_in=4096, H_out=4096, R=16, N=32, K=2, pattern="uniform")
+
+
+def _sweep(base: dict, tag: str, **axes) -> list[OpsConfig]:
+    (axis, values), = axes.items()
+    return [OpsConfig(**{**base, axis: v}, sweeps=(tag,)) for v in values]
+
+
+def _merge(points: Iterable[OpsConfig]) -> list[OpsConfig]:
+    """Drop repeated points, keeping the union of their sweep tags, in first-seen order."""
+    merged: dict[tuple, OpsConfig] = {}
+    for p in points:
+        k = p.key()
+        if k in merged:
+            old = merged[k]
+            tags = old.sweeps + tuple(t for t in p.sweeps if t not in old.sweeps)
+            merged[k] = OpsConfig(**{**dict(k), "sweeps": tags})
+        else:
+            merged[k] = p
+    return list(merged.values())
+
+
+def grid(name: str) -> list[OpsConfig]:
+    """Named grids. smoke: tiny shapes for CI (with empty slots, duplicates and bf16); cpu: real hidden
+    sizes at CPU-friendly token counts, a few minutes on two cores; gpu: the full sweep of issue 5."""
+    if name == "smoke":
+        base = dict(T=7, N=4, K=2, R=8, H_in=64, H_out=96, dtype="float32", pattern="uniform")
+        return _merge(
+            _sweep(base, "T", T=[1, 7])
+            + _sweep(base, "pattern", pattern=["distinct", "identical"])
+            + [OpsConfig(**{**base, "K": 3, "empty_frac": 0.3}, sweeps=("empty",))]
+            + _sweep(base, "dtype", dtype=["bfloat16"])
+        )
+    if name == "cpu":
+        base = dict(HEADLINE, T=64, dtype="float32")
+        return _merge(
+            _sweep(base, "T", T=[1, 8, 64, 256])
+            + _sweep(base, "pattern", pattern=list(TRAFFIC_PATTERNS))
+            + _sweep(base, "N", N=[1, 8, 32, 128])
+            + _sweep(base, "K", K=[1, 2, 4])
+            + _sweep(base, "R", R=[8, 16, 64])
+            + _sweep(base, "hidden", H_out=[4096, 14336])
+            + _sweep(base, "dtype", dtype=["float32", "bfloat16"])
+        )
+    if name == "gpu":
+        base = dict(HEADLINE, T=256, dtype="bfloat16")
+        return _merge(
+            _sweep(base, "T", T=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096])
+            + [c for t in (16, 256, 4096) for c in _sweep({**base, "T": t}, f"pattern@T={t}", pattern=list(TRAFFIC_PATTERNS))]
+            + _sweep({**base, "T": 32}, "distinct32", pattern=["distinct"])
+            + _sweep(base, "N", N=[1, 4, 8, 16, 32, 64, 128])
+            + _sweep(base, "K", K=[1, 2, 3, 4])
+            + _sweep(base, "R", R=[8, 16, 32, 64, 128])
+            + [c for t in (1, 256, 4096) for c in _sweep({**base, "T": t}, f"hidden@T={t}", H_out=[4096, 14336])]
+            + _sweep(base, "dtype", dtype=["bfloat16", "float16", "float32"])
+        )
+    raise ValueError(f"unknown grid {name!r}; expected smoke, cpu or gpu")
+
+
+def memory_budget(device: torch.device) -> int:
+    """Bytes of temporaries one provider may use before a point is skipped for it."""
+    if device.type == "cuda":
+        return int(0.5 * torch.cuda.get_device_properties(device).total_memory)
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        avail = 16 << 30
+    return min(8 << 30, avail // 3)
+
+
+def _verify(out: torch.Tensor, rows: torch.Tensor, expected: torch.Tensor) -> float:
+    got = out[rows].double().cpu()
+    if got.shape != expected.shape:
+        return float("inf")
+    scale = max(float(expected.abs().max()), 1e-6) if expected.numel() else 1.0
+    err = (got - expected).abs()
+    return float(torch.nan_to_num(err, nan=float("inf")).max()) / scale if err.numel() else 0.0
+
+
+def _reference_rows(p, rows: torch.Tensor) -> torch.Tensor:
+    from molora_ops import reference
+
+    r = rows.to(p.x.device)
+    return reference.routed_lora(
+        p.x[r], p.lora_a, p.lora_b, p.topk_ids[r], p.topk_weights[r], scaling=p.scaling
+    ).double().cpu()
+
+
+def run_ops(
+    configs: list[OpsConfig],
+    device: torch.device,
+    *,
+    providers: list[str] | None = None,
+    timing: TimingConfig = TimingConfig(),
+    progress: Callable[[str], None] | None = None,
+    verify_only: bool = False,
+    grid_name: str | None = None,
+) -> list[dict]:
+    """Verify and time every provider on every config; returns one record per (config, provider)."""
+    chosen, left_out = all_providers(device, providers)
+    env = environment(device)
+    run_id = f"{env['timestamp']}-{uuid.uuid4().hex[:6]}"
+    ceiling = copy_bandwidth(device, timing) if not verify_only else {}
+    floor = launch_floor(device, timing) if not verify_only else {}
+    budget = memory_budget(device)
+    common = {"suite": "ops", "grid": grid_name, "run_id": run_id, "env": env, "timing": asdict(timing), **ceiling, **floor}
+    records = []
+    for cfg in configs:
+        p = make_problem(cfg, device)
+        cost = cost_model(cfg, p.topk_ids)
+        rows = torch.linspace(0, cfg.T - 1, min(cfg.T, VERIFY_ROWS)).round().long().unique()
+        expected = _reference_rows(p, rows)
+        graph = device.type == "cuda" and cfg.T <= GRAPH_MAX_T
+        point = {**common, "config": cfg.as_dict(), **cost}
+        if not verify_only:
+            base = time_fn(lambda: F.linear(p.x, p.base_weight), device, timing, cuda_graph=graph)
+            point["base_gemm"] = base.as_dict()
+        for name, reason in left_out.items():
+            records.append({**point, "provider": name, "kind": "ours", "status": "skipped", "reason": reason})
+        for name, prov in chosen.items():
+            if progress:
+                progress(f"{name} T={cfg.T} N={cfg.N} k={cfg.K} r={cfg.R} {cfg.pattern}")
+            records.append(_run_provider(prov, p, cfg, point, rows, expected, device, timing, graph, budget, verify_only))
+        del p
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return records
+
+
+def _run_provider(prov: Provider, p, cfg, point, rows, expected, device, timing, graph, budget, verify_only) -> dict:
+    rec = {**point, "provider": prov.name, "kind": prov.kind}
+    need = prov.workspace(cfg)
+    if need > budget:
+        return {**rec, "status": "skipped", "reason": f"needs ~{need / 2**30:.1f} GiB of temporaries (budget {budget / 2**30:.1f})"}
+    try:
+        fn = prov.prepare(p)
+        err = _verify(fn(), rows, expected)
+        rec.update(max_rel_err=err, tol=VERIFY_TOL[cfg.dtype])
+        if not err <= VERIFY_TOL[cfg.dtype]:
+            return {**rec, "status": "wrong", "reason": f"max rel err {err:.3g} > {VERIFY_TOL[cfg.dtype]} against the reference"}
+        if verify_only:
+            return {**rec, "status": "verified"}
+        t = time_fn(fn, device, timing, cuda_graph=graph and prov.graph_safe)
+    except torch.OutOfMemoryError as exc:
+        return {**rec, "status": "skipped", "reason": f"out of memory: {str(exc).splitlines()[0]}"}
+    except Exception as exc:  # one broken provider must not hide the others' numbers
+        return {**rec, "status": "error", "reason": f"{type(exc).__name__}: {exc}"}
+    sec = t.median_ms * 1e-3
+    base_ms = point["base_gemm"]["median_ms"]
+    floor_ms = rec["launch_floor_graph_ms"] if t.timer == "cuda_graph" else rec["launch_floor_ms"]
+    bytes_floor_ms = point["bytes"] / (rec["copy_gbps"] * 1e9) * 1e3
+    rec.update(
+        status="ok",
+        time=t.as_dict(),
+        gbps=point["bytes"] / sec / 1e9,
+        copy_frac=point["bytes"] / sec / 1e9 / rec["copy_gbps"],
+        tflops=point["flops"] / sec / 1e12,
+        lora_over_base=t.median_ms / base_ms,
+        floor_ms=max(floor_ms, bytes_floor_ms),
+        over_floor=t.median_ms / max(floor_ms, bytes_floor_ms),
+    )
+    return rec

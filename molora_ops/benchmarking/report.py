@@ -1,0 +1,335 @@
+"""Markdown tables and PNG plots rendered from results records (``bench/results/*.jsonl``).
+
+Only the latest run of each (suite, device) is shown, and smoke runs only where nothing else exists. Every
+table names the device, the date, the git sha and the machine's load when the run started; every ratio is
+between numbers of the same run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict, defaultdict
+from pathlib import Path
+
+from .baselines import BASELINES, OURS
+
+# sweep tag (prefix before '@') -> the config field that varies along it
+SWEEP_AXIS = {"T": "T", "pattern": "pattern", "distinct32": "pattern", "N": "N", "K": "K", "R": "R",
+              "hidden": "H_out", "dtype": "dtype", "empty": "empty_frac"}
+PROVIDER_ORDER = list(OURS) + list(BASELINES)
+COLORS = {"torch": "#1f77b4", "triton": "#2ca02c", "cuda": "#d62728", "reference": "#7f7f7f",
+          "peft-loop": "#ff7f0e", "dense": "#9467bd", "gather-bmm": "#8c564b", "base GEMM": "#000000"}
+VARIANT_COLORS = {"base": "#000000", "ours-topk": "#1f77b4", "ours-names": "#17becf", "peft-mixed": "#ff7f0e",
+                  "dense": "#9467bd"}
+
+
+# ------------------------------------------------------------------------------------------- selection
+def latest_runs(records: list[dict], suite: str) -> list[list[dict]]:
+    """For each device, the records of its latest non-smoke run of `suite` (a smoke run if that is all)."""
+    runs: dict[str, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        if r.get("suite") == suite:
+            runs[r["env"]["device"]][r["run_id"]].append(r)
+    chosen = []
+    for device, by_run in runs.items():
+        full = {k: v for k, v in by_run.items() if v[0].get("grid") != "smoke"} or by_run
+        chosen.append(full[max(full, key=lambda k: full[k][0]["env"]["timestamp"])])
+    return sorted(chosen, key=lambda rs: rs[0]["env"]["device"])
+
+
+def _slug(run: list[dict]) -> str:
+    e = run[0]["env"]
+    return f"{e['device_type']}-{''.join(c if c.isalnum() else '-' for c in e['device'].lower())}".strip("-")[:40].strip("-")
+
+
+def run_header(run: list[dict]) -> str:
+    r0 = run[0]
+    e = r0["env"]
+    versions = ", ".join(f"{k} {e[k]}" for k in ("torch", "triton", "transformers", "peft", "python") if e.get(k))
+    parts = [f"**Device: {e['device']}**" + (f" (driver {e['driver']})" if e.get("driver") else ""),
+             f"run {e['timestamp']}, git `{(e.get('git_sha') or 'unknown')[:12]}`, grid `{r0.get('grid')}`",
+             versions, f"{e.get('torch_threads')} torch threads, 1-min load average {e.get('loadavg_1m')} at start"]
+    if "copy_gbps" in r0:
+        floor = f"{r0['launch_floor_ms'] * 1e3:.1f} µs"
+        if r0.get("launch_floor_graph_ms") is not None:
+            floor += f" eager, {r0['launch_floor_graph_ms'] * 1e3:.1f} µs in a CUDA graph"
+        parts.append(f"copy bandwidth {r0['copy_gbps']:.1f} GB/s, cheapest launch {floor} (same run)")
+    return "; ".join(parts) + "."
+
+
+# -------------------------------------------------------------------------------------------- ops tables
+def _fmt_ms(ms: float) -> str:
+    if ms >= 100:
+        return f"{ms:.0f}"
+    if ms >= 1:
+        return f"{ms:.2f}"
+    return f"{ms:.3f}"
+
+
+def _cell(rec: dict | None, spread: bool) -> str:
+    if rec is None:
+        return "–"
+    if rec["status"] != "ok":
+        return {"skipped": "skip", "wrong": "**WRONG**", "error": "error"}.get(rec["status"], rec["status"])
+    t = rec["time"]
+    text = _fmt_ms(t["median_ms"])
+    return f"{text} [{_fmt_ms(t['p20_ms'])}, {_fmt_ms(t['p80_ms'])}]" if spread else text
+
+
+def _points(run: list[dict], tag: str) -> "OrderedDict[tuple, dict[str, dict]]":
+    pts: OrderedDict = OrderedDict()
+    for r in run:
+        if tag in r["config"]["sweeps"]:
+            key = tuple(sorted((k, v) for k, v in r["config"].items() if k != "sweeps"))
+            pts.setdefault(key, {})[r["provider"]] = r
+    return pts
+
+
+def _providers_in(run: list[dict]) -> list[str]:
+    present = {r["provider"] for r in run if r["status"] == "ok"}
+    return [p for p in PROVIDER_ORDER if p in present]
+
+
+def _best(provs: dict[str, dict], names) -> dict | None:
+    ok = [provs[n] for n in names if n in provs and provs[n]["status"] == "ok"]
+    return min(ok, key=lambda r: r["time"]["median_ms"]) if ok else None
+
+
+def sweep_tags(run: list[dict]) -> list[str]:
+    tags: list[str] = []
+    for r in run:
+        for t in r["config"]["sweeps"]:
+            if t not in tags:
+                tags.append(t)
+    return tags
+
+
+def _fixed(run: list[dict], tag: str) -> str:
+    """The config values held fixed along a sweep, in words."""
+    axis = SWEEP_AXIS.get(tag.split("@")[0], tag)
+    c = next(r["config"] for r in run if tag in r["config"]["sweeps"])
+    items = {"T": f"T={c['T']}", "dtype": c["dtype"], "H_out": f"h {c['H_in']}→{c['H_out']}", "R": f"r={c['R']}",
+             "N": f"N={c['N']}", "K": f"k={c['K']}", "pattern": c["pattern"]}
+    if c.get("empty_frac"):
+        items["empty_frac"] = f"{c['empty_frac']:.0%} empty slots"
+    return ", ".join(v for k, v in items.items() if k != axis)
+
+
+def ops_table(run: list[dict], tag: str, *, spread: bool = False) -> str:
+    """One sweep as a markdown table: median ms per provider, then ours against the baselines."""
+    axis = SWEEP_AXIS.get(tag.split("@")[0], tag)
+    provs = _providers_in(run)
+    ours = [p for p in provs if p in OURS]
+    baselines = [p for p in provs if p not in OURS and p != "reference"]
+    head = [axis, "base GEMM"] + [f"ours ({p})" if p in OURS else p for p in provs]
+    head += ["ours vs fastest baseline", "ours vs peft-loop", "ours % of copy BW", "ours / base GEMM"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, by_prov in _points(run, tag).items():
+        cfg = dict(key)
+        any_rec = next(iter(by_prov.values()))
+        row = [str(cfg[axis]), _fmt_ms(any_rec["base_gemm"]["median_ms"]) if "base_gemm" in any_rec else "–"]
+        row += [_cell(by_prov.get(p), spread) for p in provs]
+        me, rival, peft = _best(by_prov, ours), _best(by_prov, baselines), by_prov.get("peft-loop")
+        if me is not None:
+            m = me["time"]["median_ms"]
+            row.append(f"{rival['time']['median_ms'] / m:.2f}× ({rival['provider']})" if rival else "–")
+            row.append(f"{peft['time']['median_ms'] / m:.2f}×" if peft and peft["status"] == "ok" else "–")
+            row.append(f"{me['copy_frac']:.1%}")
+            row.append(f"{me['lora_over_base']:.2f}")
+        else:
+            row += ["–"] * 4
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def ops_section(run: list[dict], *, full: bool, image: str | None) -> str:
+    out = [run_header(run), ""]
+    tags = sweep_tags(run)
+    shown = tags if full else [t for t in tags if t.split("@")[0] in ("T", "pattern")][:2]
+    for tag in shown:
+        out += [f"*{tag} sweep* ({_fixed(run, tag)}); median ms" + (" [p20, p80]" if full else "") + ":", "",
+                ops_table(run, tag, spread=full), ""]
+    bad = [r for r in run if r["status"] in ("wrong", "error")]
+    if bad:
+        out.append(f"{len(bad)} provider runs were wrong or failed and were not timed: "
+                   + "; ".join(sorted({f"{r['provider']}: {r['reason'][:120]}" for r in bad})) + ".")
+        out.append("")
+    if image:
+        out += [f"![routed_lora on {run[0]['env']['device']}]({image})", ""]
+    return "\n".join(out)
+
+
+# -------------------------------------------------------------------------------------------- e2e tables
+def e2e_table(run: list[dict]) -> str:
+    variants = [v for v in VARIANT_COLORS if any(r["variant"] == v for r in run)]
+    head = ["phase", "batch"] + variants
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cells = {(r["phase"], r["batch"], r["variant"]): r for r in run}
+    batches = sorted({r["batch"] for r in run})
+    for phase in ("prefill", "decode"):
+        for b in batches:
+            row = [phase, str(b)]
+            for v in variants:
+                r = cells.get((phase, b, v))
+                if r is None:
+                    row.append("–")
+                elif r["status"] != "ok":
+                    row.append({"skipped": "skip", "wrong": "**WRONG**"}.get(r["status"], r["status"]))
+                else:
+                    text = f"{_fmt_ms(r['time']['median_ms'])} ms"
+                    if v != "base" and r.get("overhead_vs_base") is not None:
+                        text += f" ({r['overhead_vs_base']:+.0%})"
+                    if r.get("peak_mem_bytes"):
+                        text += f", {r['peak_mem_bytes'] / 2**30:.2f} GiB"
+                    row.append(text)
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def e2e_section(run: list[dict], *, image: str | None) -> str:
+    r0 = run[0]
+    c = r0["config"]
+    model = (f"random-init Llama-style model, {r0.get('params', 0) / 1e6:.0f}M parameters ({c['layers']} layers, "
+             f"hidden {c['hidden']}, {c['dtype']}), {c['adapters']} adapters of rank {c['rank']} on all 7 linear "
+             f"projections, top-{c['top_k']} routing, prompt {c['prompt_len']} tokens")
+    out = [run_header(run), "", f"*End to end* ({model}); median latency, (overhead over the base model)"
+           + (", peak memory" if any(r.get("peak_mem_bytes") for r in run) else "") + ":", "", e2e_table(run), ""]
+    bad = [r for r in run if r["status"] in ("wrong", "error", "skipped")]
+    if bad:
+        out += ["Not timed: " + "; ".join(sorted({f"{r['variant']} ({r['status']}): {r['reason'][:140]}" for r in bad})) + ".", ""]
+    if image:
+        out += [f"![end to end on {r0['env']['device']}]({image})", ""]
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------------- plots
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_ops(run: list[dict], path: Path) -> Path:
+    plt = _plt()
+    tags = sweep_tags(run)
+    line_tags = [t for t in tags if t.split("@")[0] in ("T", "N", "R", "K") and len(_points(run, t)) > 1][:3]
+    bar_tag = next((t for t in tags if t.startswith("pattern")), None)
+    panels = line_tags + ([bar_tag] if bar_tag else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
+    provs = _providers_in(run)
+    for ax, tag in zip(axes[0], panels):
+        axis = SWEEP_AXIS[tag.split("@")[0]]
+        pts = list(_points(run, tag).items())
+        xs = [dict(k)[axis] for k, _ in pts]
+        if tag == bar_tag:
+            width = 0.8 / max(len(provs), 1)
+            for i, p in enumerate(provs):
+                ys = [(v[p]["time"]["median_ms"] if p in v and v[p]["status"] == "ok" else float("nan")) for _, v in pts]
+                ax.bar([j + i * width for j in range(len(xs))], ys, width, label=p, color=COLORS.get(p))
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(xs))], xs)
+            ax.set_yscale("log")
+        else:
+            base = [v[next(iter(v))]["base_gemm"]["median_ms"] for _, v in pts]
+            ax.plot(xs, base, "k--", label="base GEMM (x @ W.T)", linewidth=1.2)
+            for p in provs:
+                sel = [(x, v[p]["time"]) for x, (_, v) in zip(xs, pts) if p in v and v[p]["status"] == "ok"]
+                if not sel:
+                    continue
+                lw = 2.4 if p in OURS else 1.3
+                ax.plot([s[0] for s in sel], [s[1]["median_ms"] for s in sel], marker="o", ms=3.5, lw=lw,
+                        label=f"ours ({p})" if p in OURS else p, color=COLORS.get(p))
+                ax.fill_between([s[0] for s in sel], [s[1]["p20_ms"] for s in sel], [s[1]["p80_ms"] for s in sel],
+                                color=COLORS.get(p), alpha=0.15, linewidth=0)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+        ax.set_xlabel({"T": "tokens T", "N": "adapters N", "R": "rank r", "K": "top-k", "pattern": "traffic pattern"}[axis])
+        ax.set_ylabel("median time (ms), band p20–p80")
+        ax.set_title(f"{tag}: {_fixed(run, tag)}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.25)
+    axes[0][0].legend(fontsize=8, loc="upper left")
+    fig.suptitle(f"routed_lora on {run[0]['env']['device']} ({run[0]['env']['timestamp'][:10]})", fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_e2e(run: list[dict], path: Path) -> Path:
+    plt = _plt()
+    variants = [v for v in VARIANT_COLORS if any(r["variant"] == v and r["status"] == "ok" for r in run)]
+    batches = sorted({r["batch"] for r in run})
+    cells = {(r["phase"], r["batch"], r["variant"]): r for r in run if r["status"] == "ok"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    width = 0.8 / max(len(variants), 1)
+    for ax, phase in zip(axes, ("prefill", "decode")):
+        for i, v in enumerate(variants):
+            ys = [cells[(phase, b, v)]["time"]["median_ms"] if (phase, b, v) in cells else float("nan") for b in batches]
+            ax.bar([j + i * width for j in range(len(batches))], ys, width, label=v, color=VARIANT_COLORS[v])
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
+        ax.set_ylabel("median latency (ms)")
+        ax.set_yscale("log")
+        ax.set_title(f"{phase} ({'one forward over the prompt' if phase == 'prefill' else 'one KV-cached step'})", fontsize=10)
+        ax.grid(True, axis="y", which="both", alpha=0.25)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"end to end on {run[0]['env']['device']} ({run[0]['env']['timestamp'][:10]})", fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ report
+GPU_PENDING = ("GPU numbers are still to be taken: no GPU was lent when these results were produced. "
+               "Run `bash bench/gpu_check.sh` (or `python -m molora_ops bench --suite ops --grid gpu` and "
+               "`--suite e2e --grid gpu`) on a CUDA machine and re-run `python -m molora_ops report`.")
+
+
+def render(records: list[dict], out_dir: Path, *, readme_root: Path | None = None, plots: bool = True) -> dict:
+    """Write out_dir/performance.md (every sweep) and out_dir/performance/README_section.md (the README's
+    section, image paths relative to readme_root), plus PNG plots under out_dir/performance/."""
+    out_dir = Path(out_dir)
+    img_dir = out_dir / "performance"
+    readme_root = Path(readme_root or Path.cwd())
+    ops_runs, e2e_runs = latest_runs(records, "ops"), latest_runs(records, "e2e")
+    images: dict[str, Path] = {}
+    if plots:
+        for run in ops_runs:
+            images[run[0]["run_id"]] = plot_ops(run, img_dir / f"ops_{_slug(run)}.png")
+        for run in e2e_runs:
+            images[run[0]["run_id"]] = plot_e2e(run, img_dir / f"e2e_{_slug(run)}.png")
+
+    def rel(run, base: Path):
+        p = images.get(run[0]["run_id"])
+        return os.path.relpath(p, base) if p else None
+
+    has_gpu = any(r[0]["env"]["device_type"] == "cuda" for r in ops_runs + e2e_runs)
+    intro = ("Every number below comes from `python -m molora_ops bench`, is stored in `bench/results/*.jsonl`, and "
+             "this text is generated by `python -m molora_ops report`. Each provider's output was checked against "
+             "`molora_ops.reference` before it was timed; ratios compare numbers from the same run.")
+    sections = {"full": ["# Performance", "", intro, ""], "readme": ["## Performance", "", intro, ""]}
+    if not has_gpu:
+        for s in sections.values():
+            s += [f"> {GPU_PENDING}", ""]
+    for run in ops_runs:
+        sections["full"] += [f"## Kernel: routed_lora on {run[0]['env']['device']}", "",
+                             ops_section(run, full=True, image=rel(run, out_dir))]
+        sections["readme"] += [f"### Kernel: routed_lora on {run[0]['env']['device']}", "",
+                               ops_section(run, full=False, image=rel(run, readme_root))]
+    for run in e2e_runs:
+        sections["full"] += [f"## End to end on {run[0]['env']['device']}", "", e2e_section(run, image=rel(run, out_dir))]
+        sections["readme"] += [f"### End to end on {run[0]['env']['device']}", "",
+                               e2e_section(run, image=rel(run, readme_root))]
+    sections["readme"] += [f"All sweeps (N, k, r, hidden sizes, dtypes) with p20/p80: "
+                           f"[{os.path.relpath(out_dir / 'performance.md', readme_root)}]"
+                           f"({os.path.relpath(out_dir / 'performance.md', readme_root)}).", ""]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    img_dir.mkdir(parents=True, exist_ok=True)
+    full_path, readme_path = out_dir / "performance.md", img_dir / "README_section.md"
+    full_path.write_text("\n".join(sections["full"]))
+    readme_path.write_text("\n".join(sections["readme"]))
+    return {"full": full_path, "readme": readme_path, "images": list(images.values())}

@@ -1,0 +1,85 @@
+"""``molora bench``: run a benchmark suite, append its results to a jsonl file and print a table.
+
+    python -m molora_ops bench --suite ops --grid cpu            # kernel sweep, CPU default grid
+    python -m molora_ops bench --suite e2e --grid smoke --quick  # end-to-end toy, seconds
+"""
+
+from __future__ import annotations
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--suite", choices=("ops", "e2e"), default="ops", help="kernel sweep or end-to-end model")
+    parser.add_argument("--grid", choices=("smoke", "cpu", "gpu"), default=None,
+                        help="named grid (default: gpu on a CUDA device, else cpu)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--providers", default=None,
+                        help="ops: comma-separated providers (reference,peft-loop,dense,gather-bmm,torch,triton,cuda); "
+                             "e2e: variants (base,ours-topk,ours-names,peft-mixed,dense)")
+    parser.add_argument("--out", default=None,
+                        help="jsonl file to append to (default: bench/results/<suite>-<device>.jsonl)")
+    parser.add_argument("--no-save", action="store_true", help="print the table without writing results")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's own). On a shared, loaded machine 1 thread gives "
+                             "far steadier numbers: multi-threaded ops stall whenever one of their threads is descheduled")
+    parser.add_argument("--quick", action="store_true", help="a few timed calls per point (smoke runs)")
+    parser.add_argument("--verify-only", action="store_true", help="ops: check providers against the reference, no timing")
+
+
+def run(args) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from molora_ops.benchmarking import results
+    from molora_ops.benchmarking.env import device_slug
+    from molora_ops.benchmarking.report import e2e_table, latest_runs, ops_table, run_header, sweep_tags
+    from molora_ops.benchmarking.timing import TimingConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    grid_name = args.grid or ("gpu" if device.type == "cuda" else "cpu")
+    names = [n.strip() for n in args.providers.split(",")] if args.providers else None
+
+    if args.suite == "ops":
+        from molora_ops.benchmarking import ops_suite
+        from molora_ops.benchmarking.baselines import all_providers
+
+        configs = ops_suite.grid(grid_name)
+        chosen, _ = all_providers(device, names)
+        bar = tqdm(total=len(configs) * len(chosen), desc="ops", unit="run")
+        timing = TimingConfig.quick() if args.quick else TimingConfig()
+        records = ops_suite.run_ops(configs, device, providers=names, timing=timing, grid_name=grid_name,
+                                    verify_only=args.verify_only, progress=lambda d: (bar.set_postfix_str(d), bar.update(1)))
+    else:
+        from molora_ops.benchmarking import e2e_suite
+
+        cfg = e2e_suite.grid(grid_name)
+        variants = names or list(e2e_suite.VARIANTS)
+        bar = tqdm(total=len(variants) * len(cfg.batches), desc="e2e", unit="run")
+        kwargs = {"timing": TimingConfig.quick()} if args.quick else {}
+        records = e2e_suite.run_e2e(cfg, device, variants=variants, grid_name=grid_name,
+                                    progress=lambda d: (bar.set_postfix_str(d), bar.update(1)), **kwargs)
+    bar.close()
+
+    if not args.no_save:
+        out = args.out or str(results.default_results_dir() / f"{args.suite}-{device_slug(device)}.jsonl")
+        n = results.append(out, records)
+        print(f"appended {n} records to {out}")
+    run_records = latest_runs(records, args.suite)[0]
+    print(run_header(run_records))
+    if args.suite == "ops":
+        if args.verify_only:
+            for r in run_records:
+                c = r["config"]
+                print(f"  {r['provider']:<11} T={c['T']:<5} N={c['N']:<4} k={c['K']} r={c['R']:<4} {c['dtype']:<9} "
+                      f"{c['pattern']:<9} {r['status']:<8} {r.get('max_rel_err', r.get('reason', ''))}")
+        else:
+            for tag in sweep_tags(run_records):
+                print(f"\n{tag} sweep (median ms):\n{ops_table(run_records, tag)}")
+    else:
+        print(e2e_table(run_records))
+    bad = [r for r in records if r["status"] in ("wrong", "error")]
+    for r in bad:
+        who = r.get("provider") or r.get("variant")
+        print(f"{r['status'].upper()}: {who}: {r['reason']}")
+    return 1 if any(r["status"] == "wrong" for r in records) else 0
