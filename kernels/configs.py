@@ -131,3 +131,31 @@ def reduce_config(rank: int) -> tuple[int, int]:
     """(BLOCK_P, BLOCK_R) for the split-K partial reduction."""
     block_r = _clamp(next_pow2(rank), 1, 64)
     return max(1, 2048 // block_r), block_r
+
+
+# The tensor-core expand does one dot per distinct adapter in a token tile; it pays when that count is small
+# compared with the K per-row gathers of the CUDA-core expand, and only for half-precision weights (a float32
+# dot must run in ieee precision, off the tensor cores).
+DOT_EXPAND_MIN_TOKENS = 64
+DOT_EXPAND_MAX_RANK = 128
+DOT_EXPAND_ADAPTERS_PER_SLOT = 8
+
+
+def expand_variant(num_tokens: int, top_k: int, num_adapters: int, rank: int, half_precision: bool) -> str:
+    """"dot" (tensor cores over the distinct adapters of a token tile) or "gather" (per-row CUDA-core FMA)."""
+    if (
+        half_precision
+        and num_tokens >= DOT_EXPAND_MIN_TOKENS
+        and rank <= DOT_EXPAND_MAX_RANK
+        and num_adapters <= DOT_EXPAND_ADAPTERS_PER_SLOT * top_k
+    ):
+        return "dot"
+    return "gather"
+
+
+def expand_dot_config(num_tokens: int, rank: int, h_out: int) -> GatherConfig:
+    """Tiles for the tensor-core expand (tl.dot needs every dimension >= 16; the whole rank in one tile)."""
+    block_m = 16 if num_tokens <= 128 else 32
+    block_r = max(16, next_pow2(rank))
+    block_n = _clamp(128 if block_r <= 32 else 64, 16, max(16, next_pow2(h_out)))
+    return GatherConfig(block_m, block_n, block_r, 0, 4)

@@ -12,6 +12,10 @@ Kernels
                            probability x scaling in rank space; writes every element of h (zeros for empty slots).
     _expand_kernel         token-major: a program owns BLOCK_M tokens x BLOCK_N output columns and reduces the
                            K slots of each token itself (deterministic, every out element written exactly once).
+                           Gathers lora_b per row and reduces over R on CUDA cores: best when the adapters in a
+                           token tile are many and different (decode, large N).
+    _expand_dot_kernel     token-major too, but on tensor cores: walks the distinct adapters of its token tile in
+                           ascending order and does one tl.dot per adapter (prefill with few adapters).
     _fused_kernel          shrink + expand in one launch for decode sizes (small T, small R * K): each program
                            recomputes its tokens' h in registers, then expands into its own output tile.
 
@@ -197,6 +201,74 @@ def _expand_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _expand_dot_kernel(
+    # pointers
+    h_ptr, b_ptr, ids_ptr, out_ptr,
+    # sizes
+    num_tokens, rank, h_out, num_adapters,
+    # strides
+    stride_ht, stride_hk, stride_hr,
+    stride_be, stride_bo, stride_br,
+    stride_idt, stride_idk,
+    stride_ot, stride_oo,
+    # meta-parameters
+    TOP_K: tl.constexpr, K_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    ACCUMULATE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Semantics: as _expand_kernel, out[t, o] (+)= sum_{k: 0 <= e < N} sum_r lora_b[e, o, r] * h[t, k, r], but on
+    tensor cores: the program walks the distinct adapters present in its BLOCK_M tokens in ascending id order,
+    and for each adapter e does one tl.dot of hsum_e[m, :] = sum_{k: ids[m, k] == e} h[m, k, :] against
+    lora_b[e]'s tile. The walk order is fixed by the ids, so the result is deterministic; every out element
+    is written once. h stays float32: on half-precision weights it enters the dot as hi + lo halves
+    (two dots), so the intermediate is not rounded to 16 bits. Needs BLOCK_R >= R (whole rank per tile).
+    Grid: (cdiv(T, BLOCK_M), cdiv(H_out, BLOCK_N))."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_t = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_t = offs_t < num_tokens
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < h_out
+    offs_r = tl.arange(0, BLOCK_R).to(tl.int64)
+    mask_r = offs_r < rank
+
+    # All ids of the tile; invalid slots (padding, -1, out of range) become N and are never visited.
+    offs_k = tl.arange(0, K_POW2)
+    ids2 = tl.load(
+        ids_ptr + offs_t[:, None] * stride_idt + offs_k[None, :] * stride_idk,
+        mask=mask_t[:, None] & (offs_k[None, :] < TOP_K), other=-1,
+    ).to(tl.int64)
+    ids2 = tl.where((ids2 >= 0) & (ids2 < num_adapters), ids2, num_adapters)
+
+    h_rows = h_ptr + offs_t[:, None] * stride_ht + offs_r[None, :] * stride_hr  # [M, R]
+    b_tile = b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bo  # [R, N], lora_b[e] transposed
+    mask_bt = mask_r[:, None] & mask_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    e = tl.min(ids2)
+    while e < num_adapters:
+        hsum = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k in tl.static_range(TOP_K):
+            ids_k = tl.load(ids_ptr + offs_t * stride_idt + k * stride_idk, mask=mask_t, other=-1).to(tl.int64)
+            sel = mask_t & (ids_k == e)
+            hsum += tl.load(h_rows + k * stride_hk, mask=sel[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+        bt = tl.load(b_tile + e * stride_be, mask=mask_bt, other=0.0)
+        if UPCAST:
+            acc = tl.dot(hsum, bt.to(tl.float32), acc, input_precision="ieee")
+        else:
+            h_hi = hsum.to(bt.dtype)
+            h_lo = (hsum - h_hi.to(tl.float32)).to(bt.dtype)
+            acc = tl.dot(h_hi, bt, acc)
+            acc = tl.dot(h_lo, bt, acc)
+        e = tl.min(tl.where(ids2 > e, ids2, num_adapters))
+
+    out_ptrs = out_ptr + offs_t[:, None] * stride_ot + offs_n[None, :] * stride_oo
+    mask = mask_t[:, None] & mask_n[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 # -------------------------------------------------------------------------------------------------- fused
 @triton.jit
 def _fused_kernel(
@@ -315,6 +387,26 @@ def launch_expand(h, lora_b, topk_ids, out, *, cfg: GatherConfig, accumulate: bo
         out.stride(0), out.stride(1),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_R=cfg.BLOCK_R, ACCUMULATE=accumulate,
         num_warps=cfg.num_warps,
+    )
+
+
+def launch_expand_dot(h, lora_b, topk_ids, out, *, cfg: GatherConfig, accumulate: bool, upcast: bool) -> None:
+    """Launch _expand_dot_kernel (tensor-core expand over the distinct adapters of each token tile)."""
+    num_tokens, top_k, rank = h.shape
+    num_adapters, h_out = lora_b.shape[0], lora_b.shape[1]
+    if cfg.BLOCK_R < rank:
+        raise ValueError(f"dot expand needs BLOCK_R >= R, got BLOCK_R={cfg.BLOCK_R} and R={rank}")
+    grid = (cdiv(num_tokens, cfg.BLOCK_M), cdiv(h_out, cfg.BLOCK_N))
+    _expand_dot_kernel[grid](
+        h, lora_b, topk_ids, out,
+        num_tokens, rank, h_out, num_adapters,
+        h.stride(0), h.stride(1), h.stride(2),
+        lora_b.stride(0), lora_b.stride(1), lora_b.stride(2),
+        topk_ids.stride(0), topk_ids.stride(1),
+        out.stride(0), out.stride(1),
+        TOP_K=top_k, K_POW2=max(2, 1 << (top_k - 1).bit_length()),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_R=cfg.BLOCK_R,
+        ACCUMULATE=accumulate, UPCAST=upcast, num_warps=cfg.num_warps,
     )
 
 

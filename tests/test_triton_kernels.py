@@ -20,12 +20,17 @@ compiled, available, reason = tb.status()
 pytestmark = pytest.mark.skipif(not available, reason=reason)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-PATHS = (pytest.param(True, id="fused"), pytest.param(False, id="unfused"))
+# The three ways routed_lora can run: one fused launch, or shrink + one of the two expand kernels.
+PATHS = (
+    pytest.param(dict(fused=True), id="fused"),
+    pytest.param(dict(fused=False, expand="gather"), id="unfused-gather"),
+    pytest.param(dict(fused=False, expand="dot"), id="unfused-dot"),
+)
 
 
-def _run(p, *, fused=None, split_k=None, out=None, validate=True, ids=None):
+def _run(p, path=None, *, split_k=None, out=None, validate=True, ids=None):
     ids = p.topk_ids if ids is None else ids
-    with tb.override(fused=fused, split_k=split_k):
+    with tb.override(split_k=split_k, **(path or {})):
         return mo.routed_lora(
             p.x, p.lora_a, p.lora_b, ids, p.topk_weights, scaling=p.scaling, out=out, backend="triton",
             validate=validate,
@@ -60,13 +65,13 @@ def test_float64_is_a_type_error():
 
 
 # ---------------------------------------------------------------------------------------------- paths
-@pytest.mark.parametrize("fused", PATHS)
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(1, 2, 4, 16, 64, 64), (7, 4, 5, 7, 123, 77), (13, 3, 6, 8, 2049, 40)],
                          ids=lambda s: "T{}K{}N{}R{}_{}x{}".format(*s))
-def test_fused_and_unfused_match_reference(fused, dtype, shape):
+def test_fused_and_unfused_match_reference(path, dtype, shape):
     p = make_problem(*shape, dtype, empty_frac=0.2, duplicate_frac=0.3)
-    got = _run(p, fused=fused)
+    got = _run(p, path)
     assert got.dtype == dtype
     assert_parity(got, p.exact(), naive_lowp(p), dtype)
 
@@ -74,7 +79,7 @@ def test_fused_and_unfused_match_reference(fused, dtype, shape):
 def test_heuristic_picks_fused_at_decode_and_two_launches_for_prefill(monkeypatch):
     kernels = tb._kernels()
     calls = []
-    for fn in ("launch_fused", "launch_shrink", "launch_expand"):
+    for fn in ("launch_fused", "launch_shrink", "launch_expand", "launch_expand_dot"):
         real = getattr(kernels, fn)
         monkeypatch.setattr(kernels, fn, lambda *a, _real=real, _fn=fn, **kw: (calls.append(_fn), _real(*a, **kw))[1])
 
@@ -87,8 +92,11 @@ def test_heuristic_picks_fused_at_decode_and_two_launches_for_prefill(monkeypatc
     prefill = make_problem(70, 2, 4, 16, 64, 48, torch.float16)
     assert not tb.choose_fused(70, 2, 16, 64, 48)
     assert_parity(_run(prefill), prefill.exact(), naive_lowp(prefill), torch.float16)
-    assert calls == ["launch_shrink", "launch_expand"]
+    assert calls == ["launch_shrink", "launch_expand_dot"], "few adapters, fp16 prefill: tensor-core expand"
     assert not tb.choose_fused(1, 4, 64, 64, 48), "R * K too large for the fused path"
+    assert tb.choose_expand(70, 2, 4, 16, torch.float32) == "gather", "fp32 dots are not on tensor cores"
+    assert tb.choose_expand(70, 2, 64, 16, torch.bfloat16) == "gather", "too many adapters per tile"
+    assert tb.choose_expand(8, 2, 4, 16, torch.bfloat16) == "gather", "decode"
 
 
 # -------------------------------------------------------------------------------------------- split-K
@@ -104,7 +112,7 @@ def test_shrink_split_k(split_k, dtype):
     assert_close(h, _exact_shrink(p), atol=1e-5, rtol=1e-5, name=f"h split_k={split_k}")
     assert bool((h[p.topk_ids < 0] == 0).all())
     # the routed result through the two-launch path with this split
-    assert_parity(_run(p, fused=False, split_k=split_k), p.exact(), naive_lowp(p), dtype)
+    assert_parity(_run(p, dict(fused=False), split_k=split_k), p.exact(), naive_lowp(p), dtype)
 
 
 def test_heuristic_splits_small_batches_only():
@@ -140,8 +148,8 @@ def _nan_fenced(p):
     return a[1 : n + 1], b[1 : n + 1]
 
 
-@pytest.mark.parametrize("fused", PATHS)
-def test_out_of_range_ids_unvalidated_contribute_nothing(fused):
+@pytest.mark.parametrize("path", PATHS)
+def test_out_of_range_ids_unvalidated_contribute_nothing(path):
     p = make_problem(23, 3, 4, 8, 40, 24, torch.float32)
     p.lora_a, p.lora_b = _nan_fenced(p)
     bad = p.topk_ids.clone()
@@ -152,31 +160,32 @@ def test_out_of_range_ids_unvalidated_contribute_nothing(fused):
     cleaned = torch.where((bad >= 0) & (bad < 4), bad, torch.full_like(bad, -1))
     want = reference.routed_lora(p.x, p.lora_a, p.lora_b, cleaned, p.topk_weights, scaling=p.scaling)
 
-    got = _run(p, fused=fused, ids=bad, validate=False)
+    got = _run(p, path, ids=bad, validate=False)
     assert_close(got, want, atol=2e-5, rtol=2e-5)
     assert bool((got[5] == 0).all())
 
     base = torch.randn(23, 24)
     out = base.clone()
-    _run(p, fused=fused, ids=bad, validate=False, out=out)
+    _run(p, path, ids=bad, validate=False, out=out)
     assert_close(out, base + want, atol=3e-5, rtol=2e-5, name="out=")
     assert torch.equal(out[5], base[5])
 
     h = _shrink(p, split_k=3, ids=bad, validate=False)
     assert_close(h, _exact_shrink(p, cleaned), atol=1e-5, rtol=1e-5, name="h")
     assert bool((h[cleaned < 0] == 0).all())
-    y = mo.lora_expand(h, p.lora_b, bad, backend="triton", validate=False)
+    with tb.override(**path):
+        y = mo.lora_expand(h, p.lora_b, bad, backend="triton", validate=False)
     assert_close(y, want, atol=2e-5, rtol=2e-5, name="expand")
 
 
-@pytest.mark.parametrize("fused", PATHS)
-def test_every_output_element_is_written(fused):
+@pytest.mark.parametrize("path", PATHS)
+def test_every_output_element_is_written(path):
     """accumulate=False must overwrite out completely, including tokens whose slots are all empty."""
     p = make_problem(19, 2, 3, 8, 32, 37, torch.float16, empty_frac=0.5)
     p.topk_ids[:4] = -1
     plan = mo.build_plan(p.topk_ids, 3)
     out = torch.full((19, 37), float("nan"), dtype=torch.float16)
-    with tb.override(fused=fused):
+    with tb.override(**path):
         tb.routed_lora(p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights, p.scaling.float(), plan, out, False)
     assert not out.isnan().any()
     assert bool((out[:4] == 0).all())
@@ -185,7 +194,8 @@ def test_every_output_element_is_written(fused):
     h = torch.full((19, 2, 8), float("nan"))
     h[p.topk_ids >= 0] = 0.5  # NaN rows sit exactly in the empty slots: they must never be read
     out.fill_(float("nan"))
-    tb.expand(h, p.lora_b, p.topk_ids, plan, out, False)
+    with tb.override(**path):
+        tb.expand(h, p.lora_b, p.topk_ids, plan, out, False)
     assert not out.isnan().any() and bool((out[:4] == 0).all())
 
 
@@ -194,20 +204,22 @@ def test_zero_tokens_launch_nothing_and_leave_out_alone():
     plan = mo.build_plan(p.topk_ids, 3)
     assert tb.shrink(p.x, p.lora_a, p.topk_ids, p.topk_weights, p.scaling, plan).shape == (0, 2, 8)
     out = torch.empty(0, 16)
-    for fused in (True, False):
-        with tb.override(fused=fused):
+    for path in PATHS:
+        with tb.override(**path.values[0]):
             tb.routed_lora(p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights, p.scaling, plan, out, True)
-    tb.expand(torch.empty(0, 2, 8), p.lora_b, p.topk_ids, plan, out, False)
+            tb.expand(torch.empty(0, 2, 8), p.lora_b, p.topk_ids, plan, out, False)
 
 
 # -------------------------------------------------------------------------------------- determinism
 @pytest.mark.parametrize(
-    "fused,split_k", [(True, None), (False, 1), (False, 4)], ids=["fused", "unfused", "unfused-splitk4"]
+    "path,split_k",
+    [(dict(fused=True), None), (dict(fused=False, expand="gather"), 1), (dict(fused=False, expand="dot"), 4)],
+    ids=["fused", "unfused-gather", "unfused-dot-splitk4"],
 )
-def test_bitwise_deterministic(fused, split_k):
+def test_bitwise_deterministic(path, split_k):
     p = make_problem(29, 3, 5, 16, 300, 40, torch.bfloat16, pattern="skewed", empty_frac=0.1, duplicate_frac=0.3)
-    first = _run(p, fused=fused, split_k=split_k)
-    second = _run(p, fused=fused, split_k=split_k)
+    first = _run(p, path, split_k=split_k)
+    second = _run(p, path, split_k=split_k)
     assert torch.equal(first, second)
     h1, h2 = _shrink(p, split_k=split_k), _shrink(p, split_k=split_k)
     assert torch.equal(h1, h2)
@@ -220,21 +232,22 @@ def test_many_tiles_per_segment():
     cfg = configs.shrink_config(611 * 2, 3, 8, 40)
     assert configs.cdiv(611 * 2, cfg.BLOCK_M) >= 20
     assert configs.cdiv(611, configs.expand_config(611, 8, 48).BLOCK_M) >= 20
-    got = _run(p, fused=False)
-    assert_parity(got, p.exact(), naive_lowp(p), torch.float16)
+    for expand in ("gather", "dot"):
+        got = _run(p, dict(fused=False, expand=expand))
+        assert_parity(got, p.exact(), naive_lowp(p), torch.float16, name=expand)
 
 
 def test_rank_spanning_several_tiles():
     """R = 70 > BLOCK_R: several rank tiles in shrink, several R steps in expand, and a fused tile of 128."""
     p = make_problem(11, 2, 3, 70, 48, 33, torch.float32, empty_frac=0.2)
     assert configs.shrink_config(22, 3, 70, 48).BLOCK_R < 70
-    for fused in (False, True):
-        assert_parity(_run(p, fused=fused), p.exact(), naive_lowp(p), torch.float32)
+    for path in PATHS:
+        assert_parity(_run(p, path.values[0]), p.exact(), naive_lowp(p), torch.float32, name=path.id)
 
 
 # --------------------------------------------------------------------------------------------- strides
-@pytest.mark.parametrize("fused", PATHS)
-def test_non_contiguous_and_strided_operands(fused):
+@pytest.mark.parametrize("path", PATHS)
+def test_non_contiguous_and_strided_operands(path):
     p = make_problem(21, 2, 4, 8, 64, 40, torch.float32, empty_frac=0.15, duplicate_frac=0.2)
     x = torch.empty(64, 21).t()  # column-major
     x.copy_(p.x)
@@ -248,12 +261,27 @@ def test_non_contiguous_and_strided_operands(fused):
     assert not any(t.is_contiguous() for t in (x, a, b, ids, w))
     base = torch.randn(40, 21).t()  # out is column-major too
     out = base.clone()
-    with tb.override(fused=fused):
+    with tb.override(**path):
         mo.routed_lora(x, a, b, ids, w, scaling=p.scaling, out=out, backend="triton")
     assert_parity(out, base.double() + p.exact(), base + naive_lowp(p), torch.float32)
 
     h = _shrink(p, split_k=2)
     h_nc = torch.empty(8, 2, 21).permute(2, 1, 0)
     h_nc.copy_(h)
-    y = mo.lora_expand(h_nc, b, ids, backend="triton")
+    with tb.override(**path):
+        y = mo.lora_expand(h_nc, b, ids, backend="triton")
     assert_close(y, mo.lora_expand(h, p.lora_b, p.topk_ids, backend="torch"), atol=2e-5, rtol=2e-5)
+
+
+def test_dot_expand_hi_lo_split_on_half_weights():
+    """The GPU form of the tensor-core expand (h fed to fp16 dots as hi + lo halves), run directly. Only for
+    fp16: the interpreter's bf16 tl.dot is wrong (DESIGN.md section 6), so bf16 is covered on GPU only."""
+    from molora_ops.kernels import routed_lora as kernels
+
+    p = make_problem(70, 2, 4, 16, 64, 48, torch.float16, empty_frac=0.1, duplicate_frac=0.2)
+    h = _exact_shrink(p).float()
+    exact = reference.lora_expand(h.double(), p.lora_b.double(), p.topk_ids)
+    out = torch.full((70, 48), float("nan"), dtype=torch.float16)
+    cfg = configs.expand_dot_config(70, 16, 48)
+    kernels.launch_expand_dot(h, p.lora_b, p.topk_ids, out, cfg=cfg, accumulate=False, upcast=False)
+    assert_parity(out, exact, reference.lora_expand(h, p.lora_b, p.topk_ids), torch.float16)

@@ -18,6 +18,9 @@ Design (see molora_ops/kernels/routed_lora.py for the kernels):
     because they are not deterministic.
   * expand is token-major: each program owns a tile of out and sums the K slots of its tokens itself, so
     every element is written exactly once, deterministically, including tokens whose slots are all empty.
+    Two variants: "gather" (lora_b rows gathered per token, CUDA-core FMA; decode and many adapters) and
+    "dot" (tensor cores: one tl.dot per distinct adapter present in the token tile, visited in ascending
+    id order; prefill with few adapters, half-precision weights).
   * routed_lora runs shrink + expand (two launches, h in a float32 workspace), or at decode sizes (few tokens,
     small R * K) a single fused launch that keeps h in registers.
 Configs come from shape heuristics (molora_ops.kernels.configs); there is no autotuning on this path, no
@@ -55,10 +58,13 @@ class Settings:
     fused:          force the fused (True) or the two-launch (False) routed_lora path
     split_k:        force the shrink's SPLIT_K (clamped so no split is empty)
     atomic_split_k: reduce split-K partials with fp32 atomics instead of the deterministic partial buffer
+    expand:         force the expand variant, "gather" (CUDA-core, per-row weight gather) or "dot"
+                    (tensor cores, one dot per distinct adapter of a token tile; needs R <= 128)
     """
 
     fused: Optional[bool] = None
     split_k: Optional[int] = None
+    expand: Optional[str] = None
     atomic_split_k: bool = os.environ.get("MOLORA_TRITON_ATOMIC_SPLITK") == "1"
 
 
@@ -167,8 +173,27 @@ def shrink(x, lora_a, topk_ids, topk_weights, scale, plan: RoutingPlan) -> torch
     return h.view(num_tokens, top_k, rank).to(out_dtype)
 
 
+def choose_expand(num_tokens: int, top_k: int, num_adapters: int, rank: int, dtype: torch.dtype) -> str:
+    """"dot" or "gather" for this shape (settings.expand overrides; "dot" falls back for R > 128)."""
+    configs = _configs()
+    if settings.expand is not None:
+        if settings.expand not in ("dot", "gather"):
+            raise ValueError(f"settings.expand must be None, 'dot' or 'gather', got {settings.expand!r}")
+        return "dot" if settings.expand == "dot" and rank <= configs.DOT_EXPAND_MAX_RANK else "gather"
+    half = dtype in (torch.float16, torch.bfloat16)
+    return configs.expand_variant(num_tokens, top_k, num_adapters, rank, half)
+
+
 def _expand_into(h, lora_b, topk_ids, out, accumulate: bool) -> None:
-    cfg = _configs().expand_config(h.shape[0], h.shape[2], lora_b.shape[1])
+    num_tokens, top_k, rank = h.shape
+    h_out = lora_b.shape[1]
+    if choose_expand(num_tokens, top_k, lora_b.shape[0], rank, lora_b.dtype) == "dot":
+        cfg = _configs().expand_dot_config(num_tokens, rank, h_out)
+        _kernels().launch_expand_dot(
+            h, lora_b, topk_ids, out, cfg=cfg, accumulate=accumulate, upcast=_upcast(lora_b.dtype)
+        )
+        return
+    cfg = _configs().expand_config(num_tokens, rank, h_out)
     _kernels().launch_expand(h, lora_b, topk_ids, out, cfg=cfg, accumulate=accumulate)
 
 
