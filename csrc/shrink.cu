@@ -1,0 +1,217 @@
+// Shrink: h[p, r] = w[p] * scale[e] * dot(lora_a[e, r, :], x[t, :]),  p = t * K + k,  e = topk_ids[t, k];
+// h[p, :] = 0 for empty slots. Two paths, chosen by the caller from shapes:
+//
+//  * per pair (BGMV-style, decode sizes): one block per (pair, tile of kRowsPP rank rows). Every thread walks
+//    H_in with 16-byte loads, keeps kRowsPP partial dot products, and the block reduces them with warp
+//    shuffles and a fixed-order pass over the warps. Reads A[e] straight from global memory (L2-resident
+//    when tokens share adapters).
+//  * segmented (SGMV-style, prefill sizes): the routing plan groups pairs by adapter, so a block takes kTileM
+//    consecutive pairs of one adapter's segment and kTileR rank rows, stages x rows and A[e] rows through
+//    shared memory in kChunk-wide slices of H_in, and reuses each A element for kTileM pairs. The grid is
+//    sized to the maximum (every segment could hold all P pairs) and blocks past their segment's end exit at
+//    once, so nothing depends on the routing at launch time (CUDA-graph safe). The extra segment N holds
+//    the empty pairs and writes their zeros.
+//
+// No atomics: every h element is written by exactly one thread, after a fixed-order reduction.
+#include "molora_device.cuh"
+
+namespace molora {
+namespace {
+
+using dev::ceil_div;
+
+constexpr int kThreadsPP = 256;
+constexpr int kRowsPP = 4;
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreadsPP) shrink_per_pair_kernel(ShrinkProblem prob, float* __restrict__ h) {
+  __shared__ float red[(kThreadsPP / dev::kWarp + 1) * kRowsPP];
+  const Routing& route = prob.route;
+  const int64_t num_pairs = route.num_tokens * route.top_k;
+  const int32_t R = prob.rank;
+  const int64_t H = prob.hidden_in;
+  const int64_t row_tiles = ceil_div(R, kRowsPP);
+  const T* __restrict__ xs = static_cast<const T*>(prob.x);
+  const T* __restrict__ as = static_cast<const T*>(prob.a);
+
+  for (int64_t p = blockIdx.x; p < num_pairs; p += gridDim.x) {
+    const int32_t e = dev::adapter_of(route, p);  // block-uniform
+    const int64_t t = p / route.top_k;
+    const float coef = e >= 0 ? dev::coef_of(route, p, e) : 0.f;
+    for (int64_t rt = blockIdx.y; rt < row_tiles; rt += gridDim.y) {
+      const int64_t r0 = rt * kRowsPP;
+      if (e < 0) {
+        if (threadIdx.x < kRowsPP && r0 + threadIdx.x < R) h[p * R + r0 + threadIdx.x] = 0.f;
+        continue;
+      }
+      float acc[kRowsPP];
+#pragma unroll
+      for (int j = 0; j < kRowsPP; ++j) acc[j] = 0.f;
+      const T* xr = xs + t * prob.x_row_stride;
+      const T* ar = as + e * prob.a_stride_n + r0 * prob.a_stride_r;
+      for (int64_t i = static_cast<int64_t>(threadIdx.x) * VEC; i < H; i += int64_t{kThreadsPP} * VEC) {
+        float xv[VEC];
+        dev::load_vec<T, VEC>(xr + i, xv);
+#pragma unroll
+        for (int j = 0; j < kRowsPP; ++j) {
+          if (r0 + j < R) {
+            float av[VEC];
+            dev::load_vec<T, VEC>(ar + j * prob.a_stride_r + i, av);
+#pragma unroll
+            for (int v = 0; v < VEC; ++v) acc[j] = fmaf(av[v], xv[v], acc[j]);
+          }
+        }
+      }
+      dev::block_sum<kRowsPP, kThreadsPP>(acc, red);
+      constexpr int kTotal = (kThreadsPP / dev::kWarp) * kRowsPP;
+      if (threadIdx.x < kRowsPP && r0 + threadIdx.x < R) h[p * R + r0 + threadIdx.x] = coef * red[kTotal + threadIdx.x];
+      __syncthreads();  // `red` is reused by the next tile
+    }
+  }
+}
+
+constexpr int kThreadsSeg = 256;
+constexpr int kTileM = 32;   // pairs per block
+constexpr int kTileR = 16;   // rank rows per block
+constexpr int kChunk = 64;   // H_in slice staged in shared memory
+constexpr int kPerThread = kTileM * kTileR / kThreadsSeg;
+static_assert(kThreadsSeg % kTileR == 0 && kPerThread * kThreadsSeg == kTileM * kTileR, "tile shape");
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreadsSeg) shrink_segmented_kernel(ShrinkProblem prob, float* __restrict__ h) {
+  __shared__ float xs_tile[kTileM][kChunk + 1];
+  __shared__ float as_tile[kTileR][kChunk + 1];
+  __shared__ int64_t pair_of[kTileM];
+  __shared__ float coef_of[kTileM];
+
+  const Routing& route = prob.route;
+  const int64_t num_pairs = route.num_tokens * route.top_k;
+  const int32_t N = route.num_adapters;
+  const int32_t R = prob.rank;
+  const int64_t H = prob.hidden_in;
+  const int64_t row_tiles = ceil_div(R, kTileR);
+  const T* __restrict__ xs = static_cast<const T*>(prob.x);
+  const T* __restrict__ as = static_cast<const T*>(prob.a);
+  const int tid = threadIdx.x;
+  const int my_r = tid % kTileR;
+  const int my_m0 = tid / kTileR;
+  constexpr int kMStep = kThreadsSeg / kTileR;
+
+  for (int64_t seg = blockIdx.y; seg <= N; seg += gridDim.y) {
+    // Segment `seg` < N holds adapter seg's pairs; segment N holds the empty ones. Clamp the bounds so a
+    // malformed plan can never send us outside [0, P).
+    int64_t lo = __ldg(route.seg_offsets + seg);
+    int64_t hi = seg < N ? __ldg(route.seg_offsets + seg + 1) : num_pairs;
+    lo = lo < 0 ? 0 : (lo > num_pairs ? num_pairs : lo);
+    hi = hi < lo ? lo : (hi > num_pairs ? num_pairs : hi);
+    for (int64_t mt = blockIdx.x; lo + mt * kTileM < hi; mt += gridDim.x) {
+      const int64_t m0 = lo + mt * kTileM;
+      const int count = static_cast<int>(hi - m0 < kTileM ? hi - m0 : kTileM);
+      // The per-pair adapter comes from topk_ids, not from the plan: ids the plan did not route (or a stale
+      // plan) can only ever produce zeros, never an out-of-range address.
+      __syncthreads();
+      if (tid < kTileM) {
+        int64_t p = -1;
+        float c = 0.f;
+        if (tid < count) {
+          p = __ldg(route.sorted_pairs + m0 + tid);
+          if (p < 0 || p >= num_pairs) p = -1;
+          const int32_t e = p >= 0 ? dev::adapter_of(route, p) : -1;
+          if (e >= 0 && e == seg) c = dev::coef_of(route, p, e);
+        }
+        pair_of[tid] = p;
+        coef_of[tid] = c;
+      }
+      __syncthreads();
+      for (int64_t rt = blockIdx.z; rt < row_tiles; rt += gridDim.z) {
+        const int64_t r0 = rt * kTileR;
+        float acc[kPerThread];
+#pragma unroll
+        for (int i = 0; i < kPerThread; ++i) acc[i] = 0.f;
+        if (seg < N) {
+          const T* a_base = as + static_cast<int64_t>(seg) * prob.a_stride_n;
+          for (int64_t c0 = 0; c0 < H; c0 += kChunk) {
+            constexpr int kVecs = kChunk / VEC;
+            for (int idx = tid; idx < kTileM * kVecs; idx += kThreadsSeg) {
+              const int m = idx / kVecs, c = (idx % kVecs) * VEC;
+              float v[VEC];
+              const int64_t p = pair_of[m];
+              if (p >= 0 && c0 + c < H) {
+                dev::load_vec<T, VEC>(xs + (p / route.top_k) * prob.x_row_stride + c0 + c, v);
+              } else {
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) v[i] = 0.f;
+              }
+#pragma unroll
+              for (int i = 0; i < VEC; ++i) xs_tile[m][c + i] = v[i];
+            }
+            for (int idx = tid; idx < kTileR * kVecs; idx += kThreadsSeg) {
+              const int r = idx / kVecs, c = (idx % kVecs) * VEC;
+              float v[VEC];
+              if (r0 + r < R && c0 + c < H) {
+                dev::load_vec<T, VEC>(a_base + (r0 + r) * prob.a_stride_r + c0 + c, v);
+              } else {
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) v[i] = 0.f;
+              }
+#pragma unroll
+              for (int i = 0; i < VEC; ++i) as_tile[r][c + i] = v[i];
+            }
+            __syncthreads();
+#pragma unroll 8
+            for (int c = 0; c < kChunk; ++c) {
+              const float av = as_tile[my_r][c];
+#pragma unroll
+              for (int i = 0; i < kPerThread; ++i) acc[i] = fmaf(xs_tile[my_m0 + i * kMStep][c], av, acc[i]);
+            }
+            __syncthreads();
+          }
+        }
+        if (r0 + my_r < R) {
+#pragma unroll
+          for (int i = 0; i < kPerThread; ++i) {
+            const int m = my_m0 + i * kMStep;
+            const int64_t p = m < count ? pair_of[m] : -1;
+            if (p >= 0) h[p * R + r0 + my_r] = coef_of[m] * acc[i];
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+int launch_shrink_typed(const ShrinkProblem& prob, float* h, int32_t path, cudaStream_t stream) {
+  const int64_t num_pairs = prob.route.num_tokens * prob.route.top_k;
+  if (num_pairs == 0 || prob.rank == 0) return 0;
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vec = host::can_vectorize<T>(prob.x, prob.hidden_in, prob.x_row_stride) &&
+                   host::can_vectorize<T>(prob.a, prob.hidden_in, prob.a_stride_n, prob.a_stride_r);
+  if (path == kShrinkSegmented) {
+    const dim3 grid(host::grid_dim_x(ceil_div(num_pairs, kTileM)),
+                    host::grid_dim_yz(int64_t{prob.route.num_adapters} + 1),
+                    host::grid_dim_yz(ceil_div(prob.rank, kTileR)));
+    if (vec) {
+      host::launch(shrink_segmented_kernel<T, kVec>, grid, kThreadsSeg, stream, prob, h);
+    } else {
+      host::launch(shrink_segmented_kernel<T, 1>, grid, kThreadsSeg, stream, prob, h);
+    }
+  } else {
+    const dim3 grid(host::grid_dim_x(num_pairs), host::grid_dim_yz(ceil_div(prob.rank, kRowsPP)));
+    if (vec) {
+      host::launch(shrink_per_pair_kernel<T, kVec>, grid, kThreadsPP, stream, prob, h);
+    } else {
+      host::launch(shrink_per_pair_kernel<T, 1>, grid, kThreadsPP, stream, prob, h);
+    }
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace
+
+int launch_shrink(const ShrinkProblem& prob, float* h, int32_t path, void* stream) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  return host::dispatch_dtype(prob.dtype, [&](auto tag) { return launch_shrink_typed<decltype(tag)>(prob, h, path, s); });
+}
+
+}  // namespace molora

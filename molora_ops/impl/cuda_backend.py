@@ -1,0 +1,223 @@
+"""The `cuda` backend: hand-written CUDA kernels from csrc/, compiled into molora_ops/_C*.so by setup.py.
+
+The op schemas below are defined here, in Python, before the library is loaded (torchao's pattern), so the
+ops and their fake implementations exist whether or not the extension was built; the library only adds
+kernels for the CUDA dispatch key. Importing this module never raises: `status()` says whether the library
+loaded and registered its kernels, and why not.
+
+Ops (namespace ``molora``; all write into preallocated outputs and return nothing):
+    cuda_shrink(x, lora_a, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, h!, path)
+        h [T, K, R] float32 = w * scale[e] * lora_a[e] @ x[t]; zeros for empty slots.
+        path 1: one block per (pair, rank tile), BGMV-style, for decode sizes;
+        path 2: segmented by adapter with the routing plan (SGMV-style), for prefill sizes.
+    cuda_expand(h, lora_b, topk_ids, out!, accumulate)
+        out[t] (+)= sum_k lora_b[e] @ h[t, k]; reduced over k inside one thread (deterministic).
+    cuda_routed_lora_fused(x, lora_a, lora_b, topk_ids, topk_weights, scale, out!, accumulate)
+        shrink and expand in one launch (decode sizes, K * R small).
+
+The path is chosen from shapes only (never from routing values), so a captured CUDA graph replays the same
+kernels for any routing, and the grids are sized to the maxima. float64 inputs (which the kernels do not
+implement) fall back to the torch backend.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import torch
+
+from ..plan import RoutingPlan
+
+name = "cuda"
+
+_OPS = {
+    "cuda_shrink": (
+        "cuda_shrink(Tensor x, Tensor lora_a, Tensor topk_ids, Tensor topk_weights, Tensor scale, "
+        "Tensor sorted_pairs, Tensor seg_offsets, Tensor(a!) h, int path) -> ()"
+    ),
+    "cuda_expand": "cuda_expand(Tensor h, Tensor lora_b, Tensor topk_ids, Tensor(a!) out, bool accumulate) -> ()",
+    "cuda_routed_lora_fused": (
+        "cuda_routed_lora_fused(Tensor x, Tensor lora_a, Tensor lora_b, Tensor topk_ids, Tensor topk_weights, "
+        "Tensor scale, Tensor(a!) out, bool accumulate) -> ()"
+    ),
+}
+
+PATH_PER_PAIR = 1
+PATH_SEGMENTED = 2
+# Shape heuristics (see choose_paths). Tuned on paper, not yet on hardware.
+SEGMENTED_MIN_PAIRS = 256
+FUSED_MAX_TOKENS = 16
+FUSED_MAX_RANK_SLOTS = 1024  # K * R; the kernel itself accepts up to 2048
+FUSED_MAX_SLOTS = 64
+
+_lib = torch.library.Library("molora", "FRAGMENT")  # noqa: TOR901 - kept alive for the module's lifetime
+
+
+def _define_ops() -> None:
+    for op, schema in _OPS.items():
+        try:
+            getattr(torch.ops.molora, op)
+            continue  # already defined (module reloaded)
+        except (AttributeError, RuntimeError):
+            pass
+        _lib.define(schema)
+        torch.library.register_fake(f"molora::{op}", lib=_lib)(_fake_noop)
+
+
+def _fake_noop(*args, **kwargs):
+    return None
+
+
+_define_ops()
+
+_state: dict = {}
+
+
+def library_path() -> Path | None:
+    """The built extension inside the package (molora_ops/_C*.so), or None."""
+    pkg = Path(__file__).resolve().parent.parent
+    found = sorted(pkg.glob("_C*.so"))
+    return found[0] if found else None
+
+
+def _registered() -> bool:
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"molora::{op}", "CUDA") for op in _OPS)
+
+
+def _load() -> dict:
+    if _state:
+        return _state
+    path = library_path()
+    if path is None:
+        if os.environ.get("MOLORA_SKIP_CUDA_BUILD", "") not in ("", "0"):
+            why = "extension not built: MOLORA_SKIP_CUDA_BUILD=1"
+        else:
+            why = "extension not built (reinstall with nvcc on PATH: pip install --no-build-isolation -e .)"
+        _state.update(compiled=False, reason=why, archs="")
+        return _state
+    try:
+        torch.ops.load_library(str(path))
+        fn = ctypes.CDLL(str(path)).molora_cuda_archs
+        fn.restype = ctypes.c_char_p
+        archs = fn().decode()
+    except Exception as exc:  # an unloadable library must not break `import molora_ops`
+        _state.update(compiled=False, reason=f"load failed: {type(exc).__name__}: {exc}", archs="")
+        return _state
+    if not _registered():
+        _state.update(compiled=False, reason=f"{path.name} loaded but registered no CUDA kernels", archs=archs)
+        return _state
+    _state.update(compiled=True, reason="", archs=archs)
+    return _state
+
+
+def status() -> tuple[bool, bool, str]:
+    """(compiled, available, reason): compiled = the library loaded and registered its CUDA kernels;
+    available = compiled and a CUDA device is present."""
+    st = _load()
+    if not st["compiled"]:
+        return False, False, st["reason"]
+    if torch.version.cuda is None:
+        return True, False, f"built for {st['archs']}, but this torch build has no CUDA support"
+    if not torch.cuda.is_available():
+        return True, False, f"built for {st['archs']}, but no CUDA device"
+    return True, True, f"hand-written CUDA kernels built for {st['archs']}"
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def choose_paths(num_tokens: int, top_k: int, rank: int) -> dict:
+    """Kernel choice from shapes alone: {"shrink": 1 | 2, "fused": bool}. MOLORA_CUDA_PATH overrides it
+    (per_pair | segmented | fused) for tests and benchmarks."""
+    forced = os.environ.get("MOLORA_CUDA_PATH", "")
+    if forced:
+        if forced not in ("per_pair", "segmented", "fused"):
+            raise ValueError(f"MOLORA_CUDA_PATH must be per_pair, segmented or fused, got {forced!r}")
+        fused_ok = top_k * rank <= 2048 and top_k <= FUSED_MAX_SLOTS
+        return {
+            "shrink": PATH_SEGMENTED if forced == "segmented" else PATH_PER_PAIR,
+            "fused": forced == "fused" and fused_ok,
+        }
+    pairs = num_tokens * top_k
+    return {
+        "shrink": PATH_SEGMENTED if pairs >= SEGMENTED_MIN_PAIRS else PATH_PER_PAIR,
+        "fused": num_tokens <= FUSED_MAX_TOKENS and top_k * rank <= FUSED_MAX_RANK_SLOTS and top_k <= FUSED_MAX_SLOTS,
+    }
+
+
+def _unit_inner(t: torch.Tensor) -> torch.Tensor:
+    return t if t.numel() == 0 or t.stride(-1) == 1 else t.contiguous()
+
+
+def _float64(*tensors: torch.Tensor) -> bool:
+    return any(t.dtype == torch.float64 for t in tensors)
+
+
+def _routing(topk_ids, topk_weights=None):
+    ids = topk_ids.contiguous()
+    return ids if topk_weights is None else (ids, topk_weights.contiguous())
+
+
+def _with_writable_out(out: torch.Tensor, accumulate: bool, run) -> None:
+    """Run `run(target)` on `out` directly when its rows have unit inner stride, else on a contiguous copy."""
+    if out.numel() == 0 or out.stride(-1) == 1:
+        run(out)
+        return
+    tmp = out.contiguous() if accumulate else torch.empty_like(out, memory_format=torch.contiguous_format)
+    run(tmp)
+    out.copy_(tmp)
+
+
+def _torch_backend():
+    from . import torch_grouped
+
+    return torch_grouped
+
+
+# ---------------------------------------------------------------------------------------------- backend
+def shrink(x, lora_a, topk_ids, topk_weights, scale, plan: RoutingPlan) -> torch.Tensor:
+    """h[t, k] = w[t, k] * scale[e] * lora_a[e] @ x[t]; returns [T, K, R] float32 (zeros in empty slots)."""
+    if _float64(x, scale):
+        return _torch_backend().shrink(x, lora_a, topk_ids, topk_weights, scale, plan)
+    num_tokens, top_k, rank = x.shape[0], topk_ids.shape[1], lora_a.shape[1]
+    h = torch.empty((num_tokens, top_k, rank), dtype=torch.float32, device=x.device)
+    ids, w = _routing(topk_ids, topk_weights)
+    path = choose_paths(num_tokens, top_k, rank)["shrink"]
+    torch.ops.molora.cuda_shrink(
+        _unit_inner(x), _unit_inner(lora_a), ids, w, scale.float().contiguous(),
+        plan.sorted_pairs.contiguous(), plan.seg_offsets.contiguous(), h, path,
+    )
+    return h
+
+
+def expand(h, lora_b, topk_ids, plan: RoutingPlan, out: torch.Tensor, accumulate: bool) -> None:
+    """out[t] (+)= sum_k lora_b[e] @ h[t, k] over non-empty slots, formed in float32, rounded once into out."""
+    if _float64(h, lora_b):
+        return _torch_backend().expand(h, lora_b, topk_ids, plan, out, accumulate)
+    h = h.float().contiguous()
+    lora_b = _unit_inner(lora_b)
+    ids = _routing(topk_ids)
+    _with_writable_out(out, accumulate, lambda o: torch.ops.molora.cuda_expand(h, lora_b, ids, o, accumulate))
+
+
+def routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale, plan: RoutingPlan, out, accumulate: bool) -> None:
+    """out (+)= sum_k w * scale[e] * lora_b[e] @ (lora_a[e] @ x): one fused launch at decode sizes, else a
+    shrink into a float32 [T, K, R] workspace followed by expand."""
+    if _float64(x, scale):
+        return _torch_backend().routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale, plan, out, accumulate)
+    num_tokens, top_k, rank = x.shape[0], topk_ids.shape[1], lora_a.shape[1]
+    paths = choose_paths(num_tokens, top_k, rank)
+    x, lora_a, lora_b = _unit_inner(x), _unit_inner(lora_a), _unit_inner(lora_b)
+    ids, w = _routing(topk_ids, topk_weights)
+    scale = scale.float().contiguous()
+    if paths["fused"]:
+        _with_writable_out(
+            out, accumulate,
+            lambda o: torch.ops.molora.cuda_routed_lora_fused(x, lora_a, lora_b, ids, w, scale, o, accumulate),
+        )
+        return
+    h = torch.empty((num_tokens, top_k, rank), dtype=torch.float32, device=x.device)
+    torch.ops.molora.cuda_shrink(
+        x, lora_a, ids, w, scale, plan.sorted_pairs.contiguous(), plan.seg_offsets.contiguous(), h, paths["shrink"]
+    )
+    _with_writable_out(out, accumulate, lambda o: torch.ops.molora.cuda_expand(h, lora_b, ids, o, accumulate))
