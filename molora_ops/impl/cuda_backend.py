@@ -48,7 +48,7 @@ PATH_PER_PAIR = 1
 PATH_SEGMENTED = 2
 # Shape heuristics (see choose_paths). Tuned on paper, not yet on hardware.
 SEGMENTED_MIN_PAIRS = 256
-FUSED_MAX_TOKENS = 16
+FUSED_MAX_TOKENS = 8
 FUSED_MAX_RANK_SLOTS = 1024  # K * R; the kernel itself accepts up to 2048
 FUSED_MAX_SLOTS = 64
 
