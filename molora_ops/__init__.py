@@ -9,8 +9,11 @@ from . import reference
 from .impl import backends
 from .ops import lora_expand, lora_shrink, routed_lora
 from .plan import RoutingPlan, build_plan
+from .merge import merge
 from .patch import patch, unpatch
+from .routers import ContextRouter, KeywordRouter, TokenRouter
 from .routing import routing
+from .train_router import train_router
 
 __version__ = "0.1.0"
 
@@ -25,5 +28,10 @@ __all__ = [
     "patch",
     "unpatch",
     "routing",
+    "train_router",
+    "merge",
+    "TokenRouter",
+    "ContextRouter",
+    "KeywordRouter",
     "__version__",
 ]

@@ -184,6 +184,7 @@ class _PatchState:
         self.hooks: Optional[BackboneHooks] = None
         self.peft_layers: list[tuple[nn.Module, bool]] = []
         self.first_module: Optional[nn.Module] = None
+        self.blocks: Optional[nn.ModuleList] = None
 
     def device(self):
         if self.first_module is None:
@@ -331,6 +332,7 @@ def patch(model, adapters=None, router=None, top_k: int = 2, backend: str = "aut
                 done.add(mod_name)
 
         backbone, blocks = _find_backbone(root, list(targets))
+        state.blocks = blocks
         router_block = None
         if router is not None:
             layer = int(getattr(router, "layer", 0))

@@ -214,13 +214,22 @@ class BackboneHooks:
             backbone.register_forward_pre_hook(self.pre, with_kwargs=True),
             backbone.register_forward_hook(self.post, always_call=True),
         ]
-        if router_block is not None:
-            self.handles.append(router_block.register_forward_pre_hook(self.router_pre, with_kwargs=True))
+        self.router_handle = None
+        self.set_router_block(router_block)
+
+    def set_router_block(self, block: Optional[torch.nn.Module]) -> None:
+        """(Re)attach the router's pre-hook to `block` (the block whose input hidden states it reads)."""
+        if self.router_handle is not None:
+            self.router_handle.remove()
+            self.router_handle = None
+        if block is not None:
+            self.router_handle = block.register_forward_pre_hook(self.router_pre, with_kwargs=True)
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles = []
+        self.set_router_block(None)
 
     def _bind(self, args, kwargs) -> dict:
         if self.signature is not None:
@@ -263,7 +272,7 @@ class BackboneHooks:
     def router_pre(self, module, args, kwargs):
         state = self.state
         fs = state.fwd_var.get()
-        if fs is None or not fs.router_pending:
+        if fs is None or not fs.router_pending or state.router is None:
             return None
         fs.router_pending = False
         hidden = args[0] if args else kwargs.get("hidden_states")
