@@ -139,7 +139,7 @@ class _Slot:
         fs = self.state.fwd_var.get()
         if fs is None or fs.routing is None:
             return out
-        r = fs.routing
+        r = fs.routing.on(x.device)
         x2 = x.reshape(-1, self.in_f)
         if x2.shape[0] != r.topk_ids.shape[0]:
             raise RuntimeError(

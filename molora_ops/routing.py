@@ -63,6 +63,21 @@ class ForwardRouting:
     topk_ids: torch.Tensor
     topk_weights: torch.Tensor
     plan: RoutingPlan
+    _moved: dict = field(default_factory=dict)
+
+    def on(self, device: torch.device) -> "ForwardRouting":
+        """This routing on `device` (models split across devices get one copy per device, per forward)."""
+        if self.topk_ids.device == device:
+            return self
+        hit = self._moved.get(device)
+        if hit is None:
+            ids = self.topk_ids.to(device)
+            hit = self._moved[device] = ForwardRouting(
+                ids, self.topk_weights.to(device),
+                RoutingPlan(self.plan.sorted_pairs.to(device), self.plan.seg_offsets.to(device),
+                            self.plan.num_tokens, self.plan.top_k, self.plan.num_adapters),
+            )
+        return hit
 
 
 @dataclass
