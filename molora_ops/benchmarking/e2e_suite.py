@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
 import tempfile
 import uuid
@@ -37,7 +38,8 @@ from .timing import TimingConfig, time_fn
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ("base", "ours-topk", "ours-names", "peft-mixed", "dense")
-VERIFY_TOL = {"float32": 2e-3, "float16": 3e-2, "bfloat16": 8e-2}  # max |logit diff| / max |logit|
+# max |logit diff| / max |logit| against the float32 truth, on top of 3x the base model's own precision error
+VERIFY_TOL = {"float32": 2e-3, "float16": 2e-2, "bfloat16": 5e-2}
 
 
 @dataclass(frozen=True)
@@ -143,8 +145,10 @@ def build_dense(base: nn.Module, peft_model, names: list[str], dtype: torch.dtyp
     return model.eval(), holder
 
 
+@functools.lru_cache(maxsize=16)
 def routing_weights(cfg: E2EConfig, batch: int, seq: int, device) -> torch.Tensor:
-    """[B, S, N] float32 with exactly top_k non-zero router probabilities per token (they sum to 1)."""
+    """[B, S, N] float32 with exactly top_k non-zero router probabilities per token (they sum to 1).
+    Cached: drawing them is harness work, not part of any variant's cost."""
     g = torch.Generator().manual_seed(cfg.seed + 7 + batch)
     scores = torch.rand(batch, seq, cfg.adapters, generator=g)
     top, idx = scores.topk(min(cfg.top_k, cfg.adapters), dim=-1)
@@ -217,25 +221,33 @@ def _tokens(cfg: E2EConfig, batch: int, seq: int, device, salt: int = 0) -> torc
     return torch.randint(0, cfg.vocab, (batch, seq), generator=g).to(device)
 
 
-@torch.inference_mode()
-def _verify(var: Variant, truth_fn, cfg: E2EConfig, device) -> float:
-    """max |logits - truth| / max |truth| on a batch of 2 x prompt_len tokens (at most 16)."""
-    b, s = 2, min(cfg.prompt_len, 16)
-    ids = _tokens(cfg, b, s, device, salt=1)
-    with var.enter(b, s):
-        got = var.model(input_ids=ids, **var.kwargs(b)).logits.double().cpu()
-    want = truth_fn(ids, "topk" if var.name in ("ours-topk", "dense") else "names", b, s)
+VERIFY_BATCH, VERIFY_SEQ = 2, 16
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).abs().max()) / max(float(want.abs().max()), 1e-6)
 
 
-def _peak_reset(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+@torch.inference_mode()
+def _verify(var: Variant, truth_fn, cfg: E2EConfig, device) -> float:
+    """max |logits - truth| / max |truth| on a batch of 2 x min(prompt_len, 16) tokens."""
+    b, s = VERIFY_BATCH, min(cfg.prompt_len, VERIFY_SEQ)
+    ids = _tokens(cfg, b, s, device, salt=1)
+    with var.enter(b, s):
+        got = var.model(input_ids=ids, **var.kwargs(b)).logits.double().cpu()
+    return _rel_err(got, truth_fn(ids, "topk" if var.name in ("ours-topk", "dense") else "names", b, s))
 
 
-def _peak(device):
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+def _peak_of(fn: Callable[[], object], device) -> int | None:
+    """Peak CUDA memory allocated during one call of fn (weights and cache included); None on CPU, where
+    torch has no allocator statistics."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
 
 
 def _model_bytes(model: nn.Module) -> int:
@@ -259,9 +271,8 @@ def _measure(var: Variant, cfg: E2EConfig, batch: int, device, timing: TimingCon
         with var.enter(batch, s):
             return var.model(input_ids=prompt, use_cache=True, logits_to_keep=1, **kwargs)
 
-    _peak_reset(device)
     t_pre = time_fn(prefill, device, timing)
-    peak_pre = _peak(device)
+    peak_pre = _peak_of(prefill, device)  # one call alone: do_bench's own L2-flush buffer must not count
 
     nxt = _tokens(cfg, batch, 1, device, salt=2)
     with var.enter(batch, s):
@@ -272,13 +283,22 @@ def _measure(var: Variant, cfg: E2EConfig, batch: int, device, timing: TimingCon
             cache.crop(-1)  # drop the new token: every timed step decodes position s
             return out
 
-        _peak_reset(device)
         t_dec = time_fn(decode, device, timing)
-        peak_dec = _peak(device)
+        peak_dec = _peak_of(decode, device)
     return {
         "prefill": {"time": t_pre.as_dict(), "tokens_per_s": batch * s / (t_pre.median_ms * 1e-3), "peak_mem_bytes": peak_pre},
         "decode": {"time": t_dec.as_dict(), "tokens_per_s": batch / (t_dec.median_ms * 1e-3), "peak_mem_bytes": peak_dec},
     }
+
+
+def _auto_backend(device: torch.device) -> str | None:
+    """The backend patch(backend="auto") resolves to here."""
+    try:
+        from molora_ops import impl
+
+        return impl.resolve("auto", device)
+    except Exception:
+        return None
 
 
 def run_e2e(
@@ -295,7 +315,7 @@ def run_e2e(
     env = environment(device)
     run_id = f"{env['timestamp']}-{uuid.uuid4().hex[:6]}"
     common = {"suite": "e2e", "grid": grid_name, "run_id": run_id, "env": env, "config": cfg.as_dict(),
-              "timing": asdict(timing)}
+              "timing": asdict(timing), "ours_backend": _auto_backend(device)}
     records: list[dict] = []
     base = build_base(cfg, device)
     n_params = sum(p.numel() for p in base.parameters())
@@ -306,9 +326,18 @@ def run_e2e(
 
         @torch.inference_mode()
         def truth(ids, kind, b, s):
+            if kind == "none":
+                return truth_model(input_ids=ids).logits.double().cpu()
             w = routing_weights(cfg, b, s, device) if kind == "topk" else name_weights(_seq_names(names, b), names, s, device)
             with _dense_ctx(truth_holder, w):
                 return truth_model(input_ids=ids).logits.double().cpu()
+
+        # The base model's own error in cfg.dtype against float32: a low-precision variant may differ from the
+        # float32 truth by a few times this much before it counts as wrong (the flash-attention rule).
+        ids_v = _tokens(cfg, VERIFY_BATCH, min(cfg.prompt_len, VERIFY_SEQ), device, salt=1)
+        with torch.inference_mode():
+            noise = _rel_err(base(input_ids=ids_v).logits.double().cpu(), truth(ids_v, "none", 0, 0))
+        tol = VERIFY_TOL[cfg.dtype] + 3.0 * noise
 
         base_times: dict[tuple, float] = {}
         for vname in variants:
@@ -323,8 +352,8 @@ def run_e2e(
             rec0["model_bytes"] = _model_bytes(var.model)
             if vname != "base":
                 err = _verify(var, truth, cfg, device)
-                rec0.update(max_rel_err=err, tol=VERIFY_TOL[cfg.dtype])
-                if not err <= VERIFY_TOL[cfg.dtype]:
+                rec0.update(max_rel_err=err, tol=tol, base_precision_err=noise)
+                if not err <= tol:
                     records += [{**rec0, "batch": b, "phase": ph, "status": "wrong",
                                  "reason": f"logits differ from the float32 dense truth: max rel err {err:.3g}"}
                                 for b in cfg.batches for ph in ("prefill", "decode")]

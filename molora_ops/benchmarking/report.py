@@ -8,15 +8,18 @@ between numbers of the same run.
 from __future__ import annotations
 
 import os
+import re
 from collections import OrderedDict, defaultdict
 from pathlib import Path
 
 from .baselines import BASELINES, OURS
+from .problems import TRAFFIC_PATTERNS
 
 # sweep tag (prefix before '@') -> the config field that varies along it
 SWEEP_AXIS = {"T": "T", "pattern": "pattern", "distinct32": "pattern", "N": "N", "K": "K", "R": "R",
               "hidden": "H_out", "dtype": "dtype", "empty": "empty_frac"}
 PROVIDER_ORDER = list(OURS) + list(BASELINES)
+ORDER = {v: i for i, v in enumerate(TRAFFIC_PATTERNS + ("float32", "float16", "bfloat16"))}
 COLORS = {"torch": "#1f77b4", "triton": "#2ca02c", "cuda": "#d62728", "reference": "#7f7f7f",
           "peft-loop": "#ff7f0e", "dense": "#9467bd", "gather-bmm": "#8c564b", "base GEMM": "#000000"}
 VARIANT_COLORS = {"base": "#000000", "ours-topk": "#1f77b4", "ours-names": "#17becf", "peft-mixed": "#ff7f0e",
@@ -38,8 +41,10 @@ def latest_runs(records: list[dict], suite: str) -> list[list[dict]]:
 
 
 def _slug(run: list[dict]) -> str:
+    """'cpu-amd-epyc', 'cuda-nvidia-h100-80gb-hbm3': the device without its parenthesised details or core count."""
     e = run[0]["env"]
-    return f"{e['device_type']}-{''.join(c if c.isalnum() else '-' for c in e['device'].lower())}".strip("-")[:40].strip("-")
+    name = re.sub(r"\(.*?\)|,\s*\d+ cores", "", e["device"]).lower()
+    return re.sub(r"[^a-z0-9]+", "-", f"{e['device_type']}-{name}").strip("-")[:48]
 
 
 def run_header(run: list[dict]) -> str:
@@ -48,7 +53,10 @@ def run_header(run: list[dict]) -> str:
     versions = ", ".join(f"{k} {e[k]}" for k in ("torch", "triton", "transformers", "peft", "python") if e.get(k))
     parts = [f"**Device: {e['device']}**" + (f" (driver {e['driver']})" if e.get("driver") else ""),
              f"run {e['timestamp']}, git `{(e.get('git_sha') or 'unknown')[:12]}`, grid `{r0.get('grid')}`",
-             versions, f"{e.get('torch_threads')} torch threads, 1-min load average {e.get('loadavg_1m')} at start"]
+             versions, f"torch threads: {e.get('torch_threads')}, 1-min load average at start: {e.get('loadavg_1m')}"]
+    timers = sorted({r["time"]["timer"] for r in run if r.get("status") == "ok" and "time" in r})
+    if timers:
+        parts.append(f"timer: {', '.join(timers)}")
     if "copy_gbps" in r0:
         floor = f"{r0['launch_floor_ms'] * 1e3:.1f} µs"
         if r0.get("launch_floor_graph_ms") is not None:
@@ -77,12 +85,19 @@ def _cell(rec: dict | None, spread: bool) -> str:
 
 
 def _points(run: list[dict], tag: str) -> "OrderedDict[tuple, dict[str, dict]]":
-    pts: OrderedDict = OrderedDict()
+    """{config key: {provider: record}} for one sweep, ordered along the sweep's axis."""
+    pts: dict = {}
     for r in run:
         if tag in r["config"]["sweeps"]:
             key = tuple(sorted((k, v) for k, v in r["config"].items() if k != "sweeps"))
             pts.setdefault(key, {})[r["provider"]] = r
-    return pts
+    axis = SWEEP_AXIS.get(tag.split("@")[0], tag)
+
+    def order(key):
+        v = dict(key)[axis]
+        return (0, v, "") if isinstance(v, (int, float)) else (1, ORDER.get(v, 99), str(v))
+
+    return OrderedDict(sorted(pts.items(), key=lambda kv: order(kv[0])))
 
 
 def _providers_in(run: list[dict]) -> list[str]:
@@ -122,7 +137,7 @@ def ops_table(run: list[dict], tag: str, *, spread: bool = False) -> str:
     ours = [p for p in provs if p in OURS]
     baselines = [p for p in provs if p not in OURS and p != "reference"]
     head = [axis, "base GEMM"] + [f"ours ({p})" if p in OURS else p for p in provs]
-    head += ["ours vs fastest baseline", "ours vs peft-loop", "ours % of copy BW", "ours / base GEMM"]
+    head += ["ours vs fastest baseline", "ours vs peft-loop", "ours % of copy BW", "ours / base GEMM", "ours / floor"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, by_prov in _points(run, tag).items():
         cfg = dict(key)
@@ -136,19 +151,70 @@ def ops_table(run: list[dict], tag: str, *, spread: bool = False) -> str:
             row.append(f"{peft['time']['median_ms'] / m:.2f}×" if peft and peft["status"] == "ok" else "–")
             row.append(f"{me['copy_frac']:.1%}")
             row.append(f"{me['lora_over_base']:.2f}")
+            row.append(f"{me['over_floor']:.1f}")
         else:
-            row += ["–"] * 4
+            row += ["–"] * 5
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
+OPS_LEGEND = ("Columns: median time of one `routed_lora` call in ms (CPU: thread CPU time with one torch thread, "
+              "else wall time); *base GEMM* is `x @ W.T` on the same shapes, the projection the LoRA delta is added "
+              "to; *ours vs X* is X's time over ours (above 1: ours is faster); *% of copy BW* is the minimum bytes "
+              "(x, the routed adapters' A and B, the output) over our time, as a fraction of a large torch copy "
+              "timed in the same run; *ours / base GEMM* is the LoRA cost relative to the base projection; "
+              "*ours / floor* is our time over max(cheapest launch, minimum bytes / copy bandwidth).")
+
+
+def ratio_summary(run: list[dict], tag: str) -> str | None:
+    """In words: each baseline's time over ours, lowest and highest along one sweep."""
+    provs = _providers_in(run)
+    ours = [p for p in provs if p in OURS]
+    pts = list(_points(run, tag).values())
+    parts = []
+    for b in (p for p in provs if p not in OURS):
+        ratios = [v[b]["time"]["median_ms"] / me["time"]["median_ms"]
+                  for v in pts if (me := _best(v, ours)) is not None and b in v and v[b]["status"] == "ok"]
+        if ratios:
+            parts.append(f"{b} {min(ratios):.2f}×–{max(ratios):.2f}×")
+    if not parts:
+        return None
+    axis = SWEEP_AXIS.get(tag.split("@")[0], tag)
+    return (f"Along the {axis} sweep, each baseline's time over ours (above 1: ours is faster): "
+            + "; ".join(parts) + ".")
+
+
+def base_gemm_spread(run: list[dict]) -> str | None:
+    """A noise yardstick: the same base GEMM shape is timed at many points of a run; how far apart were they?"""
+    by_shape: dict = defaultdict(dict)
+    for r in run:
+        if "base_gemm" in r:
+            c = r["config"]
+            by_shape[(c["T"], c["H_in"], c["H_out"], c["dtype"])][r["config"]["pattern"], c["N"], c["K"], c["R"]] = \
+                r["base_gemm"]["median_ms"]
+    shape, times = max(by_shape.items(), key=lambda kv: len(kv[1]), default=(None, {}))
+    if len(times) < 3:
+        return None
+    lo, hi = min(times.values()), max(times.values())
+    T, h_in, h_out, dt = shape
+    return (f"Noise yardstick: the identical base GEMM (T={T}, {h_in}→{h_out}, {dt}) was timed at {len(times)} points "
+            f"of this run and its median ranged from {_fmt_ms(lo)} to {_fmt_ms(hi)} ms ({hi / lo - 1:.0%} apart): "
+            f"differences smaller than that are not evidence.")
+
+
 def ops_section(run: list[dict], *, full: bool, image: str | None) -> str:
-    out = [run_header(run), ""]
+    out = [run_header(run), "", OPS_LEGEND, ""]
     tags = sweep_tags(run)
     shown = tags if full else [t for t in tags if t.split("@")[0] in ("T", "pattern")][:2]
     for tag in shown:
         out += [f"*{tag} sweep* ({_fixed(run, tag)}); median ms" + (" [p20, p80]" if full else "") + ":", "",
                 ops_table(run, tag, spread=full), ""]
+    summary = ratio_summary(run, next((t for t in tags if t.split("@")[0] == "T"), tags[0]))
+    if summary:
+        out += [summary, ""]
+    noise = base_gemm_spread(run)
+    if noise:
+        out += [noise, ""]
     bad = [r for r in run if r["status"] in ("wrong", "error")]
     if bad:
         out.append(f"{len(bad)} provider runs were wrong or failed and were not timed: "
@@ -189,9 +255,10 @@ def e2e_table(run: list[dict]) -> str:
 def e2e_section(run: list[dict], *, image: str | None) -> str:
     r0 = run[0]
     c = r0["config"]
+    backend = f"; ours ran backend `{r0['ours_backend']}`" if r0.get("ours_backend") else ""
     model = (f"random-init Llama-style model, {r0.get('params', 0) / 1e6:.0f}M parameters ({c['layers']} layers, "
              f"hidden {c['hidden']}, {c['dtype']}), {c['adapters']} adapters of rank {c['rank']} on all 7 linear "
-             f"projections, top-{c['top_k']} routing, prompt {c['prompt_len']} tokens")
+             f"projections, top-{c['top_k']} routing, prompt {c['prompt_len']} tokens{backend}")
     out = [run_header(run), "", f"*End to end* ({model}); median latency, (overhead over the base model)"
            + (", peak memory" if any(r.get("peak_mem_bytes") for r in run) else "") + ":", "", e2e_table(run), ""]
     bad = [r for r in run if r["status"] in ("wrong", "error", "skipped")]
@@ -212,15 +279,25 @@ def _plt():
     return plt
 
 
+def _plain():
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda v, _: f"{v:g}")
+
+
 def plot_ops(run: list[dict], path: Path) -> Path:
     plt = _plt()
     tags = sweep_tags(run)
-    line_tags = [t for t in tags if t.split("@")[0] in ("T", "N", "R", "K") and len(_points(run, t)) > 1][:3]
+    line_tags = [t for axis in ("T", "N", "R", "K") for t in tags if t.split("@")[0] == axis and len(_points(run, t)) > 1]
     bar_tag = next((t for t in tags if t.startswith("pattern")), None)
-    panels = line_tags + ([bar_tag] if bar_tag else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.4), squeeze=False)
+    panels = line_tags[:3] + ([bar_tag] if bar_tag else [])
+    cols = 2 if len(panels) > 1 else 1
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 4.6 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     provs = _providers_in(run)
-    for ax, tag in zip(axes[0], panels):
+    for ax, tag in zip(axes.flat, panels):
         axis = SWEEP_AXIS[tag.split("@")[0]]
         pts = list(_points(run, tag).items())
         xs = [dict(k)[axis] for k, _ in pts]
@@ -228,9 +305,13 @@ def plot_ops(run: list[dict], path: Path) -> Path:
             width = 0.8 / max(len(provs), 1)
             for i, p in enumerate(provs):
                 ys = [(v[p]["time"]["median_ms"] if p in v and v[p]["status"] == "ok" else float("nan")) for _, v in pts]
-                ax.bar([j + i * width for j in range(len(xs))], ys, width, label=p, color=COLORS.get(p))
+                ax.bar([j + i * width for j in range(len(xs))], ys, width, label=f"ours ({p})" if p in OURS else p,
+                       color=COLORS.get(p))
             ax.set_xticks([j + 0.4 - width / 2 for j in range(len(xs))], xs)
             ax.set_yscale("log")
+            top = max(v[p]["time"]["median_ms"] for _, v in pts for p in provs if p in v and v[p]["status"] == "ok")
+            ax.set_ylim(top=top * 8)  # headroom for the legend above the bars
+            ax.legend(fontsize=7, ncol=3, loc="upper center")
         else:
             base = [v[next(iter(v))]["base_gemm"]["median_ms"] for _, v in pts]
             ax.plot(xs, base, "k--", label="base GEMM (x @ W.T)", linewidth=1.2)
@@ -244,9 +325,12 @@ def plot_ops(run: list[dict], path: Path) -> Path:
                 ax.fill_between([s[0] for s in sel], [s[1]["p20_ms"] for s in sel], [s[1]["p80_ms"] for s in sel],
                                 color=COLORS.get(p), alpha=0.15, linewidth=0)
             ax.set_xscale("log", base=2)
+            ax.set_xticks(xs, [str(x) for x in xs])
+            ax.minorticks_off()
             ax.set_yscale("log")
         ax.set_xlabel({"T": "tokens T", "N": "adapters N", "R": "rank r", "K": "top-k", "pattern": "traffic pattern"}[axis])
         ax.set_ylabel("median time (ms), band p20–p80")
+        ax.yaxis.set_major_formatter(_plain())
         ax.set_title(f"{tag}: {_fixed(run, tag)}", fontsize=9)
         ax.grid(True, which="both", alpha=0.25)
     axes[0][0].legend(fontsize=8, loc="upper left")
@@ -272,6 +356,8 @@ def plot_e2e(run: list[dict], path: Path) -> Path:
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
         ax.set_ylabel("median latency (ms)")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(_plain())
+        ax.yaxis.set_minor_formatter(_plain())
         ax.set_title(f"{phase} ({'one forward over the prompt' if phase == 'prefill' else 'one KV-cached step'})", fontsize=10)
         ax.grid(True, axis="y", which="both", alpha=0.25)
     axes[0].legend(fontsize=8)
@@ -284,9 +370,10 @@ def plot_e2e(run: list[dict], path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ report
-GPU_PENDING = ("GPU numbers are still to be taken: no GPU was lent when these results were produced. "
-               "Run `bash bench/gpu_check.sh` (or `python -m molora_ops bench --suite ops --grid gpu` and "
-               "`--suite e2e --grid gpu`) on a CUDA machine and re-run `python -m molora_ops report`.")
+GPU_PENDING = ("GPU numbers are still to be taken: no GPU was lent when these results were produced, so the "
+               "`triton` and `cuda` backends and the GPU targets are not measured here. On a CUDA machine run "
+               "`python -m molora_ops bench --suite ops --grid gpu` and `python -m molora_ops bench --suite e2e "
+               "--grid gpu`, then `python -m molora_ops report`.")
 
 
 def render(records: list[dict], out_dir: Path, *, readme_root: Path | None = None, plots: bool = True) -> dict:

@@ -1,6 +1,6 @@
 """Timers that report the median with p20 and p80, in milliseconds.
 
-CPU: ``time.perf_counter`` around single calls, after warmup, repeated until both a minimum count and a
+CPU: ``time.thread_time`` (one torch thread) or ``time.perf_counter`` around single calls, after warmup, repeated until both a minimum count and a
 minimum total time are reached. CUDA: ``triton.testing.do_bench`` (it flushes L2 between calls) or, for
 decode sizes and graph-safe callables, ``triton.testing.do_bench_cudagraph``, which replays a CUDA graph of
 unrolled calls so that host launch overhead is excluded; without triton, CUDA events around single calls.
@@ -50,18 +50,22 @@ def _quantiles(samples_ms: list[float]) -> tuple[float, float, float]:
 
 
 def _time_cpu(fn: Callable[[], object], cfg: TimingConfig) -> Timing:
+    """With one torch thread all work runs on the calling thread, so its CPU time (thread_time) is the cost
+    of the call without the time the OS gave to other processes: steady numbers on a shared, loaded machine.
+    With more threads only wall time (perf_counter) is meaningful."""
+    clock, name = (time.thread_time, "thread_time") if torch.get_num_threads() == 1 else (time.perf_counter, "perf_counter")
     for _ in range(cfg.warmup):
         fn()
     samples: list[float] = []
     spent = 0.0
     while len(samples) < cfg.min_reps or (spent < cfg.min_time_s and len(samples) < cfg.max_reps):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        dt = time.perf_counter() - t0
+        dt = clock() - t0
         samples.append(dt * 1e3)
         spent += dt
     med, p20, p80 = _quantiles(samples)
-    return Timing(med, p20, p80, len(samples), "perf_counter")
+    return Timing(med, p20, p80, len(samples), name)
 
 
 def _time_cuda_events(fn: Callable[[], object], cfg: TimingConfig) -> Timing:
