@@ -19,9 +19,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Register budget for the [rows, cols, R] broadcast-multiply-reduce tiles of the gather kernels: with 4 warps
-# (128 threads) an 8192-element fp32 tile is 64 registers a thread.
-_GATHER_TILE_ELEMS = 8192
+# Element budgets for the [rows, cols, R] broadcast-multiply-reduce tiles of the gather kernels (4 warps).
+# Each element also carries a 64-bit address, so the budget is set by registers, not by the fp32 values:
+# compiled for sm_90 without a device (ptxas resource usage), an 8192-element expand tile spilled (255 regs +
+# 232 B stack), 4096 fit in 168 registers; the fused kernel holds two such tiles and fits at 2048 (126 regs).
+_GATHER_TILE_ELEMS = 4096
+_FUSED_TILE_ELEMS = 2048
 
 # The fused shrink+expand path is taken at decode sizes: few tokens and a small rank-space (R * K), where
 # two launches cost more than recomputing the tiny shrink in every H_out tile.
@@ -33,6 +36,8 @@ FUSED_MAX_RANK = 64
 SPLIT_K_MAX_PAIRS = 128
 SPLIT_K_MAX = 16
 SPLIT_K_MIN_STEPS = 4  # each split does at least this many BLOCK_K steps
+# Bytes of x and lora_a operand tiles per H_in step of the shrink; larger steps spilled on sm_80/sm_90.
+SHRINK_STEP_BYTES = 12288
 
 
 def next_pow2(n: int) -> int:
@@ -77,8 +82,12 @@ class GatherConfig:
     num_warps: int
 
 
-def shrink_config(num_pairs: int, num_adapters: int, rank: int, h_in: int) -> ShrinkConfig:
-    """Tiles for the adapter-segmented shrink. tl.dot needs every tile dimension >= 16."""
+def shrink_config(num_pairs: int, num_adapters: int, rank: int, h_in: int, elem_bytes: int = 2) -> ShrinkConfig:
+    """Tiles for the adapter-segmented shrink. tl.dot needs every tile dimension >= 16.
+
+    elem_bytes is the input element size: float32 operands (and the float32 upcast) take twice the registers
+    and shared memory of fp16/bf16, so their H_in step is halved (sm_80 compile checks spilled otherwise).
+    """
     del num_adapters  # segments can be as long as num_pairs, so tiles are sized from it
     if num_pairs <= 128:
         block_m = 16
@@ -87,27 +96,31 @@ def shrink_config(num_pairs: int, num_adapters: int, rank: int, h_in: int) -> Sh
     else:
         block_m = 64
     block_r = _clamp(next_pow2(rank), 16, 64)
-    block_k = 128 if block_m <= 32 else 64
-    block_k = min(block_k, max(16, next_pow2(h_in)))
+    # Operand bytes per H_in step bounded (x rows are gathered, so each element also holds a 64-bit address).
+    block_k = 128
+    while block_k > 16 and (block_m + block_r) * block_k * elem_bytes > SHRINK_STEP_BYTES:
+        block_k //= 2
+    block_k = _clamp(block_k, 16, max(16, next_pow2(h_in)))
+    num_warps = 8 if block_m * block_r >= 64 * 64 else 4
     steps = cdiv(max(h_in, 1), block_k)
     split_k = 1
     if num_pairs <= SPLIT_K_MAX_PAIRS:
         split_k = _clamp(steps // SPLIT_K_MIN_STEPS, 1, SPLIT_K_MAX)
-    cfg = ShrinkConfig(block_m, block_r, block_k, 1, 4)
+    cfg = ShrinkConfig(block_m, block_r, block_k, 1, num_warps)
     return cfg.with_split(split_k, h_in)
 
 
-def _gather_block_n(rows: int, block_r: int, h_out: int) -> int:
+def _gather_block_n(rows: int, block_r: int, h_out: int, budget: int = _GATHER_TILE_ELEMS) -> int:
     # rows and block_r are powers of two, so the quotient is one too.
-    block_n = _GATHER_TILE_ELEMS // max(1, rows * block_r)
+    block_n = budget // max(1, rows * block_r)
     return _clamp(block_n, 16, min(256, max(16, next_pow2(h_out))))
 
 
 def expand_config(num_tokens: int, rank: int, h_out: int) -> GatherConfig:
     """Tiles for the token-major expand (each program owns BLOCK_M tokens x BLOCK_N output columns)."""
-    block_m = _clamp(next_pow2(num_tokens), 1, 16)
-    block_r = _clamp(next_pow2(rank), 1, 32)
-    block_n = _gather_block_n(block_m, block_r, h_out)
+    block_m = _clamp(next_pow2(num_tokens), 1, 8)
+    block_r = _clamp(next_pow2(rank), 1, 16)  # R is looped over; wider R steps spilled on sm_90
+    block_n = min(128, _gather_block_n(block_m, block_r, h_out))
     return GatherConfig(block_m, block_n, block_r, 0, 4)
 
 
@@ -122,15 +135,15 @@ def fused_config(num_tokens: int, rank: int, h_in: int, h_out: int) -> GatherCon
     """Tiles for the fused kernel: the whole padded rank lives in one tile."""
     block_m = _clamp(next_pow2(num_tokens), 1, 4)
     block_r = next_pow2(rank)
-    block_k = _clamp(_GATHER_TILE_ELEMS // (block_m * block_r), 16, min(256, max(16, next_pow2(h_in))))
-    block_n = _gather_block_n(block_m, block_r, h_out)
+    block_k = _clamp(_FUSED_TILE_ELEMS // (block_m * block_r), 16, min(256, max(16, next_pow2(h_in))))
+    block_n = _gather_block_n(block_m, block_r, h_out, _FUSED_TILE_ELEMS)
     return GatherConfig(block_m, block_n, block_r, block_k, 4)
 
 
 def reduce_config(rank: int) -> tuple[int, int]:
     """(BLOCK_P, BLOCK_R) for the split-K partial reduction."""
     block_r = _clamp(next_pow2(rank), 1, 64)
-    return max(1, 2048 // block_r), block_r
+    return max(1, 1024 // block_r), block_r
 
 
 # The tensor-core expand does one dot per distinct adapter in a token tile; it pays when that count is small

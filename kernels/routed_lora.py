@@ -143,9 +143,9 @@ def _shrink_reduce_kernel(
         offs_r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
         mask_r = offs_r < rank
         acc = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
-        for sk in tl.static_range(SPLIT_K):
+        for sk in range(0, SPLIT_K):  # fixed order; a runtime loop keeps the 64-bit addresses out of registers
             acc += tl.load(
-                part_ptr + sk * stride_ps + offs_p[:, None] * stride_pp + offs_r[None, :] * stride_pr,
+                part_ptr + tl.cast(sk, tl.int64) * stride_ps + offs_p[:, None] * stride_pp + offs_r[None, :] * stride_pr,
                 mask=valid[:, None] & mask_r[None, :], other=0.0,
             )
         tl.store(
@@ -181,10 +181,11 @@ def _expand_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, top_k):
-        ids = tl.load(ids_ptr + offs_t * stride_idt + k * stride_idk, mask=mask_t, other=-1).to(tl.int64)
+        k64 = tl.cast(k, tl.int64)
+        ids = tl.load(ids_ptr + offs_t * stride_idt + k64 * stride_idk, mask=mask_t, other=-1).to(tl.int64)
         valid = mask_t & (ids >= 0) & (ids < num_adapters)
         ids = tl.where(valid, ids, 0)  # never form an address from an out-of-range id
-        h_rows = h_ptr + offs_t[:, None] * stride_ht + k * stride_hk  # [M, 1]
+        h_rows = h_ptr + offs_t[:, None] * stride_ht + k64 * stride_hk  # [M, 1]
         b_rows = b_ptr + ids[:, None, None] * stride_be + offs_n[None, :, None] * stride_bo  # [M, N, 1]
         mask_b = valid[:, None, None] & mask_n[None, :, None]
         for r0 in range(0, rank, BLOCK_R):
@@ -249,9 +250,10 @@ def _expand_dot_kernel(
     while e < num_adapters:
         hsum = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for k in tl.static_range(TOP_K):
-            ids_k = tl.load(ids_ptr + offs_t * stride_idt + k * stride_idk, mask=mask_t, other=-1).to(tl.int64)
+            k64 = tl.cast(k, tl.int64)
+            ids_k = tl.load(ids_ptr + offs_t * stride_idt + k64 * stride_idk, mask=mask_t, other=-1).to(tl.int64)
             sel = mask_t & (ids_k == e)
-            hsum += tl.load(h_rows + k * stride_hk, mask=sel[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
+            hsum += tl.load(h_rows + k64 * stride_hk, mask=sel[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
         bt = tl.load(b_tile + e * stride_be, mask=mask_bt, other=0.0)
         if UPCAST:
             acc = tl.dot(hsum, bt.to(tl.float32), acc, input_precision="ieee")
@@ -303,10 +305,11 @@ def _fused_kernel(
     x_rows = x_ptr + offs_t[:, None] * stride_xt  # [M, 1]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, top_k):
-        ids = tl.load(ids_ptr + offs_t * stride_idt + k * stride_idk, mask=mask_t, other=-1).to(tl.int64)
+        k64 = tl.cast(k, tl.int64)
+        ids = tl.load(ids_ptr + offs_t * stride_idt + k64 * stride_idk, mask=mask_t, other=-1).to(tl.int64)
         valid = mask_t & (ids >= 0) & (ids < num_adapters)
         ids = tl.where(valid, ids, 0)
-        w = tl.load(w_ptr + offs_t * stride_wt + k * stride_wk, mask=valid, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs_t * stride_wt + k64 * stride_wk, mask=valid, other=0.0).to(tl.float32)
         s = tl.load(scale_ptr + ids, mask=valid, other=0.0).to(tl.float32)
         coef = tl.where(valid, w * s, 0.0)
 

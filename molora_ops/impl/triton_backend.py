@@ -133,8 +133,9 @@ def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def _shrink_config(num_pairs: int, num_adapters: int, rank: int, h_in: int):
-    cfg = _configs().shrink_config(num_pairs, num_adapters, rank, h_in)
+def _shrink_config(num_pairs: int, num_adapters: int, rank: int, h_in: int, dtype: torch.dtype = torch.float16):
+    elem_bytes = 4 if _upcast(dtype) else 2
+    cfg = _configs().shrink_config(num_pairs, num_adapters, rank, h_in, elem_bytes)
     if settings.split_k is not None:
         cfg = cfg.with_split(settings.split_k, h_in)
     return cfg
@@ -144,7 +145,7 @@ def _shrink_rows(x, lora_a, topk_ids, topk_weights, scale, plan: RoutingPlan, *,
     """h as a [P, R] float32 tensor. Rows of empty slots are zero when zero_empty, else unspecified."""
     kernels = _kernels()
     num_pairs, num_adapters, rank = plan.sorted_pairs.shape[0], lora_a.shape[0], lora_a.shape[1]
-    cfg = _shrink_config(num_pairs, num_adapters, rank, x.shape[1])
+    cfg = _shrink_config(num_pairs, num_adapters, rank, x.shape[1], x.dtype)
     common = dict(top_k=plan.top_k, cfg=cfg, upcast=_upcast(x.dtype))
     args = (x, lora_a, topk_weights, scale, plan.sorted_pairs, plan.seg_offsets)
     if cfg.SPLIT_K == 1 or settings.atomic_split_k:
