@@ -146,21 +146,27 @@ class _Slot:
                 f"molora_ops: {self.name} got {x2.shape[0]} tokens but this forward was routed for "
                 f"{r.topk_ids.shape[0]} (batch x new tokens); modules called on other token sets are not supported"
             )
-        x2 = x2.contiguous()
         o2 = out.view(-1, self.out_f)
-        be = self.state.backend
+        x2 = x2.to(o2.dtype).contiguous()  # under autocast the base output's dtype is the compute dtype
+        if torch.is_autocast_enabled(x.device.type):
+            # The LoRA math runs in the base output's dtype with float32 accumulation, not re-cast by autocast.
+            with torch.autocast(x.device.type, enabled=False):
+                return self._add(module, fs, r, x, x2, out, o2)
+        return self._add(module, fs, r, x, x2, out, o2)
+
+    def _add(self, module, fs, r, x, x2, out, o2):
         from .ops import routed_lora
 
+        be = self.state.backend
         if self.group is None:
             a, b = self._stacks(module, x2.dtype)
             scale = module.molora_scaling
             routed_lora(x2, a, b, r.topk_ids, r.topk_weights, scaling=scale, out=o2, backend=be, plan=r.plan,
                         validate=False)
             return out
-        leader = self.group.leader
         hit = fs.cache.get(self.group.key)
         if hit is None or hit[0] is not x:
-            a, b = self._stacks(leader, x2.dtype)
+            a, b = self._stacks(self.group.leader, x2.dtype)
             delta = routed_lora(x2, a, b, r.topk_ids, r.topk_weights, scaling=None, backend=be, plan=r.plan,
                                 validate=False)
             hit = fs.cache[self.group.key] = (x, delta)
