@@ -74,6 +74,46 @@ def test_op_schemas_exist_with_fake_impls():
     assert torch.ops.molora.cuda_routed_lora_fused(x, a, b, ids, w, s, out, False) is None
 
 
+def _cuda_include_dir():
+    roots = [os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
+    for nvcc in (os.environ.get("CUDACXX"), shutil.which("nvcc")):
+        if nvcc:
+            roots.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for root in roots:
+        if root and os.path.isfile(os.path.join(root, "include", "cuda_fp16.h")):
+            return os.path.join(root, "include")
+    return None
+
+
+def test_kernels_under_host_emulation(tmp_path):
+    """The real kernel sources, compiled as C++ and run on CPU fibers (csrc/host_emulation): every path in
+    overwrite and accumulate mode against a float64 reference, with empty, out-of-range and duplicate ids,
+    unaligned rows and padded strides. Catches indexing, bounds, tiling and barrier mistakes without a GPU;
+    it says nothing about speed or the memory model (the gpu tests and compute-sanitizer cover those)."""
+    import subprocess
+
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
+    include = _cuda_include_dir()
+    if cxx is None or include is None:
+        pytest.skip("needs g++ and the CUDA headers (cuda_fp16.h)")
+    root = os.path.join(os.path.dirname(__file__), "..", "csrc")
+    emu = os.path.join(root, "host_emulation")
+    flags = ["-std=c++20", "-O1", f"-I{emu}", f"-I{root}", f"-I{include}"]
+
+    def sh(*cmd):
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}{done.stderr}"
+        return done.stdout
+
+    objects = []
+    for name in ("shrink", "expand"):
+        objects.append(str(tmp_path / f"{name}.o"))
+        sh(cxx, *flags, "-DMOLORA_HOST_LAUNCH", "-x", "c++", "-c", os.path.join(root, f"{name}.cu"), "-o", objects[-1])
+    exe = str(tmp_path / "emulated_kernels")
+    sh(cxx, *flags, os.path.join(emu, "harness.cpp"), *objects, "-o", exe)
+    assert "all ok" in sh(exe)
+
+
 def test_path_choice_is_shape_only(monkeypatch):
     monkeypatch.delenv("MOLORA_CUDA_PATH", raising=False)
     assert cuda_backend.choose_paths(1, 2, 16) == {"shrink": cuda_backend.PATH_PER_PAIR, "fused": True}

@@ -1,0 +1,249 @@
+// Runs the CUDA kernels of csrc/ on the CPU (see cuda_runtime.h here) against a float64 reference.
+// Built and run by tests/test_cuda_backend.py::test_kernels_under_host_emulation; by hand:
+//
+//   D=csrc/host_emulation; I="-I$D -Icsrc -I/usr/local/cuda/include"
+//   for f in shrink expand; do g++ -std=c++20 -O1 -DMOLORA_HOST_LAUNCH $I -x c++ -c csrc/$f.cu -o /tmp/$f.o; done
+//   g++ -std=c++20 -O1 $I $D/harness.cpp /tmp/shrink.o /tmp/expand.o -o /tmp/emu && /tmp/emu
+//
+// Every case runs the three kernel paths (per-pair shrink, segmented shrink, fused) in overwrite and
+// accumulate mode, with empty slots, ids outside [0, N), duplicate ids, odd sizes, unaligned rows and padded
+// strides. Output rows are padded with NaN sentinels that must survive, and outputs start as NaN so an element
+// a kernel forgot to write shows up.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "molora_launch.h"
+
+using namespace molora;
+
+namespace {
+
+std::mt19937 rng(1234);
+float randn() {
+  static std::normal_distribution<float> d;
+  return d(rng);
+}
+float randu() {
+  static std::uniform_real_distribution<float> d(0, 1);
+  return d(rng);
+}
+
+template <typename T>
+T cvt(float v);
+template <>
+float cvt<float>(float v) { return v; }
+template <>
+__half cvt<__half>(float v) { return __float2half_rn(v); }
+template <>
+__nv_bfloat16 cvt<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+double back(float v) { return v; }
+double back(__half v) { return __half2float(v); }
+double back(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T>
+DType dtype_of();
+template <>
+DType dtype_of<float>() { return DType::kFloat32; }
+template <>
+DType dtype_of<__half>() { return DType::kFloat16; }
+template <>
+DType dtype_of<__nv_bfloat16>() { return DType::kBFloat16; }
+
+int failures = 0;
+int checks = 0;
+
+void expect(bool ok, const char* tag, const char* what, double value) {
+  ++checks;
+  if (!ok) {
+    ++failures;
+    std::printf("FAIL %s: %s (%g)\n", tag, what, value);
+  }
+}
+
+struct Case {
+  int T, K, N, R, H_in, H_out;
+  int pad = 0;       // extra elements per row: strides that are not a multiple of the vector width
+  int offset = 0;    // element offset of every base pointer: unaligned rows, scalar loads
+  bool ids64 = true;
+  bool weights64 = false;
+};
+
+template <typename T>
+void run(const Case& c, const char* tag) {
+  const int P = c.T * c.K, R = c.R, N = c.N;
+  const int64_t xs = c.H_in + c.pad, as_r = c.H_in + c.pad, as_n = as_r * R;
+  const int64_t bs_o = R + c.pad, bs_n = bs_o * c.H_out, os = c.H_out + c.pad;
+  std::vector<T> x(c.offset + c.T * xs), a(c.offset + N * as_n), b(c.offset + N * bs_n);
+  std::vector<double> xd(size_t(c.T) * c.H_in), ad(size_t(N) * R * c.H_in), bd(size_t(N) * c.H_out * R);
+  for (int t = 0; t < c.T; ++t)
+    for (int i = 0; i < c.H_in; ++i) {
+      const T v = cvt<T>(randn());
+      x[c.offset + t * xs + i] = v;
+      xd[size_t(t) * c.H_in + i] = back(v);
+    }
+  for (int e = 0; e < N; ++e)
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < c.H_in; ++i) {
+        const T v = cvt<T>(randn() / std::sqrt(float(c.H_in)));
+        a[c.offset + e * as_n + r * as_r + i] = v;
+        ad[(size_t(e) * R + r) * c.H_in + i] = back(v);
+      }
+  for (int e = 0; e < N; ++e)
+    for (int j = 0; j < c.H_out; ++j)
+      for (int r = 0; r < R; ++r) {
+        const T v = cvt<T>(randn() / std::sqrt(float(R)));
+        b[c.offset + e * bs_n + j * bs_o + r] = v;
+        bd[(size_t(e) * c.H_out + j) * R + r] = back(v);
+      }
+  std::vector<int64_t> ids(P);
+  std::vector<int32_t> ids32(P);
+  std::vector<float> w(P), scale(N);
+  std::vector<double> w64(P);
+  for (int p = 0; p < P; ++p) {
+    const float u = randu();
+    int64_t e = u < 0.15f ? -1 : (u < 0.2f ? N + 7 : int64_t(rng() % N));  // empty, out of range, routed
+    if (p % c.K == 1 && randu() < 0.3f) e = ids[p - 1];                     // duplicate within the token
+    ids[p] = e;
+    ids32[p] = int32_t(e);
+    w[p] = randu() + 0.05f;
+    w64[p] = w[p];
+  }
+  for (int e = 0; e < N; ++e) scale[e] = randu() + 0.5f;
+  // The routing plan, as molora_ops.plan builds it: a stable sort by adapter, unrouted pairs last.
+  std::vector<int32_t> sorted(P), seg(N + 1);
+  std::iota(sorted.begin(), sorted.end(), 0);
+  auto key = [&](int p) { return (ids[p] >= 0 && ids[p] < N) ? ids[p] : int64_t(N); };
+  std::stable_sort(sorted.begin(), sorted.end(), [&](int p, int q) { return key(p) < key(q); });
+  for (int e = 0; e <= N; ++e)
+    seg[e] = int32_t(std::count_if(sorted.begin(), sorted.end(), [&](int p) { return key(p) < e; }));
+
+  std::vector<double> h_ref(size_t(P) * R, 0.0), out_ref(size_t(c.T) * c.H_out, 0.0);
+  for (int p = 0; p < P; ++p) {
+    const int64_t e = ids[p];
+    if (e < 0 || e >= N) continue;
+    for (int r = 0; r < R; ++r) {
+      double s = 0;
+      for (int i = 0; i < c.H_in; ++i) s += ad[(size_t(e) * R + r) * c.H_in + i] * xd[size_t(p / c.K) * c.H_in + i];
+      h_ref[size_t(p) * R + r] = s * double(w[p] * scale[e]);
+    }
+  }
+  for (int p = 0; p < P; ++p) {
+    const int64_t e = ids[p];
+    if (e < 0 || e >= N) continue;
+    for (int j = 0; j < c.H_out; ++j) {
+      double s = 0;
+      for (int r = 0; r < R; ++r) s += bd[(size_t(e) * c.H_out + j) * R + r] * h_ref[size_t(p) * R + r];
+      out_ref[size_t(p / c.K) * c.H_out + j] += s;
+    }
+  }
+
+  Routing route;
+  route.ids = c.ids64 ? static_cast<const void*>(ids.data()) : static_cast<const void*>(ids32.data());
+  route.ids_int64 = c.ids64;
+  route.weights = c.weights64 ? static_cast<const void*>(w64.data()) : static_cast<const void*>(w.data());
+  route.weights_dtype = c.weights64 ? DType::kFloat64 : DType::kFloat32;
+  route.scale = scale.data();
+  route.sorted_pairs = sorted.data();
+  route.seg_offsets = seg.data();
+  route.num_tokens = c.T;
+  route.top_k = c.K;
+  route.num_adapters = N;
+  ShrinkProblem sp;
+  sp.route = route;
+  sp.dtype = dtype_of<T>();
+  sp.x = x.data() + c.offset;
+  sp.x_row_stride = xs;
+  sp.a = a.data() + c.offset;
+  sp.a_stride_n = as_n;
+  sp.a_stride_r = as_r;
+  sp.rank = R;
+  sp.hidden_in = c.H_in;
+  ExpandProblem ep;
+  ep.route = route;
+  ep.dtype = dtype_of<T>();
+  ep.b = b.data() + c.offset;
+  ep.b_stride_n = bs_n;
+  ep.b_stride_o = bs_o;
+  ep.rank = R;
+  ep.hidden_out = c.H_out;
+  ep.out_row_stride = os;
+
+  const double tol = dtype_of<T>() == DType::kFloat32 ? 1e-5 : (dtype_of<T>() == DType::kFloat16 ? 2e-3 : 1.6e-2);
+  const bool fused_ok = int64_t(c.K) * R <= fused_max_rank_slots() && c.K <= 64;
+  for (int path = 0; path < 3; ++path) {
+    char name[160];
+    std::snprintf(name, sizeof name, "%s [%s]", tag, path == 0 ? "per-pair" : path == 1 ? "segmented" : "fused");
+    std::vector<T> out(size_t(c.T) * os, cvt<T>(NAN)), acc(size_t(c.T) * os, cvt<T>(NAN));
+    for (int t = 0; t < c.T; ++t)
+      for (int j = 0; j < c.H_out; ++j) acc[size_t(t) * os + j] = cvt<T>(0.5f);
+    if (path < 2) {
+      std::vector<float> h(size_t(P) * R, NAN);
+      expect(launch_shrink(sp, h.data(), path == 0 ? kShrinkPerPair : kShrinkSegmented, nullptr) == 0, name,
+             "shrink launch", 0);
+      double err = 0;
+      for (size_t i = 0; i < h.size(); ++i) err = std::max(err, std::isnan(h[i]) ? 1e30 : std::fabs(h[i] - h_ref[i]));
+      expect(err <= 1e-4, name, "shrink max abs err", err);
+      for (size_t i = 0; i < h.size(); ++i) h[i] = float(h_ref[i]);
+      ep.out = out.data();
+      ep.accumulate = false;
+      expect(launch_expand(ep, h.data(), nullptr) == 0, name, "expand launch", 0);
+      ep.out = acc.data();
+      ep.accumulate = true;
+      expect(launch_expand(ep, h.data(), nullptr) == 0, name, "expand launch", 0);
+    } else {
+      ep.out = out.data();
+      ep.accumulate = false;
+      const int rc = launch_fused(sp, ep, nullptr);
+      if (!fused_ok) {
+        expect(rc != 0, name, "fused must refuse K * R beyond its shared memory", rc);
+        continue;
+      }
+      expect(rc == 0, name, "fused launch", rc);
+      ep.out = acc.data();
+      ep.accumulate = true;
+      expect(launch_fused(sp, ep, nullptr) == 0, name, "fused launch", 0);
+    }
+    double err = 0, err_acc = 0;
+    bool pad_ok = true;
+    for (int t = 0; t < c.T; ++t) {
+      for (int j = 0; j < c.H_out; ++j) {
+        const double ref = out_ref[size_t(t) * c.H_out + j];
+        const double o = back(out[size_t(t) * os + j]), s = back(acc[size_t(t) * os + j]);
+        err = std::max(err, std::isnan(o) ? 1e30 : std::fabs(o - ref) / (1 + std::fabs(ref)));
+        err_acc = std::max(err_acc, std::isnan(s) ? 1e30 : std::fabs(s - 0.5 - ref) / (1.5 + std::fabs(ref)));
+      }
+      for (int j = c.H_out; j < os; ++j) pad_ok = pad_ok && std::isnan(back(out[size_t(t) * os + j]));
+    }
+    expect(err <= tol, name, "overwrite max rel err", err);
+    expect(err_acc <= tol, name, "accumulate max rel err", err_acc);
+    expect(pad_ok, name, "wrote outside the output rows", 0);
+    std::printf("%-5s %-48s out %.2e  acc %.2e\n", err <= tol && err_acc <= tol ? "ok" : "FAIL", name, err, err_acc);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const bool full = argc > 1 && std::string(argv[1]) == "--full";
+  //            T   K  N   R  H_in H_out pad off ids64 w64
+  run<float>({3, 2, 5, 7, 123, 77}, "f32 odd sizes");
+  run<__half>({3, 2, 5, 16, 128, 64, 0, 0, false}, "f16 vector loads, int32 ids");
+  run<__nv_bfloat16>({5, 3, 4, 8, 72, 40, 0, 0, true, true}, "bf16 vector loads, f64 weights");
+  run<__half>({4, 2, 3, 16, 136, 72, 1, 1}, "f16 unaligned rows, padded strides");
+  run<float>({2, 1, 2, 40, 33, 300}, "f32 R=40, several tiles");
+  run<__half>({9, 4, 6, 1, 64, 33}, "f16 R=1");
+  run<__nv_bfloat16>({0, 2, 3, 8, 64, 64}, "bf16 T=0");
+  run<float>({2, 70, 3, 4, 16, 24}, "f32 K=70 (ids beyond the shared cache)");
+  if (full) {
+    run<float>({40, 2, 3, 20, 130, 50}, "f32 T=40 R=20");
+    run<float>({1, 3, 4, 64, 2049, 20}, "f32 T=1 H_in=2049");
+    run<__half>({37, 2, 40, 32, 256, 96}, "f16 N=40, many segments");
+  }
+  std::printf("%s: %d checks, %d failures\n", failures ? "FAILED" : "all ok", checks, failures);
+  return failures != 0;
+}
