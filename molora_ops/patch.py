@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import contextvars
 import itertools
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 import torch
 from torch import nn

@@ -44,7 +44,15 @@ _UNSUPPORTED_FLAGS = {
     "trainable_token_indices": "trainable token indices",
     "layer_replication": "layer replication",
     "megatron_config": "Megatron-parallel LoRA",
+    # the fields PEFT 0.21 tags as LoRA variants (is_lora_variant): each changes the forward
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+    "use_bdlora": "block-diagonal LoRA (BD-LoRA)",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
 }
+# init_lora_weights values that are variants at inference time too (PEFT's lora_variants metadata)
+_VARIANT_INITS = {"mica": "MiCA"}
 
 _KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 
@@ -97,10 +105,14 @@ def _check_config(name: str, cfg: dict, source: str) -> None:
                 f"adapter {name!r} ({source}) uses {what} ({key}={value!r}); molora_ops does not implement it and "
                 "will not silently compute something else"
             )
-    variant = cfg.get("lora_ga_config") or cfg.get("eva_config")
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower() in _VARIANT_INITS:
+        raise AdapterError(
+            f"adapter {name!r} ({source}) is a {_VARIANT_INITS[init.lower()]} variant (init_lora_weights={init!r}); "
+            "not supported"
+        )
     if cfg.get("use_rslora") not in (None, False, True):
         raise AdapterError(f"adapter {name!r}: use_rslora must be a bool, got {cfg.get('use_rslora')!r}")
-    del variant  # init-time options only; they do not change the forward
     if "r" not in cfg or "lora_alpha" not in cfg:
         raise AdapterError(f"adapter {name!r} ({source}): config needs 'r' and 'lora_alpha'")
 

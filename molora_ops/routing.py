@@ -25,7 +25,6 @@ non-zero entries any token has, and -1 (an empty slot, which costs nothing) wher
 
 from __future__ import annotations
 
-import contextvars
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass, field

@@ -25,7 +25,7 @@ __all__ = ["train_router"]
 
 
 def _blocks(model):
-    from .patch import _find_backbone, is_patched
+    from .patch import is_patched
 
     if is_patched(model) and model._molora_state.blocks is not None:
         return model._molora_state.blocks
