@@ -58,9 +58,8 @@ if "pytest" in sys.modules:
         if prov.workspace(cfg) > ops_suite.memory_budget(DEVICE):
             pytest.skip("temporaries do not fit the memory budget")
         p = _problem(cfg)
-        rows = torch.arange(min(cfg.T, ops_suite.VERIFY_ROWS))
         fn = prov.prepare(p)
-        err = ops_suite._verify(fn(), rows, ops_suite._reference_rows(p, rows))
+        err = ops_suite.verify(fn, p, ops_suite.check_rows(p))
         assert err <= ops_suite.VERIFY_TOL[cfg.dtype], f"{provider} disagrees with the reference: {err:.3g}"
         if DEVICE.type == "cuda":
             def timed():

@@ -25,6 +25,7 @@ import contextlib
 import copy
 import functools
 import gc
+import os
 import tempfile
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -169,7 +170,7 @@ def name_weights(names_per_seq: list[str], names: list[str], seq: int, device) -
 class Variant:
     name: str
     model: nn.Module
-    # ctx(batch, seq, kind) -> a context manager that routes the next forwards; kind is "topk" or "names"
+    # enter(batch, seq) -> a context manager that routes the forwards run inside it
     enter: Callable[[int, int], contextlib.AbstractContextManager]
     kwargs: Callable[[int], dict] = field(default=lambda b: {})
 
@@ -190,8 +191,9 @@ def _dense_ctx(holder: dict, weights: torch.Tensor):
     return ctx()
 
 
-def make_variant(name: str, base, peft_model, names, cfg, device):
-    """Build one variant's model (a copy of base where it must be changed)."""
+def make_variant(name: str, base, peft_model, names, cfg, device, adapter_dir: str):
+    """Build one variant's model (a copy of base where it must be changed); adapter_dir holds the saved
+    adapters, one folder per name."""
     import molora_ops as mo
 
     if name == "base":
@@ -205,15 +207,13 @@ def make_variant(name: str, base, peft_model, names, cfg, device):
     if name in ("ours-topk", "ours-names"):
         if not hasattr(mo, "patch"):
             raise NotImplementedError("molora_ops.patch is not available yet (issue 4)")
-        adapters = {n: f"{_SAVE_DIR[0]}/{n}" for n in names}
+        adapters = {n: os.path.join(adapter_dir, n) for n in names}
         model = mo.patch(copy.deepcopy(base), adapters=adapters, router=None, top_k=cfg.top_k, backend="auto")
         if name == "ours-topk":
             return Variant(name, model, lambda b, s: mo.routing(model, adapter_weights=routing_weights(cfg, b, s, device)))
         return Variant(name, model, lambda b, s: mo.routing(model, adapter_names=_seq_names(names, b)))
     raise ValueError(f"unknown variant {name!r}; expected one of {VARIANTS}")
 
-
-_SAVE_DIR = [""]
 
 
 def _tokens(cfg: E2EConfig, batch: int, seq: int, device, salt: int = 0) -> torch.Tensor:
@@ -320,7 +320,6 @@ def run_e2e(
     base = build_base(cfg, device)
     n_params = sum(p.numel() for p in base.parameters())
     with tempfile.TemporaryDirectory(prefix="molora-bench-") as tmp:
-        _SAVE_DIR[0] = tmp
         peft_model, names = build_peft(base, cfg, tmp)
         truth_model, truth_holder = build_dense(base, peft_model, names, dtype=torch.float32)
 
@@ -343,7 +342,7 @@ def run_e2e(
         for vname in variants:
             rec0 = {**common, "variant": vname, "params": n_params}
             try:
-                var = make_variant(vname, base, peft_model, names, cfg, device)
+                var = make_variant(vname, base, peft_model, names, cfg, device, tmp)
             except Exception as exc:
                 status = "skipped" if isinstance(exc, NotImplementedError) else "error"
                 records += [{**rec0, "batch": b, "phase": ph, "status": status, "reason": f"{type(exc).__name__}: {exc}"}

@@ -97,7 +97,20 @@ def memory_budget(device: torch.device) -> int:
     return min(8 << 30, avail // 3)
 
 
-def _verify(out: torch.Tensor, rows: torch.Tensor, expected: torch.Tensor) -> float:
+def check_rows(p) -> torch.Tensor:
+    """The token rows every provider is checked on: all of them up to VERIFY_ROWS, else evenly spaced."""
+    T = p.x.shape[0]
+    return torch.linspace(0, T - 1, min(T, VERIFY_ROWS)).round().long().unique()
+
+
+def verify(fn: Callable[[], torch.Tensor], p, rows: torch.Tensor, expected: torch.Tensor | None = None) -> float:
+    """Run fn once and return max |fn()[rows] - reference[rows]| / max |reference[rows]|."""
+    if expected is None:
+        expected = _reference_rows(p, rows)
+    return _rel_err(fn(), rows, expected)
+
+
+def _rel_err(out: torch.Tensor, rows: torch.Tensor, expected: torch.Tensor) -> float:
     got = out[rows].double().cpu()
     if got.shape != expected.shape:
         return float("inf")
@@ -137,7 +150,7 @@ def run_ops(
     for cfg in configs:
         p = make_problem(cfg, device)
         cost = cost_model(cfg, p.topk_ids)
-        rows = torch.linspace(0, cfg.T - 1, min(cfg.T, VERIFY_ROWS)).round().long().unique()
+        rows = check_rows(p)
         expected = _reference_rows(p, rows)
         graph = device.type == "cuda" and cfg.T <= GRAPH_MAX_T
         point = {**common, "config": cfg.as_dict(), **cost}
@@ -163,7 +176,7 @@ def _run_provider(prov: Provider, p, cfg, point, rows, expected, device, timing,
         return {**rec, "status": "skipped", "reason": f"needs ~{need / 2**30:.1f} GiB of temporaries (budget {budget / 2**30:.1f})"}
     try:
         fn = prov.prepare(p)
-        err = _verify(fn(), rows, expected)
+        err = verify(fn, p, rows, expected)
         rec.update(max_rel_err=err, tol=VERIFY_TOL[cfg.dtype])
         if not err <= VERIFY_TOL[cfg.dtype]:
             return {**rec, "status": "wrong", "reason": f"max rel err {err:.3g} > {VERIFY_TOL[cfg.dtype]} against the reference"}
