@@ -116,14 +116,17 @@ def test_kernels_under_host_emulation(tmp_path):
 
 def test_path_choice_is_shape_only(monkeypatch):
     monkeypatch.delenv("MOLORA_CUDA_PATH", raising=False)
-    assert cuda_backend.choose_paths(1, 2, 16) == {"shrink": cuda_backend.PATH_PER_PAIR, "fused": True}
-    assert cuda_backend.choose_paths(4096, 2, 16) == {"shrink": cuda_backend.PATH_SEGMENTED, "fused": False}
-    assert cuda_backend.choose_paths(1, 8, 512)["fused"] is False  # K * R too large for shared memory
+    assert cuda_backend.choose_paths(1, 2, 16, 4096) == {"shrink": cuda_backend.PATH_PER_PAIR, "fused": True}
+    assert cuda_backend.choose_paths(4096, 2, 16, 4096) == {"shrink": cuda_backend.PATH_SEGMENTED, "fused": False}
+    assert cuda_backend.choose_paths(1, 8, 512, 64)["fused"] is False  # K * R too large for shared memory
+    assert cuda_backend.choose_paths(1, 4, 64, 4096)["fused"] is False  # too much shrink work per block
     monkeypatch.setenv("MOLORA_CUDA_PATH", "segmented")
-    assert cuda_backend.choose_paths(1, 2, 16) == {"shrink": cuda_backend.PATH_SEGMENTED, "fused": False}
+    assert cuda_backend.choose_paths(1, 2, 16, 64) == {"shrink": cuda_backend.PATH_SEGMENTED, "fused": False}
+    monkeypatch.setenv("MOLORA_CUDA_PATH", "fused")
+    assert cuda_backend.choose_paths(1, 4, 64, 4096)["fused"] is True  # forced, within the kernel's limits
     monkeypatch.setenv("MOLORA_CUDA_PATH", "bogus")
     with pytest.raises(ValueError, match="MOLORA_CUDA_PATH"):
-        cuda_backend.choose_paths(1, 2, 16)
+        cuda_backend.choose_paths(1, 2, 16, 64)
 
 
 # ----------------------------------------------------------------------------------------------- GPU only

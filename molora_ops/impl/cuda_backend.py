@@ -51,6 +51,9 @@ SEGMENTED_MIN_PAIRS = 256
 FUSED_MAX_TOKENS = 8
 FUSED_MAX_RANK_SLOTS = 1024  # K * R; the kernel itself accepts up to 2048
 FUSED_MAX_SLOTS = 64
+# Every fused block recomputes its token's whole shrink (K * R * H_in multiply-adds, A read from L2), so the fused
+# launch only pays off while that is small next to the cost of a second launch.
+FUSED_MAX_SHRINK_ELEMENTS = 1 << 17
 
 _lib = torch.library.Library("molora", "FRAGMENT")  # noqa: TOR901 - kept alive for the module's lifetime
 
@@ -126,7 +129,7 @@ def status() -> tuple[bool, bool, str]:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def choose_paths(num_tokens: int, top_k: int, rank: int) -> dict:
+def choose_paths(num_tokens: int, top_k: int, rank: int, hidden_in: int) -> dict:
     """Kernel choice from shapes alone: {"shrink": 1 | 2, "fused": bool}. MOLORA_CUDA_PATH overrides it
     (per_pair | segmented | fused) for tests and benchmarks."""
     forced = os.environ.get("MOLORA_CUDA_PATH", "")
@@ -141,7 +144,10 @@ def choose_paths(num_tokens: int, top_k: int, rank: int) -> dict:
     pairs = num_tokens * top_k
     return {
         "shrink": PATH_SEGMENTED if pairs >= SEGMENTED_MIN_PAIRS else PATH_PER_PAIR,
-        "fused": num_tokens <= FUSED_MAX_TOKENS and top_k * rank <= FUSED_MAX_RANK_SLOTS and top_k <= FUSED_MAX_SLOTS,
+        "fused": num_tokens <= FUSED_MAX_TOKENS
+        and top_k * rank <= FUSED_MAX_RANK_SLOTS
+        and top_k <= FUSED_MAX_SLOTS
+        and top_k * rank * hidden_in <= FUSED_MAX_SHRINK_ELEMENTS,
     }
 
 
@@ -182,7 +188,7 @@ def shrink(x, lora_a, topk_ids, topk_weights, scale, plan: RoutingPlan) -> torch
     num_tokens, top_k, rank = x.shape[0], topk_ids.shape[1], lora_a.shape[1]
     h = torch.empty((num_tokens, top_k, rank), dtype=torch.float32, device=x.device)
     ids, w = _routing(topk_ids, topk_weights)
-    path = choose_paths(num_tokens, top_k, rank)["shrink"]
+    path = choose_paths(num_tokens, top_k, rank, x.shape[1])["shrink"]
     torch.ops.molora.cuda_shrink(
         _unit_inner(x), _unit_inner(lora_a), ids, w, scale.float().contiguous(),
         plan.sorted_pairs.contiguous(), plan.seg_offsets.contiguous(), h, path,
@@ -206,7 +212,7 @@ def routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale, plan: RoutingP
     if _float64(x, scale):
         return _torch_backend().routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale, plan, out, accumulate)
     num_tokens, top_k, rank = x.shape[0], topk_ids.shape[1], lora_a.shape[1]
-    paths = choose_paths(num_tokens, top_k, rank)
+    paths = choose_paths(num_tokens, top_k, rank, x.shape[1])
     x, lora_a, lora_b = _unit_inner(x), _unit_inner(lora_a), _unit_inner(lora_b)
     ids, w = _routing(topk_ids, topk_weights)
     scale = scale.float().contiguous()
