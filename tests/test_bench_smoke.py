@@ -4,6 +4,7 @@ and the report renders. No timing is asserted. Results go to tmp_path, never to 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -100,3 +101,17 @@ def test_a_wrong_provider_is_caught_not_timed(monkeypatch):
     by = {r["provider"]: r for r in recs}
     assert by["zeros"]["status"] == "wrong" and "time" not in by["zeros"]
     assert by["torch"]["status"] == "ok"
+
+
+def test_triton_provider_checked_under_interpreter():
+    """On CPU triton is never timed, but its provider is checked against the reference under the interpreter
+    (conftest sets TRITON_INTERPRET=1 without a GPU)."""
+    from molora_ops.benchmarking.baselines import backend_status
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs the Triton interpreter (TRITON_INTERPRET=1, set by conftest when there is no GPU)")
+    if not backend_status()["triton"]["available"]:
+        pytest.skip(backend_status()["triton"]["reason"])
+    configs = ops_suite.grid("smoke")[:2]
+    recs = ops_suite.run_ops(configs, torch.device("cpu"), providers=["triton"], verify_only=True)
+    assert [r["status"] for r in recs] == ["verified"] * len(configs), [r.get("reason") for r in recs]

@@ -173,13 +173,14 @@ def backend_status() -> dict[str, dict]:
     return report
 
 
-def our_providers(device: torch.device) -> tuple[dict[str, Provider], dict[str, str]]:
-    """Our backends that can be timed on `device`, and the reason each other one is left out."""
+def our_providers(device: torch.device, *, interpreted: bool = False) -> tuple[dict[str, Provider], dict[str, str]]:
+    """Our backends that can be timed on `device`, and the reason each other one is left out.
+    interpreted=True keeps triton on CPU when TRITON_INTERPRET=1 is set: for checking, never for timing."""
     providers, skipped = {}, {}
     for name, st in backend_status().items():
         if not st["available"]:
             skipped[name] = f"not available: {st['reason']}"
-        elif name == "triton" and device.type != "cuda":
+        elif name == "triton" and device.type != "cuda" and not interpreted:
             skipped[name] = "triton on CPU runs only under TRITON_INTERPRET=1, far too slow to time"
         elif name == "cuda" and device.type != "cuda":
             skipped[name] = "needs a CUDA device"
@@ -189,9 +190,10 @@ def our_providers(device: torch.device) -> tuple[dict[str, Provider], dict[str, 
     return providers, skipped
 
 
-def all_providers(device: torch.device, names: list[str] | None = None) -> tuple[dict[str, Provider], dict[str, str]]:
+def all_providers(device: torch.device, names: list[str] | None = None, *, interpreted: bool = False
+                  ) -> tuple[dict[str, Provider], dict[str, str]]:
     """Baselines then ours, optionally restricted to `names`; plus the reasons for any left out."""
-    ours, skipped = our_providers(device)
+    ours, skipped = our_providers(device, interpreted=interpreted)
     providers = {**BASELINE_PROVIDERS, **ours}
     if names:
         unknown = set(names) - set(providers) - set(skipped)

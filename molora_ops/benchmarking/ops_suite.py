@@ -139,7 +139,8 @@ def run_ops(
     grid_name: str | None = None,
 ) -> list[dict]:
     """Verify and time every provider on every config; returns one record per (config, provider)."""
-    chosen, left_out = all_providers(device, providers)
+    # Verifying (not timing) may include triton under its CPU interpreter when TRITON_INTERPRET=1 is set.
+    chosen, left_out = all_providers(device, providers, interpreted=verify_only)
     env = environment(device)
     run_id = f"{env['timestamp']}-{uuid.uuid4().hex[:6]}"
     ceiling = copy_bandwidth(device, timing) if not verify_only else {}

@@ -45,7 +45,7 @@ def run(args) -> int:
         from molora_ops.benchmarking.baselines import all_providers
 
         configs = ops_suite.grid(grid_name)
-        chosen, _ = all_providers(device, names)
+        chosen, _ = all_providers(device, names, interpreted=args.verify_only)
         bar = tqdm(total=len(configs) * len(chosen), desc="ops", unit="run")
         timing = TimingConfig.quick() if args.quick else TimingConfig()
         records = ops_suite.run_ops(configs, device, providers=names, timing=timing, grid_name=grid_name,
