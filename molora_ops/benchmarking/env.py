@@ -13,23 +13,19 @@ import torch
 
 
 def cpu_model() -> str:
-    """The CPU model as /proc/cpuinfo names it, with family/model when the name alone is vague."""
-    name, family, model = platform.processor() or platform.machine(), None, None
+    """The CPU model as /proc/cpuinfo names it, with family/model added when the name has no model number
+    (a VM may report just "AMD EPYC")."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                key, value = key.strip(), value.strip()
-                if key == "model name" and name in (platform.processor(), platform.machine()):
-                    name = value
-                elif key == "cpu family" and family is None:
-                    family = value
-                elif key == "model" and model is None:
-                    model = value
+                fields.setdefault(key.strip(), value.strip())  # the first CPU's entries
     except OSError:
         pass
-    if family is not None and model is not None and not re.search(r"\d{3,}", name):
-        name = f"{name} (family {family}, model {model})"
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields and not re.search(r"\d{3,}", name):
+        name = f"{name} (family {fields['cpu family']}, model {fields['model']})"
     return name
 
 
