@@ -81,7 +81,7 @@ def _jobs(shape, dt: str):
     sp = dict(x_ptr=dt, a_ptr=dt, w_ptr="fp32", scale_ptr="fp32", sorted_pairs_ptr="i32", seg_offsets_ptr="i32",
               out_ptr="fp32")
     meta = dict(BLOCK_M=s.BLOCK_M, BLOCK_R=s.BLOCK_R, BLOCK_K=s.BLOCK_K, SPLIT_K=s.SPLIT_K, USE_ATOMIC=False,
-                UPCAST=upcast)
+                UPCAST=upcast, SCAN_BLOCK=configs.scan_block(N))
     yield "shrink", k._shrink_kernel, sp, dict(meta, APPLY_COEF=s.SPLIT_K == 1), s.num_warps
     if s.SPLIT_K > 1:
         bp, br = configs.reduce_config(R)

@@ -140,6 +140,11 @@ def fused_config(num_tokens: int, rank: int, h_in: int, h_out: int) -> GatherCon
     return GatherConfig(block_m, block_n, block_r, block_k, 4)
 
 
+def scan_block(num_adapters: int) -> int:
+    """Adapters per step of the shrink's tile-to-segment scan."""
+    return _clamp(next_pow2(num_adapters), 16, 256)
+
+
 def reduce_config(rank: int) -> tuple[int, int]:
     """(BLOCK_P, BLOCK_R) for the split-K partial reduction."""
     block_r = _clamp(next_pow2(rank), 1, 64)

@@ -7,6 +7,8 @@ Shapes (T tokens, K slots, P = T * K pairs, pair p = t * K + k, N adapters, R pa
 Kernels
     _shrink_kernel         adapter-segmented gather-GEMM: a program owns BLOCK_M pairs of one adapter's segment
                            of the routing plan, one BLOCK_R slice of the rank and one of SPLIT_K slices of H_in.
+                           The tiles of all segments are numbered back to back, so the grid is about
+                           P / BLOCK_M + N programs, not N * P / BLOCK_M.
                            tl.dot on the gathered x rows against lora_a[e] (gathered by index: base + e * stride).
     _shrink_reduce_kernel  sums the SPLIT_K partials in a fixed order (deterministic) and applies
                            probability x scaling in rank space; writes every element of h (zeros for empty slots).
@@ -22,8 +24,8 @@ Kernels
 Conventions: every load and store is masked; offsets are int64; ids outside [0, N) are masked out before
 they are ever used in an address, so they are never dereferenced; accumulation is float32 and the result
 is rounded once into out. Grids never depend on device values: the shrink grid is sized for the longest
-possible segment (all P pairs on one adapter) and programs past their segment's end return at once, which
-keeps launches CUDA-graph safe.
+possible routing (cdiv(P, BLOCK_M) + min(N, P) segment tiles) and programs past the last tile return at
+once, which keeps launches CUDA-graph safe.
 
 UPCAST (constexpr): cast tl.dot operands to float32 and use input_precision="ieee". Set for float32 inputs
 (on a GPU tf32 would break the float32 tolerance) and under TRITON_INTERPRET=1, where bf16 tl.dot is wrong.
@@ -34,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .configs import GatherConfig, ShrinkConfig, cdiv, reduce_config
+from .configs import GatherConfig, ShrinkConfig, cdiv, reduce_config, scan_block
 
 
 # ------------------------------------------------------------------------------------------------- shrink
@@ -43,7 +45,7 @@ def _shrink_kernel(
     # pointers
     x_ptr, a_ptr, w_ptr, scale_ptr, sorted_pairs_ptr, seg_offsets_ptr, out_ptr,
     # sizes
-    top_k, rank, h_in, k_per_split,
+    top_k, rank, h_in, k_per_split, num_adapters,
     # strides
     stride_xt, stride_xh,
     stride_ae, stride_ar, stride_ah,
@@ -51,25 +53,45 @@ def _shrink_kernel(
     stride_os, stride_op, stride_or,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    APPLY_COEF: tl.constexpr, USE_ATOMIC: tl.constexpr, UPCAST: tl.constexpr,
+    SCAN_BLOCK: tl.constexpr, APPLY_COEF: tl.constexpr, USE_ATOMIC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Semantics: for each pair p = t*K + k routed to adapter e (the segment e of the plan),
         out[s, p, r] = sum_{h in split s} lora_a[e, r, h] * x[t, h]          (APPLY_COEF = False, partials)
         out[p, r]    = w[t, k] * scale[e] * sum_h lora_a[e, r, h] * x[t, h]   (APPLY_COEF = True, SPLIT_K = 1
                                                                               or USE_ATOMIC: added in place)
-    Grid: (cdiv(P, BLOCK_M), N, SPLIT_K * cdiv(R, BLOCK_R)). Rows of pairs outside every segment are untouched.
+    Grid: (cdiv(P, BLOCK_M) + min(N, P), SPLIT_K * cdiv(R, BLOCK_R)). Axis 0 enumerates the BLOCK_M tiles of
+    all segments back to back (adapter 0's tiles, then adapter 1's, ...); its size is an upper bound on that
+    count for any routing, so it is fixed by shapes alone and programs past the last tile return at once.
+    Rows of pairs outside every segment are untouched.
     """
-    pid_m = tl.program_id(0)
-    e = tl.program_id(1)
-    pid_z = tl.program_id(2)
+    tile_id = tl.program_id(0)
+    pid_z = tl.program_id(1)
     pid_sk = pid_z % SPLIT_K
     pid_r = pid_z // SPLIT_K
 
+    # Which adapter and which tile of its segment: scan the per-adapter tile counts (a prefix sum over the
+    # plan's offsets, SCAN_BLOCK adapters at a time). O(N) per program, but it keeps the grid at about
+    # P / BLOCK_M + N programs instead of N * P / BLOCK_M mostly-idle ones.
+    e = tile_id * 0 - 1
+    tile = tile_id * 0
+    tiles_before = tile_id * 0
+    for c0 in range(0, num_adapters, SCAN_BLOCK):
+        offs_e = c0 + tl.arange(0, SCAN_BLOCK)
+        mask_e = offs_e < num_adapters
+        lo = tl.load(seg_offsets_ptr + offs_e, mask=mask_e, other=0)
+        hi = tl.load(seg_offsets_ptr + offs_e + 1, mask=mask_e, other=0)
+        n_tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
+        first = tl.cumsum(n_tiles, axis=0) - n_tiles + tiles_before  # first flat tile of each adapter
+        hit = mask_e & (first <= tile_id) & (tile_id < first + n_tiles)
+        e = tl.maximum(e, tl.max(tl.where(hit, offs_e, -1), axis=0))
+        tile = tl.maximum(tile, tl.max(tl.where(hit, tile_id - first, 0), axis=0))
+        tiles_before += tl.sum(n_tiles, axis=0)
+    if e < 0:
+        return  # past the last tile of the last segment
+
     seg_start = tl.load(seg_offsets_ptr + e)
     seg_end = tl.load(seg_offsets_ptr + e + 1)
-    row_start = seg_start + pid_m * BLOCK_M
-    if row_start >= seg_end:
-        return  # grid is sized for the longest possible segment
+    row_start = seg_start + tile * BLOCK_M
 
     offs_m = row_start + tl.arange(0, BLOCK_M)
     mask_m = offs_m < seg_end
@@ -348,16 +370,19 @@ def launch_shrink(x, lora_a, topk_weights, scale, sorted_pairs, seg_offsets, out
     float32 h (apply_coef=True; with use_atomic the splits are added into it, so it must start at zero)."""
     num_pairs, num_adapters, rank, h_in = sorted_pairs.shape[0], lora_a.shape[0], lora_a.shape[1], x.shape[1]
     stride_os, stride_op, stride_or = (out.stride() if out.dim() == 3 else (0,) + out.stride())
-    grid = (cdiv(num_pairs, cfg.BLOCK_M), num_adapters, cfg.SPLIT_K * cdiv(rank, cfg.BLOCK_R))
+    # Upper bound on the number of segment tiles for any routing: sum_e cdiv(len_e, BLOCK_M) with at most
+    # min(N, P) non-empty segments.
+    max_tiles = cdiv(num_pairs, cfg.BLOCK_M) + min(num_adapters, num_pairs)
+    grid = (max_tiles, cfg.SPLIT_K * cdiv(rank, cfg.BLOCK_R))
     _shrink_kernel[grid](
         x, lora_a, topk_weights, scale, sorted_pairs, seg_offsets, out,
-        top_k, rank, h_in, cfg.k_per_split(h_in),
+        top_k, rank, h_in, cfg.k_per_split(h_in), num_adapters,
         x.stride(0), x.stride(1),
         lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
         topk_weights.stride(0), topk_weights.stride(1),
         stride_os, stride_op, stride_or,
         BLOCK_M=cfg.BLOCK_M, BLOCK_R=cfg.BLOCK_R, BLOCK_K=cfg.BLOCK_K, SPLIT_K=cfg.SPLIT_K,
-        APPLY_COEF=apply_coef, USE_ATOMIC=use_atomic, UPCAST=upcast, num_warps=cfg.num_warps,
+        SCAN_BLOCK=scan_block(num_adapters), APPLY_COEF=apply_coef, USE_ATOMIC=use_atomic, UPCAST=upcast, num_warps=cfg.num_warps,
     )
 
 
