@@ -102,17 +102,38 @@ def _load() -> dict:
         return _state
     try:
         torch.ops.load_library(str(path))
-        fn = ctypes.CDLL(str(path)).molora_cuda_archs
-        fn.restype = ctypes.c_char_p
-        archs = fn().decode()
+        lib = ctypes.CDLL(str(path))
+        lib.molora_cuda_archs.restype = ctypes.c_char_p
+        archs = lib.molora_cuda_archs().decode()
+        runtime = int(lib.molora_cuda_runtime_version())
     except Exception as exc:  # an unloadable library must not break `import molora_ops`
         _state.update(compiled=False, reason=f"load failed: {type(exc).__name__}: {exc}", archs="")
         return _state
     if not _registered():
         _state.update(compiled=False, reason=f"{path.name} loaded but registered no CUDA kernels", archs=archs)
         return _state
-    _state.update(compiled=True, reason="", archs=archs)
+    _state.update(compiled=True, reason="", archs=archs, runtime=runtime, lib=lib)
     return _state
+
+
+def _version(v: int) -> str:
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
+def _driver_problem(st: dict) -> str | None:
+    """Why the installed driver cannot run this library's statically linked CUDA runtime, or None."""
+    try:
+        driver = int(st["lib"].molora_cuda_driver_version())
+    except Exception as exc:
+        return f"cannot query the CUDA driver: {exc}"
+    if driver == 0:
+        return "no CUDA driver found"
+    if driver // 1000 < st["runtime"] // 1000:
+        return (
+            f"built with the CUDA {_version(st['runtime'])} runtime, but the driver supports CUDA {_version(driver)}; "
+            f"rebuild with a CUDA {driver // 1000}.x toolkit or update the driver"
+        )
+    return None
 
 
 def status() -> tuple[bool, bool, str]:
@@ -125,7 +146,11 @@ def status() -> tuple[bool, bool, str]:
         return True, False, f"built for {st['archs']}, but this torch build has no CUDA support"
     if not torch.cuda.is_available():
         return True, False, f"built for {st['archs']}, but no CUDA device"
-    return True, True, f"hand-written CUDA kernels built for {st['archs']}"
+    if "driver_problem" not in st:
+        st["driver_problem"] = _driver_problem(st)
+    if st["driver_problem"]:
+        return True, False, st["driver_problem"]
+    return True, True, f"hand-written CUDA kernels built for {st['archs']} (CUDA {_version(st['runtime'])} runtime)"
 
 
 # ---------------------------------------------------------------------------------------------- helpers
