@@ -101,6 +101,16 @@ class Setup:
         return mo.patch(model, adapters=self.dirs, backend=backend, **kw)
 
 
+_SETUPS: dict = {}
+
+
+def shared_setup(arch, tmp_path_factory) -> Setup:
+    """One Setup per architecture per test session (tests never mutate it: they deep-copy what they change)."""
+    if arch not in _SETUPS:
+        _SETUPS[arch] = Setup(arch, tmp_path_factory.mktemp(f"{arch}_adapters"))
+    return _SETUPS[arch]
+
+
 def lora_layers(pm):
     """{name: peft LoraLayer} of a PeftModel."""
     from peft.tuners.lora import LoraLayer

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from _hf import Setup
+from _hf import shared_setup
 
 import molora_ops as mo
 
@@ -14,7 +14,7 @@ NAMES = ["code", "__base__", "qa"]
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    return Setup("llama", tmp_path_factory.mktemp("llama_lowp"))
+    return shared_setup("llama", tmp_path_factory)
 
 
 def _err(a, b):

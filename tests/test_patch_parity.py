@@ -5,14 +5,14 @@ import copy
 import pytest
 import torch
 
-from _hf import ADAPTERS, ARCHS, Setup, assert_logits_close, hook_reference_logits
+from _hf import ADAPTERS, ARCHS, shared_setup, assert_logits_close, hook_reference_logits
 
 import molora_ops as mo
 
 
 @pytest.fixture(scope="module", params=ARCHS)
 def setup(request, tmp_path_factory):
-    return Setup(request.param, tmp_path_factory.mktemp(request.param))
+    return shared_setup(request.param, tmp_path_factory)
 
 
 @torch.no_grad()

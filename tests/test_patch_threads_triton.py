@@ -5,14 +5,14 @@ import threading
 import pytest
 import torch
 
-from _hf import Setup, assert_logits_close
+from _hf import shared_setup, assert_logits_close
 
 import molora_ops as mo
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    return Setup("llama", tmp_path_factory.mktemp("llama_thr"))
+    return shared_setup("llama", tmp_path_factory)
 
 
 @torch.no_grad()

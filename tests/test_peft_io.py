@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from _hf import Setup, assert_logits_close, make_model, peft
+from _hf import shared_setup, assert_logits_close, make_model, peft
 
 import molora_ops as mo
 from molora_ops.peft_io import AdapterError, load_adapter
@@ -15,7 +15,7 @@ from molora_ops.peft_io import AdapterError, load_adapter
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    return Setup("llama", tmp_path_factory.mktemp("llama_io"))
+    return shared_setup("llama", tmp_path_factory)
 
 
 def _save(base, cfg, path, **kw):

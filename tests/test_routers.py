@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from _hf import ADAPTERS, Setup, assert_logits_close
+from _hf import ADAPTERS, shared_setup, assert_logits_close
 
 import molora_ops as mo
 from molora_ops.routers import load_router, select_topk
@@ -37,7 +37,7 @@ def _texts(words, n, seed):
 
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
-    return Setup("gpt2", tmp_path_factory.mktemp("gpt2_routers"))
+    return shared_setup("gpt2", tmp_path_factory)
 
 
 def _block0_hidden(model, ids):
