@@ -56,6 +56,21 @@ def test_status_and_interpreting_agree_with_environment():
     assert mo.backends()["triton"]["available"]
 
 
+def test_import_without_triton_never_raises():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import molora_ops\n"
+        "from molora_ops.impl import triton_backend as t\n"
+        "compiled, available, reason = t.status()\n"
+        "assert not compiled and not available and 'triton' in reason, reason\n"
+        "assert molora_ops.backends()['triton']['available'] is False\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 def test_float64_is_a_type_error():
     p = make_problem(3, 2, 3, 4, 16, 8, torch.float64)
     plan = mo.build_plan(p.topk_ids, 3)

@@ -162,8 +162,13 @@ def _shrink_rows(x, lora_a, topk_ids, topk_weights, scale, plan: RoutingPlan, *,
 
 
 def shrink(x, lora_a, topk_ids, topk_weights, scale, plan: RoutingPlan) -> torch.Tensor:
-    """h[t, k] = w[t, k] * scale[e] * lora_a[e] @ x[t]; returns [T, K, R] float32 (zeros in empty slots).
-    (float64 when `scale` is float64, to match the op's declared output; the arithmetic is float32.)"""
+    """Semantics: h[t, k] = topk_weights[t, k] * scale[e] * lora_a[e] @ x[t],  e = topk_ids[t, k];
+    h[t, k] = 0 when e is outside [0, N).
+
+    x [T, H_in] fp16/bf16/fp32, lora_a [N, R, H_in] x.dtype, topk_ids [T, K] int32/int64, topk_weights [T, K]
+    floating, scale [N] float32/float64, plan built from topk_ids. Returns h [T, K, R] float32 (float64 when
+    `scale` is float64, to match the op's declared output; the arithmetic is float32 either way).
+    """
     _check_dtype(x=x, lora_a=lora_a)
     num_tokens, top_k, rank = x.shape[0], topk_ids.shape[1], lora_a.shape[1]
     out_dtype = torch.float64 if scale.dtype == torch.float64 else torch.float32
@@ -199,8 +204,12 @@ def _expand_into(h, lora_b, topk_ids, out, accumulate: bool) -> None:
 
 
 def expand(h, lora_b, topk_ids, plan: RoutingPlan, out: torch.Tensor, accumulate: bool) -> None:
-    """out[t] (+)= sum_k lora_b[e] @ h[t, k] over non-empty slots, formed in float32, rounded once into out.
-    Every element of out is written (overwritten when accumulate is False)."""
+    """Semantics: out[t] = (out[t] if accumulate else 0) + sum_{k: 0 <= e < N} lora_b[e] @ h[t, k],  e = topk_ids[t, k];
+    the sum is formed in float32 and rounded once into out.
+
+    h [T, K, R] float32/float64 (any strides), lora_b [N, H_out, R] fp16/bf16/fp32, topk_ids [T, K],
+    out [T, H_out] lora_b.dtype (any strides). Every element of out is written, once.
+    """
     del plan  # the expand is token-major: it reads each token's ids directly
     _check_dtype(lora_b=lora_b, out=out)
     if out.numel() == 0:
@@ -217,7 +226,13 @@ def choose_fused(num_tokens: int, top_k: int, rank: int, h_in: int, h_out: int) 
 
 
 def routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale, plan: RoutingPlan, out, accumulate: bool) -> None:
-    """out[t] (+)= sum_k w[t, k] * scale[e] * lora_b[e] @ (lora_a[e] @ x[t]); fused at decode sizes."""
+    """Semantics: out[t] = (out[t] if accumulate else 0)
+                          + sum_{k: 0 <= e < N} topk_weights[t, k] * scale[e] * lora_b[e] @ (lora_a[e] @ x[t]),
+    e = topk_ids[t, k]; float32 throughout, one rounding into out.
+
+    x [T, H_in], lora_a [N, R, H_in], lora_b [N, H_out, R], out [T, H_out], all one of fp16/bf16/fp32; topk_ids
+    and topk_weights [T, K]; scale [N]. One fused launch at decode sizes (choose_fused), else shrink + expand.
+    """
     _check_dtype(x=x, lora_a=lora_a, lora_b=lora_b, out=out)
     if out.numel() == 0:
         return
