@@ -31,6 +31,7 @@ _FUSED_TILE_ELEMS = 2048
 FUSED_MAX_TOKENS = 16
 FUSED_MAX_RANK_SLOTS = 128  # next_pow2(R) * K
 FUSED_MAX_RANK = 64
+FUSED_MAX_REDUNDANT_A_BYTES = 16 << 20  # lora_a bytes re-read across H_out tiles (L2 traffic)
 
 # Split-K on shrink when there are few pairs (few M tiles) and a long H_in reduction.
 SPLIT_K_MAX_PAIRS = 128
@@ -125,10 +126,18 @@ def expand_config(num_tokens: int, rank: int, h_out: int) -> GatherConfig:
 
 
 def use_fused(num_tokens: int, top_k: int, rank: int, h_in: int, h_out: int) -> bool:
-    """One launch (shrink recomputed per H_out tile) at decode sizes; two launches otherwise."""
-    del h_in, h_out
+    """One launch (shrink recomputed per H_out tile) at decode sizes; two launches otherwise.
+
+    Every H_out tile of the fused kernel re-reads its tokens' lora_a rows (from L2), so the path is also
+    bounded by that redundant traffic, T * K * R * H_in * 2 bytes per H_out tile. At LLM sizes this leaves
+    the fused path to one or two tokens. The bound is an estimate, not a measurement (no GPU timing went
+    into it yet).
+    """
     r_pad = next_pow2(rank)
-    return num_tokens <= FUSED_MAX_TOKENS and r_pad <= FUSED_MAX_RANK and r_pad * top_k <= FUSED_MAX_RANK_SLOTS
+    if not (num_tokens <= FUSED_MAX_TOKENS and r_pad <= FUSED_MAX_RANK and r_pad * top_k <= FUSED_MAX_RANK_SLOTS):
+        return False
+    n_tiles = cdiv(h_out, fused_config(num_tokens, rank, h_in, h_out).BLOCK_N)
+    return num_tokens * r_pad * top_k * h_in * 2 * n_tiles <= FUSED_MAX_REDUNDANT_A_BYTES
 
 
 def fused_config(num_tokens: int, rank: int, h_in: int, h_out: int) -> GatherConfig:
