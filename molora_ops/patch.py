@@ -14,7 +14,9 @@ Usage::
     mo.unpatch(model)                            # original modules back, bit-identical outputs
 
 Without a routing context the ``router`` given to ``patch`` picks the ``top_k`` adapters of every token (from
-the hidden state entering block ``router.layer``); without a router either the model computes exactly the base.
+the hidden state entering block ``router.layer``) and that one routing (one plan) serves every layer; a list of
+routers, one per decoder block (None for none), routes each block from its own input instead (per-layer routing).
+Without a router either the model computes exactly the base.
 
 How it works. Every module that some adapter targets (``nn.Linear`` or GPT-2's ``Conv1D``) is patched as an
 *instance*: its class is swapped for a subclass ``Routed<Class>`` that runs the original forward and then adds
@@ -113,6 +115,7 @@ class _Slot:
     def __init__(self, state, name: str, in_f: int, out_f: int, ranks: list[int], group=None, out_slice=None):
         self.state = state
         self.name = name
+        self.block = _block_index(state, name)
         self.in_f, self.out_f = in_f, out_f
         self.ranks = ranks
         self.group: Optional[_Group] = group
@@ -137,9 +140,16 @@ class _Slot:
 
     def apply(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         fs = self.state.fwd_var.get()
-        if fs is None or fs.routing is None:
+        if fs is None:
             return out
-        r = fs.routing.on(x.device)
+        r = fs.routing
+        if r is None:
+            if not fs.block_routing or self.block is None:
+                return out
+            r = fs.block_routing.get(self.block)  # per-layer routers
+            if r is None:
+                return out
+        r = r.on(x.device)
         x2 = x.reshape(-1, self.in_f)
         if x2.shape[0] != r.topk_ids.shape[0]:
             raise RuntimeError(
@@ -191,6 +201,7 @@ class _PatchState:
         self.peft_layers: list[tuple[nn.Module, bool]] = []
         self.first_module: Optional[nn.Module] = None
         self.blocks: Optional[nn.ModuleList] = None
+        self.blocks_prefix: Optional[str] = None
 
     def device(self):
         if self.first_module is None:
@@ -209,8 +220,17 @@ def is_patched(model) -> bool:
     return getattr(model, "_molora_state", None) is not None
 
 
+def _block_index(state, module_name: str) -> Optional[int]:
+    prefix = state.blocks_prefix
+    if prefix is None or not module_name.startswith(prefix):
+        return None
+    head = module_name[len(prefix) :].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
 def _find_backbone(root: nn.Module, target_names: list[str]):
-    """The ModuleList holding the most patched modules is the block list; its parent is the backbone."""
+    """The ModuleList holding the most patched modules is the block list; its parent is the backbone.
+    Returns (backbone, blocks, blocks' name)."""
     best, best_count = None, 0
     for name, mod in root.named_modules():
         if isinstance(mod, nn.ModuleList):
@@ -219,9 +239,9 @@ def _find_backbone(root: nn.Module, target_names: list[str]):
             if count > best_count:
                 best, best_count = name, count
     if best is None:
-        return root, None
+        return root, None, None
     parent = best.rsplit(".", 1)[0] if "." in best else ""
-    return root.get_submodule(parent), root.get_submodule(best)
+    return root.get_submodule(parent), root.get_submodule(best), best
 
 
 def _resolve_adapters(adapters) -> dict[str, LoraAdapter]:
@@ -242,7 +262,8 @@ def patch(model, adapters=None, router=None, top_k: int = 2, backend: str = "aut
         model: a transformers model (the model the adapters were trained on, e.g. LlamaForCausalLM), or a
             PeftModel with LoRA adapters loaded (adapters=None takes all of them, or a list of their names).
         adapters: {name: PEFT directory | (config, state_dict) | {"config", "state_dict"}}; order = adapter ids.
-        router: optional TokenRouter / ContextRouter / KeywordRouter used when no routing() context is active.
+        router: optional TokenRouter / ContextRouter / KeywordRouter used when no routing() context is active,
+            or a list with one router (or None) per decoder block for per-layer routing.
         top_k: adapters per token chosen by the router.
         backend: "auto" | "torch" | "triton" | "cuda", passed to molora_ops.routed_lora.
     """
@@ -295,13 +316,19 @@ def patch(model, adapters=None, router=None, top_k: int = 2, backend: str = "aut
             targets[mod_name] = mod
 
     state = _PatchState(model, names, backend, router, top_k)
-    if router is not None:
-        num = getattr(router, "num_adapters", n)
+    per_layer = isinstance(router, (list, tuple, nn.ModuleList))
+    for r in (router if per_layer else [router]):
+        if r is None:
+            continue
+        num = getattr(r, "num_adapters", n)
         if num != n:
             raise ValueError(f"router has {num} outputs but {n} adapters were given")
-        r_names = getattr(router, "adapter_names", None)
+        r_names = getattr(r, "adapter_names", None)
         if r_names is not None and list(r_names) != names:
             raise ValueError(f"router was built for adapters {list(r_names)} but patch() got {names}")
+    backbone, blocks, blocks_name = _find_backbone(root, list(targets))
+    state.blocks = blocks
+    state.blocks_prefix = None if blocks_name is None else (blocks_name + "." if blocks_name else "")
 
     # Group siblings (same parent, names in one SIBLING_GROUPS row, same input size, same dtype).
     grouped: dict[str, tuple[str, list[str]]] = {}
@@ -337,16 +364,26 @@ def patch(model, adapters=None, router=None, top_k: int = 2, backend: str = "aut
                 _patch_single(state, loaded, names, mod_name, mod, ref_param(mod))
                 done.add(mod_name)
 
-        backbone, blocks = _find_backbone(root, list(targets))
-        state.blocks = blocks
         router_block = None
-        if router is not None:
+        device = ref_param(next(iter(targets.values()))).device
+        if per_layer:
+            if blocks is None or len(router) != len(blocks):
+                raise ValueError(
+                    f"per-layer routing needs one router (or None) per decoder block: {len(router)} routers for "
+                    f"{0 if blocks is None else len(blocks)} blocks"
+                )
+            for r in router:
+                if r is not None:
+                    r.to(device=device)
+        elif router is not None:
             layer = int(getattr(router, "layer", 0))
             if blocks is None or not (0 <= layer < len(blocks)):
                 raise ValueError(f"router.layer={layer} is not a block index of this model")
             router_block = blocks[layer]
-            router.to(device=ref_param(next(iter(targets.values()))).device)
+            router.to(device=device)
         state.hooks = BackboneHooks(state, backbone, router_block)
+        if per_layer:
+            state.hooks.set_layer_routers(blocks, router)
         if peft_model is not None:
             from peft.tuners.lora import LoraLayer
 

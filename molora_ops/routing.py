@@ -25,7 +25,9 @@ non-zero entries any token has, and -1 (an empty slot, which costs nothing) wher
 
 from __future__ import annotations
 
+import functools
 import inspect
+import itertools
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -37,6 +39,7 @@ from .plan import RoutingPlan, build_plan
 __all__ = ["routing", "RoutingSpec", "ForwardState", "dense_to_topk", "BASE"]
 
 BASE = "__base__"
+_FORWARDS = itertools.count()
 
 
 def dense_to_topk(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,8 +94,10 @@ class ForwardState:
     attention_mask: Optional[torch.Tensor] = None
     routing: Optional[ForwardRouting] = None
     router_pending: bool = False
+    block_routing: dict = field(default_factory=dict)  # per-layer routers: {block index: ForwardRouting}
     cache: dict = field(default_factory=dict)  # fused q/k/v deltas of this forward, keyed by group
     token: Any = None
+    serial: int = field(default_factory=lambda: next(_FORWARDS))
 
     def set_routing(self, ids: Optional[torch.Tensor], weights: Optional[torch.Tensor], num_adapters: int) -> None:
         if ids is None or ids.shape[-1] == 0:
@@ -229,7 +234,18 @@ class BackboneHooks:
             backbone.register_forward_hook(self.post, always_call=True),
         ]
         self.router_handle = None
+        self.layer_handles = []
         self.set_router_block(router_block)
+
+    def set_layer_routers(self, blocks, routers) -> None:
+        """Per-layer routing: router i reads the hidden states entering block i and routes that block."""
+        for h in self.layer_handles:
+            h.remove()
+        self.layer_handles = []
+        for i, (block, router) in enumerate(zip(blocks, routers)):
+            if router is not None:
+                hook = functools.partial(self.layer_router_pre, index=i, router=router)
+                self.layer_handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
 
     def set_router_block(self, block: Optional[torch.nn.Module]) -> None:
         """(Re)attach the router's pre-hook to `block` (the block whose input hidden states it reads)."""
@@ -244,6 +260,7 @@ class BackboneHooks:
             h.remove()
         self.handles = []
         self.set_router_block(None)
+        self.set_layer_routers([], [])
 
     def _bind(self, args, kwargs) -> dict:
         if self.signature is not None:
@@ -289,15 +306,27 @@ class BackboneHooks:
         if fs is None or not fs.router_pending or state.router is None:
             return None
         fs.router_pending = False
+        ids, w = self._route(state.router, fs, args, kwargs)
+        fs.set_routing(ids, w, len(state.adapter_names))
+        return None
+
+    def layer_router_pre(self, module, args, kwargs, *, index, router):
+        fs = self.state.fwd_var.get()
+        if fs is None or not fs.router_pending or not isinstance(self.state.router, (list, tuple, torch.nn.ModuleList)):
+            return None
+        ids, w = self._route(router, fs, args, kwargs)
+        fs.set_routing(ids, w, len(self.state.adapter_names))
+        fs.block_routing[index], fs.routing = fs.routing, None
+        return None
+
+    def _route(self, router, fs, args, kwargs):
+        state = self.state
         hidden = args[0] if args else kwargs.get("hidden_states")
         rstate = state.router_state_var.get()
-        if rstate is None or fs.past_len == 0:
-            rstate = {}
+        if rstate is None or (fs.past_len == 0 and rstate.get("_forward") != fs.serial):
+            rstate = {"_forward": fs.serial}  # a new sequence: running router state starts empty
             state.router_state_var.set(rstate)
-        router = state.router
         with torch.no_grad():
             probs = router(hidden, input_ids=fs.input_ids, attention_mask=fs.attention_mask, past_len=fs.past_len,
                            state=rstate)
-            ids, w = router.select(probs, state.top_k)
-        fs.set_routing(ids, w, len(state.adapter_names))
-        return None
+            return router.select(probs, state.top_k)

@@ -140,3 +140,47 @@ def test_train_router_separates_domains_and_round_trips(gpt2, tokenizer, tmp_pat
     with torch.no_grad():
         r_ids, _ = router.select(router(_block0_hidden(model, ids), state={}), 1)
     assert (r_ids[0, 2:] == 1).all()  # math text routed to "math"
+
+
+@torch.no_grad()
+def test_per_layer_routers_match_hook_reference(gpt2):
+    """One router per block, each reading that block's input: checked against hooks on PEFT's layers that
+    route every block from the (already routed) hidden state entering it."""
+    from _hf import lora_layers
+
+    routers = [mo.TokenRouter(32, list(ADAPTERS), temperature=0.5), mo.ContextRouter(32, list(ADAPTERS))]
+    for r in routers:
+        for p in r.parameters():
+            p.normal_(0, 1.0)
+    pm, names = gpt2.pm, list(ADAPTERS)
+    current = {}
+    handles = []
+    for i, block in enumerate(pm.base_model.model.transformer.h):
+        def route(module, args, kwargs, i=i):
+            h = args[0] if args else kwargs["hidden_states"]
+            ids, w = routers[i].select(routers[i](h, state={}), 2)
+            current[i] = _dense(ids, w, len(names))
+
+        handles.append(block.register_forward_pre_hook(route, with_kwargs=True))
+    for name, layer in lora_layers(pm).items():
+        block = int(name.split(".h.")[1].split(".")[0])
+
+        def add(mod, inp, out, layer=layer, block=block):
+            x, w = inp[0], current[block]
+            for n, adapter in enumerate(names):
+                if adapter in layer.lora_A:
+                    a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+                    out = out + w[..., n, None] * layer.scaling[adapter] * ((x @ a.t()) @ b.t())
+            return out
+
+        handles.append(layer.get_base_layer().register_forward_hook(add))
+    try:
+        with pm.disable_adapter():
+            ref = pm(gpt2.ids).logits
+    finally:
+        for h in handles:
+            h.remove()
+    model = gpt2.patched(router=routers, top_k=2)
+    assert_logits_close(model(gpt2.ids).logits, ref)
+    with pytest.raises(ValueError, match="one router"):
+        gpt2.patched(router=routers[:1])
