@@ -1,0 +1,189 @@
+"""Evaluation through ``mo.patch``: held-out losses, router accuracy, routing traces, generations and timing.
+
+Every number here comes from held-out token blocks that no stage trained on. The patched model computes the
+adapters with molora_ops' kernels (``routed_lora``), never PEFT's layers; PEFT appears only as the baseline in
+`time_forward` and in the parity check `peft_parity`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import contextmanager, nullcontext
+
+import torch
+
+BASE = "__base__"
+
+
+def require_patch():
+    """molora_ops' patch API (issue 4), with a clear error when this checkout does not have it yet."""
+    import molora_ops as mo
+
+    missing = [n for n in ("patch", "unpatch", "routing", "train_router") if not hasattr(mo, n)]
+    if missing:
+        raise RuntimeError(
+            f"this molora_ops has no {', '.join(missing)}: the demo's routing and evaluation need the patch API "
+            "(mo.patch / mo.routing / mo.train_router). Update molora_ops."
+        )
+    return mo
+
+
+@torch.no_grad()
+def heldout_loss(model, data: torch.Tensor, *, batch_size: int, device, routing=None) -> float:
+    """Mean next-token cross-entropy (nats/token) over `data` [n, seq]; `routing(batch)` gives a context."""
+    total, count = 0.0, 0
+    for i in range(0, data.shape[0], batch_size):
+        batch = data[i : i + batch_size].to(device)
+        ctx = routing(batch.shape[0]) if routing is not None else nullcontext()
+        with ctx:
+            logits = model(input_ids=batch, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        total += float(loss)
+        count += batch[:, 1:].numel()
+    return total / max(count, 1)
+
+
+@contextmanager
+def record_router(model):
+    """Collect the probabilities [B, S, N] that the installed router produces, forward by forward."""
+    router = model._molora_state.router
+    calls: list[torch.Tensor] = []
+    handle = router.register_forward_hook(lambda mod, args, out: calls.append(out.detach().float().cpu()))
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def router_accuracy(model, heldout: dict[str, torch.Tensor], names: list[str], *, batch_size: int, device) -> dict:
+    """Held-out accuracy of the installed router, read from the probabilities it gives inside the forward.
+
+    Per token: argmax of the token's probabilities equals the block's domain. Per sequence: argmax of the
+    probabilities averaged over the block's tokens (as train_router reports it)."""
+    tok_ok = tok_n = seq_ok = seq_n = 0
+    confusion = {d: {n: 0 for n in names} for d in heldout}
+    for domain, data in heldout.items():
+        label = names.index(domain)
+        for i in range(0, data.shape[0], batch_size):
+            batch = data[i : i + batch_size].to(device)
+            with record_router(model) as calls:
+                model(input_ids=batch, use_cache=False)
+            probs = torch.cat(calls, dim=1) if len(calls) > 1 else calls[0]
+            tok_ok += int((probs.argmax(-1) == label).sum())
+            tok_n += probs.shape[0] * probs.shape[1]
+            seq_pred = probs.mean(1).argmax(-1)
+            seq_ok += int((seq_pred == label).sum())
+            seq_n += probs.shape[0]
+            for p in seq_pred.tolist():
+                confusion[domain][names[p]] += 1
+    return {"sequence": seq_ok / seq_n, "token": tok_ok / tok_n, "sequences": seq_n, "tokens": tok_n,
+            "confusion": confusion}
+
+
+@torch.no_grad()
+def routing_trace(model, tokenizer, prompt: str, names: list[str], *, device, max_new_tokens: int = 0) -> dict:
+    """Greedy generation with the KV cache under the installed router, and the router's probabilities for
+    every prompt and generated token (prefill, then one decode step per new token)."""
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
+    with record_router(model) as calls:
+        if max_new_tokens > 0:
+            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                 pad_token_id=tokenizer.eos_token_id, eos_token_id=None)
+        else:
+            model(input_ids=ids, use_cache=False)
+            out = ids
+    probs = torch.cat([c[0] for c in calls], dim=0)  # [tokens routed, N]
+    tokens = out[0].tolist()
+    n = min(len(tokens), probs.shape[0])  # the last generated token is never fed back, so it has no routing
+    return {
+        "prompt": prompt,
+        "prompt_tokens": ids.shape[1],
+        "text": tokenizer.decode(out[0][ids.shape[1]:], skip_special_tokens=False),
+        "tokens": [tokenizer.decode([t]) for t in tokens[:n]],
+        "probs": probs[:n].tolist(),
+        "top": [names[int(i)] for i in probs[:n].argmax(-1)],
+        "decode_steps": len(calls) - 1,
+    }
+
+
+def summarize_trace(trace: dict) -> str:
+    """Runs of tokens by top adapter: 'code[12] math[5] ...' with the prompt/generation boundary as '|'."""
+    parts, prev, run = [], None, 0
+    for i, top in enumerate(trace["top"]):
+        if i == trace["prompt_tokens"]:
+            if prev is not None:
+                parts.append(f"{prev}[{run}]")
+            parts.append("|")
+            prev, run = None, 0
+        if top == prev:
+            run += 1
+        else:
+            if prev is not None:
+                parts.append(f"{prev}[{run}]")
+            prev, run = top, 1
+    if prev is not None:
+        parts.append(f"{prev}[{run}]")
+    return " ".join(parts)
+
+
+def _median_ms(fn, repeats: int, warmup: int = 2) -> dict:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    samples.sort()
+    return {"median_ms": statistics.median(samples), "p20_ms": samples[int(0.2 * (len(samples) - 1))],
+            "p80_ms": samples[int(0.8 * (len(samples) - 1))], "repeats": repeats}
+
+
+@torch.no_grad()
+def time_forward(base, patched, peft_model, batch: torch.Tensor, seq_names: list[str], *, repeats: int,
+                 device) -> dict:
+    """Forward-pass time on one mixed batch (one adapter per sequence), in the same process:
+    base model alone; PEFT's mixed batch (``adapter_names=``, its best equivalent); ours with the same
+    ``adapter_names``; ours routed (the router picks top-k adapters per token, which PEFT cannot express
+    in one pass)."""
+    import molora_ops as mo
+
+    batch = batch.to(device)
+    out = {"batch": list(batch.shape), "device": str(device)}
+    out["base"] = _median_ms(lambda: base(input_ids=batch, use_cache=False), repeats)
+    if peft_model is not None:
+        out["peft_mixed_batch"] = _median_ms(
+            lambda: peft_model(input_ids=batch, adapter_names=seq_names, use_cache=False), repeats
+        )
+
+    def ours_names():
+        with mo.routing(patched, adapter_names=seq_names):
+            patched(input_ids=batch, use_cache=False)
+
+    out["molora_adapter_names"] = _median_ms(ours_names, repeats)
+    out["molora_routed_topk"] = _median_ms(lambda: patched(input_ids=batch, use_cache=False), repeats)
+    if "peft_mixed_batch" in out:
+        out["speedup_vs_peft_mixed_batch"] = (
+            out["peft_mixed_batch"]["median_ms"] / out["molora_adapter_names"]["median_ms"]
+        )
+    return out
+
+
+@torch.no_grad()
+def peft_parity(patched, peft_model, batch: torch.Tensor, seq_names: list[str], *, device) -> float:
+    """Max |logits| difference between our patched model and PEFT's mixed batch for the same adapters."""
+    import molora_ops as mo
+
+    batch = batch.to(device)
+    ref = peft_model(input_ids=batch, adapter_names=seq_names, use_cache=False).logits.float()
+    with mo.routing(patched, adapter_names=seq_names):
+        got = patched(input_ids=batch, use_cache=False).logits.float()
+    return float((ref - got).abs().max())
