@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from molora_ops.benchmarking.problems import TRAFFIC_PATTERNS, routing_ids  # noqa: F401 (re-exported)
+
 # Absolute floor per output dtype, used on top of the flash-attention rule below. These are ceilings: a fast
 # path must never be further than this from the exact (float64) answer, however loose plain PyTorch is.
 TOLERANCE = {
@@ -13,8 +15,6 @@ TOLERANCE = {
     torch.float16: dict(atol=2e-3, rtol=2e-3),
     torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2),
 }
-
-TRAFFIC_PATTERNS = ("identical", "distinct", "uniform", "skewed", "zipf")
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float, name: str = "output"):
@@ -43,29 +43,6 @@ def assert_parity(actual: torch.Tensor, exact: torch.Tensor, lowp: torch.Tensor,
     baseline = float((lowp.double().cpu() - exact.double().cpu()).abs().max()) if exact.numel() else 0.0
     atol = min(tol["atol"] + 2.0 * baseline, tol["atol"] * 4)
     assert_close(actual, exact, atol=atol, rtol=tol["rtol"], name=name)
-
-
-def routing_ids(num_tokens: int, top_k: int, num_adapters: int, pattern: str, *, generator=None) -> torch.Tensor:
-    """[T, K] int64 adapter ids following a punica-style popularity pattern (no -1 slots yet).
-
-    identical: every token uses the same adapters; distinct: token t uses adapters t*K..t*K+K-1 mod N;
-    uniform: uniform draws; skewed: 80% of draws hit adapter 0; zipf: popularity ~ 1/(rank+1)."""
-    shape = (num_tokens, top_k)
-    if pattern == "identical":
-        row = torch.randperm(num_adapters, generator=generator)[:top_k]
-        row = row.repeat((top_k + num_adapters - 1) // num_adapters)[:top_k] if top_k > num_adapters else row
-        return row.expand(shape).clone()
-    if pattern == "distinct":
-        return (torch.arange(num_tokens * top_k) % num_adapters).view(shape)
-    if pattern == "uniform":
-        return torch.randint(0, num_adapters, shape, generator=generator)
-    if pattern == "skewed":
-        hot = torch.rand(shape, generator=generator) < 0.8
-        return torch.where(hot, torch.zeros(shape, dtype=torch.int64), torch.randint(0, num_adapters, shape, generator=generator))
-    if pattern == "zipf":
-        probs = 1.0 / torch.arange(1, num_adapters + 1, dtype=torch.float64)
-        return torch.multinomial(probs / probs.sum(), num_tokens * top_k, replacement=True, generator=generator).view(shape)
-    raise ValueError(f"unknown traffic pattern {pattern!r}")
 
 
 @dataclass
@@ -97,7 +74,7 @@ def make_problem(
 ) -> Problem:
     """Random, never-zero inputs scaled so outputs are O(1). A fraction of slots is set to -1, and a fraction
     of tokens gets the same adapter in two of its slots."""
-    ids = routing_ids(num_tokens, top_k, num_adapters, pattern)
+    ids = routing_ids(num_tokens, top_k, num_adapters, pattern, generator=None)
     if duplicate_frac and top_k > 1:
         dup = torch.rand(num_tokens) < duplicate_frac
         ids[dup, 1] = ids[dup, 0]
