@@ -15,7 +15,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true", help="reduced run for CI (about a minute on 2 CPU cores)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--out", metavar="DIR", default="molora-demo",
-                        help="artifacts: base model, PEFT adapters, router, heat map, results.json (default: %(default)s)")
+                        help="artifacts: base model, PEFT adapters, router, heat map, results.json "
+                             "(default: %(default)s)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
@@ -29,7 +30,8 @@ def add_arguments(parser) -> None:
     user.add_argument("--data", metavar="NAME=PATH", action="append",
                       help="texts for adapter NAME (a file or folder) for router training and evaluation; "
                            "adapters named code/math/prose default to the built-in corpora")
-    user.add_argument("--router", metavar="DIR", help="a router saved by mo.train_router / Router.save (else one is trained)")
+    user.add_argument("--router", metavar="DIR",
+                      help="a router saved by mo.train_router / Router.save (else one is trained)")
     user.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                       help="--model weights dtype (auto: bfloat16 on CUDA, float32 on CPU)")
 

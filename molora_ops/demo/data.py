@@ -212,7 +212,8 @@ def _fractions(r: random.Random) -> str:
     num = a * (lcm // b) + c * (lcm // d)
     g = math.gcd(num, lcm)
     return (f"Problem: Add the fractions {a}/{b} + {c}/{d}.\n"
-            f"Solution: The least common denominator of {b} and {d} is {lcm}. Rewrite: {a}/{b} = {a * (lcm // b)}/{lcm} "
+            f"Solution: The least common denominator of {b} and {d} is {lcm}. "
+            f"Rewrite: {a}/{b} = {a * (lcm // b)}/{lcm} "
             f"and {c}/{d} = {c * (lcm // d)}/{lcm}. Add the numerators: {num}/{lcm}. "
             f"The greatest common divisor of {num} and {lcm} is {g}, so the sum is {num // g}/{lcm // g}.\n"
             f"Answer: {num // g}/{lcm // g}.")

@@ -37,29 +37,32 @@ class Settings:
     n_layer: int = 4
     n_embd: int = 128
     n_head: int = 4
-    pretrain_steps: int = 200
+    pretrain_steps: int = 120
     pretrain_batch: int = 16
     pretrain_lr: float = 3e-3
-    adapter_steps: int = 100
+    adapter_steps: int = 150
     adapter_batch: int = 8
-    adapter_lr: float = 3e-3
+    adapter_lr: float = 5e-3
     rank: int = 16
     alpha: int = 32
+    # GPT-2's Conv1D projections. ("lm_head" would help prose most, but mo.patch routes only modules inside the
+    # decoder backbone for now, so it is left out.)
+    lora_targets: tuple = ("c_attn", "c_proj", "c_fc")
     router_kind: str = "context"
     router_layer: int = 0
     router_texts: int = 200
     router_epochs: int = 15
     router_lr: float = 1e-2
     top_k: int = 2
-    eval_blocks: int = 64
+    eval_blocks: int = 48
     eval_batch: int = 16
     gen_tokens: int = 32
     timing_repeats: int = 10
 
 
 DEFAULT = Settings()
-QUICK = replace(DEFAULT, chars_per_domain=200_000, pretrain_steps=90, adapter_steps=45, router_texts=120,
-                router_epochs=10, eval_blocks=32, gen_tokens=16, timing_repeats=5)
+QUICK = replace(DEFAULT, chars_per_domain=200_000, pretrain_steps=60, adapter_steps=60, router_texts=120,
+                router_epochs=10, eval_blocks=24, gen_tokens=16, timing_repeats=5)
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -70,7 +73,8 @@ def pick_threads(requested: int | None) -> int:
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(cores, 8, int(cores - busy + 0.5)))
+    free = cores if busy < 0.5 * cores else cores - round(busy)
+    return max(1, min(cores, 8, free))
 
 
 def seed_everything(seed: int) -> None:
@@ -126,7 +130,7 @@ def build_builtin(settings: Settings, out: Path, device, seed: int, log) -> dict
     adapters = train_adapters(
         base, blocks, out / "adapters", domains=data_mod.DOMAINS, rank=settings.rank, alpha=settings.alpha,
         steps=settings.adapter_steps, batch_size=settings.adapter_batch, lr=settings.adapter_lr, seed=seed,
-        device=device,
+        device=device, targets=settings.lora_targets,
     )
     stages["adapters"] = adapters["seconds"]
     sequential = train_sequential(
@@ -134,7 +138,8 @@ def build_builtin(settings: Settings, out: Path, device, seed: int, log) -> dict
         batch_size=settings.adapter_batch, lr=settings.adapter_lr, seed=seed, device=device,
     )
     stages["sequential"] = sequential["seconds"]
-    log(f"adapters: PEFT LoRA r={settings.rank} on c_attn/c_proj/c_fc, {settings.adapter_steps} steps each, saved "
+    targets = "/".join(settings.lora_targets)
+    log(f"adapters: PEFT LoRA r={settings.rank} on {targets}, {settings.adapter_steps} steps each, saved "
         f"to {out / 'adapters'}; sequential baseline {' -> '.join(sequential['order'])}")
     del adapters["first"]
     return {
@@ -291,8 +296,8 @@ def evaluate(pieces: dict, settings: Settings, out: Path, device, seed: int, log
         trace["routing"] = ev.summarize_trace(trace)
         generations.append(trace)
     heatmap = routing_heatmap(generations[0], names, out / "routing_heatmap.png",
-                              title=f"Per-token routing ({type(router).__name__}): {MIXED_PROMPT!r} + greedy "
-                                    "continuation", top_k=settings.top_k)
+                              title=f"Per-token routing ({type(router).__name__}): {MIXED_PROMPT!r}",
+                              top_k=settings.top_k)
     blends = []
     if "code" in names and "math" in names:
         ids = tokenizer(MIXED_PROMPT, return_tensors="pt")["input_ids"].to(device)
@@ -323,7 +328,8 @@ def evaluate(pieces: dict, settings: Settings, out: Path, device, seed: int, log
         "loss": losses,
         "timing": timing,
         "peft_parity_max_abs_logit_diff": parity,
-        "generations": [{k: g[k] for k in ("prompt", "text", "routing", "tokens", "top", "probs")} for g in generations],
+        "generations": [{k: g[k] for k in ("prompt", "text", "routing", "tokens", "top", "probs")}
+                        for g in generations],
         "blends": blends,
         "heatmap": str(heatmap),
         "adapters": names,
@@ -348,6 +354,7 @@ def check_claims(results: dict) -> dict:
     own = {d: row.get(f"adapter:{d}") for d, row in loss.items()}
     claims["routed_within_5pct_of_own_adapter"] = all(
         own[d] is not None and row["routed"] <= 1.05 * own[d] for d, row in loss.items())
+    # "clearly": at least 5% lower loss than the base in every domain
     claims["routed_clearly_below_base"] = all(row["routed"] <= 0.95 * row["base"] for row in loss.values())
     order = results.get("sequential_order") or []
     earlier = [d for d in order[:-1] if d in loss and "sequential" in loss[d]]
@@ -362,11 +369,14 @@ def format_table(results: dict) -> str:
     cols = list(next(iter(loss.values())).keys())
     width = max(10, *(len(c) for c in cols))
     lines = ["held-out loss (nats/token; lower is better)",
-             f"{'domain':<8}" + "".join(f"{c:>{width + 1}}" for c in cols) + f"{'routed vs own':>15}"]
+             f"{'domain':<8}" + "".join(f"{c:>{width + 1}}" for c in cols) + f"{'routed vs own':>15}"
+             + f"{'routed vs base':>16}"]
     for domain, row in loss.items():
         own = row.get(f"adapter:{domain}")
         rel = f"{100 * (row['routed'] / own - 1):+.1f}%" if own else "n/a"
-        lines.append(f"{domain:<8}" + "".join(f"{row[c]:>{width + 1}.3f}" for c in cols) + f"{rel:>15}")
+        rel_base = f"{100 * (row['routed'] / row['base'] - 1):+.1f}%"
+        lines.append(f"{domain:<8}" + "".join(f"{row[c]:>{width + 1}.3f}" for c in cols) + f"{rel:>15}"
+                     + f"{rel_base:>16}")
     acc = results["router_accuracy"]
     lines.append(f"router accuracy on held-out text: sequence {100 * acc['sequence']:.1f}% ({acc['sequences']} "
                  f"sequences), token {100 * acc['token']:.1f}% ({acc['tokens']} tokens)")
@@ -387,7 +397,7 @@ def format_table(results: dict) -> str:
         lines.append(f"      routing: {g['routing']}")
     for b in results.get("blends", []):
         lines.append(f"  blend {b['adapter_weights']}: {b['prompt']!r} -> {b['text']!r}")
-    lines.append("claims (held-out):")
+    lines.append("claims (held-out; 'clearly below base' = at least 5% lower loss in every domain):")
     for name, ok in results["claims"].items():
         mark = "n/a " if ok is None else ("PASS" if ok else "MISS")
         lines.append(f"  [{mark}] {name}")

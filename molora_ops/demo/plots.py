@@ -29,9 +29,9 @@ def routing_heatmap(trace: dict, names: list[str], path: Path, *, title: str, to
     ax.set_xticks(range(t), labels=[_label(tok) for tok in trace["tokens"]], rotation=90, fontsize=7,
                   fontfamily="monospace")
     boundary = trace["prompt_tokens"] - 0.5
-    if boundary < t - 0.5:
+    generated = boundary < t - 0.5
+    if generated:
         ax.axvline(boundary, color="white", linewidth=2.0, linestyle="--")
-        ax.text(boundary + 0.3, -0.62, "generated \u2192", color="black", fontsize=8, va="bottom")
     if t <= 60:
         for j in range(t):
             for i in range(n):
@@ -41,7 +41,8 @@ def routing_heatmap(trace: dict, names: list[str], path: Path, *, title: str, to
     cbar = fig.colorbar(im, ax=ax, fraction=0.025, pad=0.01)
     cbar.set_label("router probability", fontsize=8)
     sub = f" (top-{top_k} of these are applied per token)" if top_k else ""
-    ax.set_title(f"{title}{sub}", fontsize=9, loc="left")
+    note = "; dashed line: prompt | greedy continuation (KV cache)" if generated else ""
+    ax.set_title(f"{title}{sub}{note}", fontsize=9, loc="left")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
