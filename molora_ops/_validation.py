@@ -76,14 +76,13 @@ def check_scaling(scaling, num_adapters: int, device: torch.device) -> None:
         raise ValueError(f"scaling is on {scaling.device} but the inputs are on {device}")
 
 
-def scaling_vector(scaling, num_adapters: int, device: torch.device) -> torch.Tensor:
-    """The per-adapter scale as a contiguous [N] float32 tensor (float64 stays float64)."""
+def scaling_vector(scaling, num_adapters: int, device: torch.device, dtype=torch.float32) -> torch.Tensor:
+    """The per-adapter scale as a contiguous [N] tensor of `dtype` (float32; float64 for exact checks)."""
     if scaling is None:
-        return torch.ones(num_adapters, dtype=torch.float32, device=device)
+        return torch.ones(num_adapters, dtype=dtype, device=device)
     if isinstance(scaling, torch.Tensor):
-        dtype = torch.float64 if scaling.dtype == torch.float64 else torch.float32
         return scaling.to(dtype).contiguous()
-    return torch.full((num_adapters,), float(scaling), dtype=torch.float32, device=device)
+    return torch.full((num_adapters,), float(scaling), dtype=dtype, device=device)
 
 
 def check_shrink(x, lora_a, topk_ids, topk_weights, scaling, *, check_ids: bool = True) -> None:
@@ -142,3 +141,12 @@ def check_routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scaling, out, *
         )
     _check_same_device(x=x, lora_b=lora_b, out=out)
     _check_out(out, x.shape[0], lora_b.shape[1], x.dtype)
+    if out is not None and out.device.type != "meta" and _share_storage(out, x):
+        raise ValueError("out must not share memory with x: the kernels read x while they write out")
+
+
+def _share_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same underlying storage (storage pointers cannot be read while torch.compile traces: no check there)."""
+    if torch.compiler.is_compiling():
+        return False
+    return a.numel() > 0 and b.numel() > 0 and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()

@@ -64,7 +64,7 @@ def _shrink_op(
 
 @_shrink_op.register_fake
 def _(x, lora_a, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, backend):
-    dtype = torch.float64 if torch.float64 in (x.dtype, scale.dtype) else torch.float32
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return x.new_empty((x.shape[0], topk_ids.shape[1], lora_a.shape[1]), dtype=dtype)
 
 
@@ -163,6 +163,11 @@ def _should_check_ids(validate: bool, tensor) -> bool:
     return not (on_cuda and torch.cuda.is_current_stream_capturing())
 
 
+def _scale(scaling, num_adapters: int, x: Tensor) -> Tensor:
+    """[N] float32 scaling (float64 only for float64 inputs, so h is float32 as the contract says)."""
+    return scaling_vector(scaling, num_adapters, x.device, torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+
 def _plan_tensors(plan: Optional[RoutingPlan], topk_ids: Tensor, num_adapters: int):
     if plan is None:
         return None, None
@@ -190,7 +195,7 @@ def lora_shrink(x, lora_a, topk_ids, topk_weights, *, scaling=None, backend="aut
     """
     check_shrink(x, lora_a, topk_ids, topk_weights, scaling, check_ids=_should_check_ids(validate, x))
     sorted_pairs, seg_offsets = _plan_tensors(plan, topk_ids, lora_a.shape[0])
-    scale = scaling_vector(scaling, lora_a.shape[0], x.device)
+    scale = _scale(scaling, lora_a.shape[0], x)
     name = _backends.resolve(backend, x.device)
     return _shrink_op(x, lora_a, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, name)
 
@@ -241,7 +246,7 @@ def routed_lora(
         x, lora_a, lora_b, topk_ids, topk_weights, scaling, out, check_ids=_should_check_ids(validate, x)
     )
     sorted_pairs, seg_offsets = _plan_tensors(plan, topk_ids, lora_a.shape[0])
-    scale = scaling_vector(scaling, lora_a.shape[0], x.device)
+    scale = _scale(scaling, lora_a.shape[0], x)
     name = _backends.resolve(backend, x.device)
     args = (x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, name)
     if out is None:

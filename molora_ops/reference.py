@@ -37,7 +37,7 @@ def lora_shrink(x, lora_a, topk_ids, topk_weights, *, scaling=None, backend="ref
     check_shrink(x, lora_a, topk_ids, topk_weights, scaling)
     cd = _compute_dtype(x.dtype)
     num_adapters = lora_a.shape[0]
-    scale = scaling_vector(scaling, num_adapters, x.device).to(cd)
+    scale = scaling_vector(scaling, num_adapters, x.device, cd)
     valid = topk_ids >= 0
     ids = torch.where(valid, topk_ids, torch.zeros_like(topk_ids)).long()  # [T, K]
     a = lora_a.to(cd)[ids]  # [T, K, R, H_in]

@@ -95,3 +95,16 @@ def test_expand_and_shrink_checks():
         mo.lora_expand(h, torch.randn(N, H_OUT, R), torch.zeros(T, K + 1, dtype=torch.long))
     with pytest.raises(ValueError, match=r"topk_ids must lie in"):
         mo.lora_shrink(torch.randn(T, H_IN), torch.randn(N, R, H_IN), torch.full((T, K), 9), torch.rand(T, K))
+
+
+def test_out_sharing_memory_with_x_is_rejected():
+    x = torch.randn(T, H_IN)
+    a = _args(x=x, lora_b=torch.randn(N, H_IN, R))
+    with pytest.raises(ValueError, match=r"out must not share memory with x"):
+        mo.routed_lora(*a.values(), out=x)
+
+
+def test_shrink_is_float32_even_with_float64_scaling():
+    a = _args()
+    h = mo.lora_shrink(a["x"], a["lora_a"], a["topk_ids"], a["topk_weights"], scaling=torch.rand(N, dtype=torch.float64))
+    assert h.dtype == torch.float32
