@@ -91,7 +91,8 @@ def routing_trace(model, tokenizer, prompt: str, names: list[str], *, device, ma
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
     with record_router(model) as calls:
         if max_new_tokens > 0:
-            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, use_cache=True,
                                  pad_token_id=tokenizer.eos_token_id, eos_token_id=None)
         else:
             model(input_ids=ids, use_cache=False)

@@ -68,13 +68,15 @@ QUICK = replace(DEFAULT, chars_per_domain=200_000, pretrain_steps=60, adapter_st
 # ------------------------------------------------------------------------------------------------ setup
 def pick_threads(requested: int | None) -> int:
     """Intra-op threads. PyTorch's CPU kernels slow down many times over when their threads must share cores
-    with other busy processes (measured 5-7x for this model), so 'auto' leaves one core free and skips the cores
-    other processes keep busy (1-minute load average): 1 thread on a 2-core machine. `--threads` overrides."""
+    with other busy processes (measured 5-7x for this model on 2 cores), so 'auto' uses every core only on an
+    idle machine (1-minute load average below 0.5); otherwise it leaves one core free and skips the cores other
+    processes keep busy. `--threads` overrides."""
     if requested:
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(8, cores - 1 - int(busy)))
+    free = cores if busy < 0.5 else cores - 1 - int(busy)
+    return max(1, min(8, free))
 
 
 def seed_everything(seed: int) -> None:
@@ -302,7 +304,8 @@ def evaluate(pieces: dict, settings: Settings, out: Path, device, seed: int, log
     if "code" in names and "math" in names:
         ids = tokenizer(MIXED_PROMPT, return_tensors="pt")["input_ids"].to(device)
         with torch.no_grad(), mo.routing(patched, adapter_weights={"code": 0.5, "math": 0.5}):
-            out_ids = patched.generate(ids, max_new_tokens=settings.gen_tokens, do_sample=False, use_cache=True,
+            out_ids = patched.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=settings.gen_tokens,
+                                       do_sample=False, use_cache=True,
                                        pad_token_id=tokenizer.eos_token_id, eos_token_id=None)
         blends.append({"prompt": MIXED_PROMPT, "adapter_weights": {"code": 0.5, "math": 0.5},
                        "text": tokenizer.decode(out_ids[0][ids.shape[1]:])})
@@ -341,7 +344,8 @@ def evaluate(pieces: dict, settings: Settings, out: Path, device, seed: int, log
 def _decode_rate(patched, tokenizer, device, n: int) -> float:
     ids = tokenizer(MIXED_PROMPT, return_tensors="pt")["input_ids"].to(device)
     t0 = time.perf_counter()
-    patched.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
+    patched.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                     use_cache=True,
                      pad_token_id=tokenizer.eos_token_id, eos_token_id=None)
     return n / (time.perf_counter() - t0)
 
