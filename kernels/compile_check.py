@@ -29,6 +29,10 @@ SHAPES = (
     (133, 2, 9, 16, 2049, 2049),
     (4096, 2, 8, 16, 4096, 4096),
     (4096, 2, 64, 64, 4096, 11008),
+    # prefill with few adapters at larger ranks: the tensor-core expand's register limit (DOT_EXPAND_MAX_RANK)
+    (4096, 2, 4, 32, 4096, 4096),
+    (4096, 2, 4, 64, 4096, 4096),
+    (4096, 2, 4, 128, 4096, 4096),
 )
 _TL = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 

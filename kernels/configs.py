@@ -163,8 +163,12 @@ def reduce_config(rank: int) -> tuple[int, int]:
 # The tensor-core expand does one dot per distinct adapter in a token tile; it pays when that count is small
 # compared with the K per-row gathers of the CUDA-core expand, and only for half-precision weights (a float32
 # dot must run in ieee precision, off the tensor cores).
+# Rank bound from compile_check (bf16/fp16, no device): with 4 warps R = 32 spilled at BLOCK_M = 32 on sm_80
+# and sm_90, R = 64 everywhere and R = 128 by 0.6-1.6 KB. 8 warps (expand_dot_config) make R = 32 spill-free
+# on both, but R = 64 still spilled 64 B on sm_90 at BLOCK_M = 32 and R = 128 0.6 KB, so larger ranks take
+# the gather expand.
 DOT_EXPAND_MIN_TOKENS = 64
-DOT_EXPAND_MAX_RANK = 128
+DOT_EXPAND_MAX_RANK = 32
 DOT_EXPAND_ADAPTERS_PER_SLOT = 8
 
 
@@ -185,4 +189,5 @@ def expand_dot_config(num_tokens: int, rank: int, h_out: int) -> GatherConfig:
     block_m = 16 if num_tokens <= 128 else 32
     block_r = max(16, next_pow2(rank))
     block_n = _clamp(128 if block_r <= 32 else 64, 16, max(16, next_pow2(h_out)))
-    return GatherConfig(block_m, block_n, block_r, 0, 4)
+    num_warps = 8 if block_r >= 32 else 4  # 4 warps spilled at BLOCK_R = 32 (see DOT_EXPAND_MAX_RANK)
+    return GatherConfig(block_m, block_n, block_r, 0, num_warps)

@@ -114,6 +114,21 @@ def test_heuristic_picks_fused_at_decode_and_two_launches_for_prefill(monkeypatc
     assert tb.choose_expand(8, 2, 4, 16, torch.bfloat16) == "gather", "decode"
 
 
+def test_dot_expand_rank_bound_and_warps():
+    """The tensor-core expand's tile holds the whole rank: 4 warps spilled from R = 32 and R = 64 still spilled
+    with 8 (compile_check on sm_80 / sm_90), so R = 32 runs with 8 warps and larger ranks take the gather."""
+    assert configs.DOT_EXPAND_MAX_RANK == 32
+    for num_tokens in (64, 4096):
+        assert configs.expand_variant(num_tokens, 2, 4, 32, True) == "dot"
+        assert configs.expand_dot_config(num_tokens, 32, 4096).num_warps == 8
+        assert configs.expand_dot_config(num_tokens, 16, 4096).num_warps == 4
+        for rank in (33, 64, 128):
+            assert configs.expand_variant(num_tokens, 2, 4, rank, True) == "gather"
+    with tb.override(expand="dot"):
+        assert tb.choose_expand(4096, 2, 4, 32, torch.bfloat16) == "dot"
+        assert tb.choose_expand(4096, 2, 4, 64, torch.bfloat16) == "gather", "forced dot falls back past the bound"
+
+
 # -------------------------------------------------------------------------------------------- split-K
 @pytest.mark.parametrize("split_k", (1, 2, 5))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)

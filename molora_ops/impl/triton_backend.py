@@ -59,7 +59,8 @@ class Settings:
     split_k:        force the shrink's SPLIT_K (clamped so no split is empty)
     atomic_split_k: reduce split-K partials with fp32 atomics instead of the deterministic partial buffer
     expand:         force the expand variant, "gather" (CUDA-core, per-row weight gather) or "dot"
-                    (tensor cores, one dot per distinct adapter of a token tile; needs R <= 128)
+                    (tensor cores, one dot per distinct adapter of a token tile; only for
+                    R <= configs.DOT_EXPAND_MAX_RANK, larger ranks take "gather")
     """
 
     fused: Optional[bool] = None
@@ -180,7 +181,8 @@ def shrink(x, lora_a, topk_ids, topk_weights, scale, plan: RoutingPlan) -> torch
 
 
 def choose_expand(num_tokens: int, top_k: int, num_adapters: int, rank: int, dtype: torch.dtype) -> str:
-    """"dot" or "gather" for this shape (settings.expand overrides; "dot" falls back for R > 128)."""
+    """"dot" or "gather" for this shape (settings.expand overrides; "dot" falls back to
+    "gather" for R > configs.DOT_EXPAND_MAX_RANK, where its tile would spill registers)."""
     configs = _configs()
     if settings.expand is not None:
         if settings.expand not in ("dot", "gather"):
