@@ -61,8 +61,8 @@ class Settings:
 
 
 DEFAULT = Settings()
-QUICK = replace(DEFAULT, chars_per_domain=200_000, pretrain_steps=60, adapter_steps=60, router_texts=120,
-                router_epochs=10, eval_blocks=24, gen_tokens=16, timing_repeats=5)
+QUICK = replace(DEFAULT, chars_per_domain=200_000, pretrain_steps=60, adapter_steps=40, router_texts=120,
+                router_epochs=15, eval_blocks=16, gen_tokens=16, timing_repeats=3)
 
 
 # ------------------------------------------------------------------------------------------------ setup
