@@ -245,7 +245,10 @@ def _expand_dot_kernel(
     and for each adapter e does one tl.dot of hsum_e[m, :] = sum_{k: ids[m, k] == e} h[m, k, :] against
     lora_b[e]'s tile. The walk order is fixed by the ids, so the result is deterministic; every out element
     is written once. h stays float32: on half-precision weights it enters the dot as hi + lo halves
-    (two dots), so the intermediate is not rounded to 16 bits. Needs BLOCK_R >= R (whole rank per tile).
+    (two dots), so the intermediate is not rounded to 16 bits. fp16 cannot hold |hsum| > 65504: the hi half
+    is clamped to +-65504, the lo half carries the rest and a tile where that happened adds a third dot for
+    the lo half's rounding error, so |hsum| up to 2 * 65504 keeps about 22 bits (beyond that the lo half is
+    inf too; bf16 has float32's range). Needs BLOCK_R >= R (whole rank per tile).
     Grid: (cdiv(T, BLOCK_M), cdiv(H_out, BLOCK_N))."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -279,6 +282,16 @@ def _expand_dot_kernel(
         bt = tl.load(b_tile + e * stride_be, mask=mask_bt, other=0.0)
         if UPCAST:
             acc = tl.dot(hsum, bt.to(tl.float32), acc, input_precision="ieee")
+        elif b_ptr.dtype.element_ty == tl.float16:
+            # fp16 overflows past 65504 (inf hi + -inf lo was NaN): clamp the hi half, and when that happened
+            # in this tile (rare) the lo half is large too, so its own rounding error gets a third dot.
+            h_hi = tl.minimum(tl.maximum(hsum, -65504.0), 65504.0).to(tl.float16)
+            h_res = hsum - h_hi.to(tl.float32)
+            h_lo = h_res.to(tl.float16)
+            acc = tl.dot(h_hi, bt, acc)
+            acc = tl.dot(h_lo, bt, acc)
+            if tl.max(tl.abs(hsum)) > 65504.0:
+                acc = tl.dot((h_res - h_lo.to(tl.float32)).to(tl.float16), bt, acc)
         else:
             h_hi = hsum.to(bt.dtype)
             h_lo = (hsum - h_hi.to(tl.float32)).to(bt.dtype)

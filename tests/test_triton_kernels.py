@@ -317,6 +317,29 @@ def test_dot_expand_hi_lo_split_on_half_weights():
     assert_parity(out, exact, reference.lora_expand(h, p.lora_b, p.topk_ids), torch.float16)
 
 
+def test_dot_expand_fp16_hi_lo_split_with_h_beyond_fp16_range():
+    """h is float32 and may exceed fp16's range (65504): the hi half is clamped to it and the lo half carries
+    the rest, so the fp16 dots stay finite (an unclamped hi half was inf, and inf + (-inf) gave NaN)."""
+    from molora_ops.kernels import routed_lora as kernels
+
+    from _utils import TOLERANCE
+
+    ids = torch.randint(0, 4, (70, 2))
+    ids[::5, 1] = ids[::5, 0]  # duplicate slots: their h rows are summed before the split
+    ids[3::11, 1] = -1
+    lora_b = (torch.randn(4, 48, 16) * 0.01).half()
+    h = torch.randn(70, 2, 16) * 1e3
+    h[::7, 0, ::3] = 1.0e5  # beyond 65504, below 2 * 65504 even with the duplicate slot added
+    h[1::9, 0, 1::4] = -8.0e4
+    exact = reference.lora_expand(h.double(), lora_b.double(), ids)
+    assert exact.abs().max() < 6e4, "the answer itself fits in fp16"
+    out = torch.full((70, 48), float("nan"), dtype=torch.float16)
+    cfg = configs.expand_dot_config(70, 16, 48)
+    kernels.launch_expand_dot(h, lora_b, ids, out, cfg=cfg, accumulate=False, upcast=False)
+    assert bool(out.isfinite().all())
+    assert_close(out, exact, **TOLERANCE[torch.float16], name="out (|h| > 65504)")
+
+
 def test_flat_segment_tiles_with_many_adapters():
     """The shrink numbers the tiles of all segments back to back and scans the plan's offsets in chunks of
     SCAN_BLOCK adapters: N = 300 spans two chunks, with a hot adapter spanning several tiles, adapters on
