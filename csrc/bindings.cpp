@@ -49,8 +49,12 @@ void* current_stream(const at::Device& device) {
   return c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device).native_handle();
 }
 
+// The launchers return cudaGetLastError() after the launch, which also reports (and clears) an error left by
+// earlier asynchronous work on the device, e.g. a kernel of another library that faulted: say so, rather
+// than blame this launch.
 void check_launch(int code, const char* what) {
-  TORCH_CHECK(code == 0, "molora cuda: ", what, " launch failed: ", molora::error_string(code));
+  TORCH_CHECK(code == 0, "molora cuda: CUDA error after launching the ", what,
+              " kernel (it may come from an earlier asynchronous failure on this device): ", molora::error_string(code));
 }
 
 molora::Routing routing(const at::Tensor& topk_ids, const at::Tensor* topk_weights, const at::Tensor* scale,

@@ -59,7 +59,8 @@ struct ExpandProblem {
 // for a shape replays the same kernels whatever the routing.
 enum ShrinkPath : int32_t { kShrinkPerPair = 1, kShrinkSegmented = 2 };
 
-// Each launcher returns 0 on success or a cudaError_t value; error_string() turns that into text.
+// Each launcher returns 0 on success or a cudaError_t value; error_string() turns that into text. The value
+// is cudaGetLastError() after the launch, so it can also be an earlier asynchronous error of the device.
 // h is [P, R] float32. Every element of h is written (zeros for empty slots).
 int launch_shrink(const ShrinkProblem& p, float* h, int32_t path, void* stream);
 // out (+)= sum_k lora_b[e] @ h[t, k]. Every element of out is written when accumulate is false.

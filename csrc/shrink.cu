@@ -7,10 +7,10 @@
 //    when tokens share adapters).
 //  * segmented (SGMV-style, prefill sizes): the routing plan groups pairs by adapter, so a block takes kTileM
 //    consecutive pairs of one adapter's segment and kTileR rank rows, stages x rows and A[e] rows through
-//    shared memory in kChunk-wide slices of H_in, and reuses each A element for kTileM pairs. The grid is
-//    sized to the maximum (every segment could hold all P pairs) and blocks past their segment's end exit at
-//    once, so nothing depends on the routing at launch time (CUDA-graph safe). The extra segment N holds
-//    the empty pairs and writes their zeros.
+//    shared memory in kChunk-wide slices of H_in, and reuses each A element for kTileM pairs. The extra
+//    segment N holds the empty pairs and writes their zeros. Blocks walk one flat tile axis (see
+//    segment_tile_base): its length, P / kTileM + N + 1, depends on shapes only (CUDA-graph safe), and at
+//    most about N + 1 of its tiles are idle, whatever the routing.
 //
 // No atomics: every h element is written by exactly one thread, after a fixed-order reduction.
 #include "molora_device.cuh"
@@ -77,6 +77,40 @@ constexpr int kChunk = 64;   // H_in slice staged in shared memory
 constexpr int kPerThread = kTileM * kTileR / kThreadsSeg;
 static_assert(kThreadsSeg % kTileR == 0 && kPerThread * kThreadsSeg == kTileM * kTileR, "tile shape");
 
+// The flat tile axis of the segmented shrink. Segment s (s < N: adapter s; s == N: the unrouted pairs) owns the
+// pairs [lo_s, hi_s) of the plan, with lo_s = seg_offsets[s], hi_s = seg_offsets[s + 1] (hi_N = P), and takes
+// the cdiv(hi_s - lo_s, kTileM) tiles starting at
+//
+//     base(s) = floor(lo_s / kTileM) + s.
+//
+// For a well-formed plan (lo nondecreasing, lo_0 = 0, lo_N <= P) these ranges are disjoint and ordered:
+// floor(lo / M) + cdiv(hi - lo, M) <= floor(hi / M) + 1, so the last tile of segment s ends at or before
+// base(s + 1); and the last segment ends by floor(P / M) + N + 1, the axis length. So a tile index b belongs
+// to the largest s with base(s) <= b (base is strictly increasing in s), or to no one when b falls in the gap
+// of at most one tile that each segment may leave. Why this and not an exact prefix of tile counts: base(s)
+// is closed-form from one offset, so a block finds its segment with a binary search over seg_offsets --
+// ceil(log2(N + 2)) block-uniform loads, no shared-memory scan, no barrier, any N -- at the price of at most
+// N + 1 idle blocks per rank tile, which exit after the search. (A linear scan costs O(N) per block and an
+// exact prefix needs a block-wide scan of N + 1 counts in every block.)
+//
+// Offsets are clamped into [0, P], so a malformed plan can only leave pairs unwritten or write zeros, never
+// form an address outside [0, P).
+
+// seg_offsets[s] (s in [0, N]; index N is the start of the unrouted segment), clamped into [0, P].
+__device__ __forceinline__ int64_t clamped_offset(const Routing& route, int32_t s, int64_t num_pairs) {
+  const int64_t v = __ldg(route.seg_offsets + s);
+  return v < 0 ? 0 : (v > num_pairs ? num_pairs : v);
+}
+
+__device__ __forceinline__ int64_t segment_tile_base(const Routing& route, int32_t s, int64_t num_pairs) {
+  return clamped_offset(route, s, num_pairs) / kTileM + s;
+}
+
+// Number of tiles on the flat axis: an upper bound on sum_s cdiv(len_s, kTileM) for any well-formed plan.
+__host__ __device__ constexpr int64_t segmented_tiles(int64_t num_pairs, int32_t num_adapters) {
+  return num_pairs / kTileM + num_adapters + 1;
+}
+
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreadsSeg) shrink_segmented_kernel(ShrinkProblem prob, float* __restrict__ h) {
   __shared__ float xs_tile[kTileM][kChunk + 1];
@@ -90,6 +124,7 @@ __global__ void __launch_bounds__(kThreadsSeg) shrink_segmented_kernel(ShrinkPro
   const int32_t R = prob.rank;
   const int64_t H = prob.hidden_in;
   const int64_t row_tiles = ceil_div(R, kTileR);
+  const int64_t tiles = segmented_tiles(num_pairs, N);
   const T* __restrict__ xs = static_cast<const T*>(prob.x);
   const T* __restrict__ as = static_cast<const T*>(prob.a);
   const int tid = threadIdx.x;
@@ -97,84 +132,93 @@ __global__ void __launch_bounds__(kThreadsSeg) shrink_segmented_kernel(ShrinkPro
   const int my_m0 = tid / kTileR;
   constexpr int kMStep = kThreadsSeg / kTileR;
 
-  for (int64_t seg = blockIdx.y; seg <= N; seg += gridDim.y) {
-    // Segment `seg` < N holds adapter seg's pairs; segment N holds the empty ones. Clamp the bounds so a
-    // malformed plan can never send us outside [0, P).
-    int64_t lo = __ldg(route.seg_offsets + seg);
-    int64_t hi = seg < N ? __ldg(route.seg_offsets + seg + 1) : num_pairs;
-    lo = lo < 0 ? 0 : (lo > num_pairs ? num_pairs : lo);
-    hi = hi < lo ? lo : (hi > num_pairs ? num_pairs : hi);
-    for (int64_t mt = blockIdx.x; lo + mt * kTileM < hi; mt += gridDim.x) {
-      const int64_t m0 = lo + mt * kTileM;
-      const int count = static_cast<int>(hi - m0 < kTileM ? hi - m0 : kTileM);
-      // The per-pair adapter comes from topk_ids, not from the plan: ids the plan did not route (or a stale
-      // plan) can only ever produce zeros, never an out-of-range address.
-      __syncthreads();
-      if (tid < kTileM) {
-        int64_t p = -1;
-        float c = 0.f;
-        if (tid < count) {
-          p = __ldg(route.sorted_pairs + m0 + tid);
-          if (p < 0 || p >= num_pairs) p = -1;
-          const int32_t e = p >= 0 ? dev::adapter_of(route, p) : -1;
-          if (e >= 0 && e == seg) c = dev::coef_of(route, p, e);
+  // One block per tile of the flat axis (the launcher makes gridDim.x == tiles). Every thread runs the same
+  // search on the same addresses, so seg, lo, hi and mt are block-uniform: the whole block returns early, or
+  // none of it does and every barrier below is reached by all threads.
+  const int64_t b = blockIdx.x;
+  if (b >= tiles || segment_tile_base(route, 0, num_pairs) > b) return;  // the latter: a malformed plan only
+  // The largest seg in [0, N] with base(seg) <= b.
+  int32_t seg = 0, top = N;
+  while (seg < top) {
+    const int32_t mid = seg + (top - seg + 1) / 2;
+    if (segment_tile_base(route, mid, num_pairs) <= b) {
+      seg = mid;
+    } else {
+      top = mid - 1;
+    }
+  }
+  const int64_t lo = clamped_offset(route, seg, num_pairs);
+  int64_t hi = seg < N ? clamped_offset(route, seg + 1, num_pairs) : num_pairs;
+  hi = hi < lo ? lo : hi;
+  const int64_t mt = b - (lo / kTileM + seg);  // >= 0: base(seg) <= b
+  if (mt * kTileM >= hi - lo) return;          // the gap tile after segment seg: nothing to do
+  const int64_t m0 = lo + mt * kTileM;
+  const int count = static_cast<int>(hi - m0 < kTileM ? hi - m0 : kTileM);
+  // The per-pair adapter comes from topk_ids, not from the plan: ids the plan did not route (or a stale
+  // plan) can only ever produce zeros, never an out-of-range address.
+  if (tid < kTileM) {
+    int64_t p = -1;
+    float c = 0.f;
+    if (tid < count) {
+      p = __ldg(route.sorted_pairs + m0 + tid);
+      if (p < 0 || p >= num_pairs) p = -1;
+      const int32_t e = p >= 0 ? dev::adapter_of(route, p) : -1;
+      if (e >= 0 && e == seg) c = dev::coef_of(route, p, e);
+    }
+    pair_of[tid] = p;
+    coef_of[tid] = c;
+  }
+  __syncthreads();
+  for (int64_t rt = blockIdx.y; rt < row_tiles; rt += gridDim.y) {
+    const int64_t r0 = rt * kTileR;
+    float acc[kPerThread];
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) acc[i] = 0.f;
+    if (seg < N) {
+      const T* a_base = as + static_cast<int64_t>(seg) * prob.a_stride_n;
+      for (int64_t c0 = 0; c0 < H; c0 += kChunk) {
+        constexpr int kVecs = kChunk / VEC;
+        for (int idx = tid; idx < kTileM * kVecs; idx += kThreadsSeg) {
+          const int m = idx / kVecs, c = (idx % kVecs) * VEC;
+          float v[VEC];
+          const int64_t p = pair_of[m];
+          if (p >= 0 && c0 + c < H) {
+            dev::load_vec<T, VEC>(xs + (p / route.top_k) * prob.x_row_stride + c0 + c, v);
+          } else {
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) v[i] = 0.f;
+          }
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) xs_tile[m][c + i] = v[i];
         }
-        pair_of[tid] = p;
-        coef_of[tid] = c;
-      }
-      __syncthreads();
-      for (int64_t rt = blockIdx.z; rt < row_tiles; rt += gridDim.z) {
-        const int64_t r0 = rt * kTileR;
-        float acc[kPerThread];
+        for (int idx = tid; idx < kTileR * kVecs; idx += kThreadsSeg) {
+          const int r = idx / kVecs, c = (idx % kVecs) * VEC;
+          float v[VEC];
+          if (r0 + r < R && c0 + c < H) {
+            dev::load_vec<T, VEC>(a_base + (r0 + r) * prob.a_stride_r + c0 + c, v);
+          } else {
 #pragma unroll
-        for (int i = 0; i < kPerThread; ++i) acc[i] = 0.f;
-        if (seg < N) {
-          const T* a_base = as + static_cast<int64_t>(seg) * prob.a_stride_n;
-          for (int64_t c0 = 0; c0 < H; c0 += kChunk) {
-            constexpr int kVecs = kChunk / VEC;
-            for (int idx = tid; idx < kTileM * kVecs; idx += kThreadsSeg) {
-              const int m = idx / kVecs, c = (idx % kVecs) * VEC;
-              float v[VEC];
-              const int64_t p = pair_of[m];
-              if (p >= 0 && c0 + c < H) {
-                dev::load_vec<T, VEC>(xs + (p / route.top_k) * prob.x_row_stride + c0 + c, v);
-              } else {
+            for (int i = 0; i < VEC; ++i) v[i] = 0.f;
+          }
 #pragma unroll
-                for (int i = 0; i < VEC; ++i) v[i] = 0.f;
-              }
-#pragma unroll
-              for (int i = 0; i < VEC; ++i) xs_tile[m][c + i] = v[i];
-            }
-            for (int idx = tid; idx < kTileR * kVecs; idx += kThreadsSeg) {
-              const int r = idx / kVecs, c = (idx % kVecs) * VEC;
-              float v[VEC];
-              if (r0 + r < R && c0 + c < H) {
-                dev::load_vec<T, VEC>(a_base + (r0 + r) * prob.a_stride_r + c0 + c, v);
-              } else {
-#pragma unroll
-                for (int i = 0; i < VEC; ++i) v[i] = 0.f;
-              }
-#pragma unroll
-              for (int i = 0; i < VEC; ++i) as_tile[r][c + i] = v[i];
-            }
-            __syncthreads();
+          for (int i = 0; i < VEC; ++i) as_tile[r][c + i] = v[i];
+        }
+        __syncthreads();
 #pragma unroll 8
-            for (int c = 0; c < kChunk; ++c) {
-              const float av = as_tile[my_r][c];
+        for (int c = 0; c < kChunk; ++c) {
+          const float av = as_tile[my_r][c];
 #pragma unroll
-              for (int i = 0; i < kPerThread; ++i) acc[i] = fmaf(xs_tile[my_m0 + i * kMStep][c], av, acc[i]);
-            }
-            __syncthreads();
-          }
+          for (int i = 0; i < kPerThread; ++i) acc[i] = fmaf(xs_tile[my_m0 + i * kMStep][c], av, acc[i]);
         }
-        if (r0 + my_r < R) {
+        __syncthreads();
+      }
+    }
+    if (r0 + my_r < R) {
 #pragma unroll
-          for (int i = 0; i < kPerThread; ++i) {
-            const int m = my_m0 + i * kMStep;
-            const int64_t p = m < count ? pair_of[m] : -1;
-            if (p >= 0) h[p * R + r0 + my_r] = coef_of[m] * acc[i];
-          }
-        }
+      for (int i = 0; i < kPerThread; ++i) {
+        const int m = my_m0 + i * kMStep;
+        const int64_t p = m < count ? pair_of[m] : -1;
+        if (p >= 0) h[p * R + r0 + my_r] = coef_of[m] * acc[i];
       }
     }
   }
@@ -188,9 +232,12 @@ int launch_shrink_typed(const ShrinkProblem& prob, float* h, int32_t path, cudaS
   const bool vec = host::can_vectorize<T>(prob.x, prob.hidden_in, prob.x_row_stride) &&
                    host::can_vectorize<T>(prob.a, prob.hidden_in, prob.a_stride_n, prob.a_stride_r);
   if (path == kShrinkSegmented) {
-    const dim3 grid(host::grid_dim_x(ceil_div(num_pairs, kTileM)),
-                    host::grid_dim_yz(int64_t{prob.route.num_adapters} + 1),
-                    host::grid_dim_yz(ceil_div(prob.rank, kTileR)));
+    // One block per tile of the flat axis (and rank tile): from shapes only, never from the plan's contents.
+    // The axis fits in gridDim.x for any real problem (P < 2^31 with an int32 plan, so it exceeds 2^31 - 1
+    // only for N > 2^31 - 2^26 - 2 adapters); refuse rather than skip tiles.
+    const int64_t tiles = segmented_tiles(num_pairs, prob.route.num_adapters);
+    if (tiles > 2147483647) return static_cast<int>(cudaErrorInvalidConfiguration);
+    const dim3 grid(static_cast<unsigned>(tiles), host::grid_dim_yz(ceil_div(prob.rank, kTileR)));
     if (vec) {
       host::launch(shrink_segmented_kernel<T, kVec>, grid, kThreadsSeg, stream, prob, h);
     } else {

@@ -222,6 +222,20 @@ def test_all_slots_empty_and_adapters_without_tokens(monkeypatch, path, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("pattern", ("uniform", "skewed"))
+@pytest.mark.parametrize(
+    "shape", ((20, 1, 300, 8, 64, 32), (7, 2, 512, 16, 128, 64), (2048, 2, 3, 16, 256, 64), (4096, 4, 64, 64, 128, 32)),
+    ids=_shape_id,
+)
+def test_segmented_flat_tile_axis(monkeypatch, shape, pattern):
+    """The segmented shrink's one tile axis (P / 32 + N + 1 blocks per rank tile): N much larger than P (most
+    segments empty), and P large (many tiles per segment), against the reference."""
+    _use_path(monkeypatch, "segmented")
+    problem = make_problem(*shape, torch.float16, pattern=pattern, empty_frac=0.2, device="cuda")
+    assert_parity(_routed(problem), problem.exact(), naive_lowp(problem), torch.float16)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_in_place_out_and_strided_out(monkeypatch, path, dtype):

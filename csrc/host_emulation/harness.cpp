@@ -8,7 +8,10 @@
 // Every case runs the three kernel paths (per-pair shrink, segmented shrink, fused) in overwrite and
 // accumulate mode, with empty slots, ids outside [0, N), duplicate ids, odd sizes, unaligned rows and padded
 // strides. Output rows are padded with NaN sentinels that must survive, and outputs start as NaN so an element
-// a kernel forgot to write shows up.
+// a kernel forgot to write shows up. The segmented shrink's flat tile axis is covered by cases with many
+// segments, empty segments (segment 0 included), N much larger than P, all slots empty, and many tiles per
+// segment; it also runs with a stale plan (built for other routing), which must give exactly the value for
+// pairs whose stale segment is their adapter and zeros for all others, and must not write past h.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -71,6 +74,9 @@ struct Case {
   int offset = 0;    // element offset of every base pointer: unaligned rows, scalar loads
   bool ids64 = true;
   bool weights64 = false;
+  int id_step = 1;       // > 1: ids only from adapters id_step - 1, 2 * id_step - 1, ...: empty segments between
+  float empty = 0.15f;   // fraction of empty slots (-1); another 5% get an id outside [0, N)
+  unsigned paths = 7;    // bit 0: per-pair, bit 1: segmented, bit 2: fused (the emulation is slow for big grids)
 };
 
 template <typename T>
@@ -106,7 +112,9 @@ void run(const Case& c, const char* tag) {
   std::vector<double> w64(P);
   for (int p = 0; p < P; ++p) {
     const float u = randu();
-    int64_t e = u < 0.15f ? -1 : (u < 0.2f ? N + 7 : int64_t(rng() % N));  // empty, out of range, routed
+    const int64_t routed = c.id_step == 1 ? int64_t(rng() % N)
+                                          : int64_t(c.id_step - 1) + c.id_step * int64_t(rng() % (N / c.id_step));
+    int64_t e = u < c.empty ? -1 : (u < c.empty + 0.05f ? N + 7 : routed);  // empty, out of range, routed
     if (p % c.K == 1 && randu() < 0.3f) e = ids[p - 1];                     // duplicate within the token
     ids[p] = e;
     ids32[p] = int32_t(e);
@@ -115,12 +123,23 @@ void run(const Case& c, const char* tag) {
   }
   for (int e = 0; e < N; ++e) scale[e] = randu() + 0.5f;
   // The routing plan, as molora_ops.plan builds it: a stable sort by adapter, unrouted pairs last.
-  std::vector<int32_t> sorted(P), seg(N + 1);
-  std::iota(sorted.begin(), sorted.end(), 0);
-  auto key = [&](int p) { return (ids[p] >= 0 && ids[p] < N) ? ids[p] : int64_t(N); };
-  std::stable_sort(sorted.begin(), sorted.end(), [&](int p, int q) { return key(p) < key(q); });
-  for (int e = 0; e <= N; ++e)
-    seg[e] = int32_t(std::count_if(sorted.begin(), sorted.end(), [&](int p) { return key(p) < e; }));
+  auto make_plan = [&](const std::vector<int64_t>& route_ids, std::vector<int32_t>& sorted, std::vector<int32_t>& seg) {
+    sorted.resize(P);
+    seg.assign(N + 1, 0);
+    std::iota(sorted.begin(), sorted.end(), 0);
+    auto key = [&](int p) { return (route_ids[p] >= 0 && route_ids[p] < N) ? route_ids[p] : int64_t(N); };
+    std::stable_sort(sorted.begin(), sorted.end(), [&](int p, int q) { return key(p) < key(q); });
+    for (int p = 0; p < P; ++p)
+      for (int64_t e = key(p) + 1; e <= N; ++e) ++seg[e];
+  };
+  std::vector<int32_t> sorted, seg;
+  make_plan(ids, sorted, seg);
+  // A stale plan: about half of the pairs moved to another adapter (or made empty) before it was built.
+  std::vector<int64_t> stale_ids = ids;
+  for (int p = 0; p < P; ++p)
+    if (randu() < 0.5f) stale_ids[p] = randu() < 0.2f ? -1 : int64_t(rng() % N);
+  std::vector<int32_t> stale_sorted, stale_seg;
+  make_plan(stale_ids, stale_sorted, stale_seg);
 
   std::vector<double> h_ref(size_t(P) * R, 0.0), out_ref(size_t(c.T) * c.H_out, 0.0);
   for (int p = 0; p < P; ++p) {
@@ -176,18 +195,41 @@ void run(const Case& c, const char* tag) {
   const double tol = dtype_of<T>() == DType::kFloat32 ? 1e-5 : (dtype_of<T>() == DType::kFloat16 ? 2e-3 : 1.6e-2);
   const bool fused_ok = int64_t(c.K) * R <= fused_max_rank_slots() && c.K <= 64;
   for (int path = 0; path < 3; ++path) {
+    if (!(c.paths >> path & 1)) continue;
     char name[160];
     std::snprintf(name, sizeof name, "%s [%s]", tag, path == 0 ? "per-pair" : path == 1 ? "segmented" : "fused");
     std::vector<T> out(size_t(c.T) * os, cvt<T>(NAN)), acc(size_t(c.T) * os, cvt<T>(NAN));
     for (int t = 0; t < c.T; ++t)
       for (int j = 0; j < c.H_out; ++j) acc[size_t(t) * os + j] = cvt<T>(0.5f);
     if (path < 2) {
-      std::vector<float> h(size_t(P) * R, NAN);
+      std::vector<float> h(size_t(P) * R + R, NAN);  // R NaN sentinels after h
       expect(launch_shrink(sp, h.data(), path == 0 ? kShrinkPerPair : kShrinkSegmented, nullptr) == 0, name,
              "shrink launch", 0);
       double err = 0;
-      for (size_t i = 0; i < h.size(); ++i) err = std::max(err, std::isnan(h[i]) ? 1e30 : std::fabs(h[i] - h_ref[i]));
+      for (size_t i = 0; i < h_ref.size(); ++i) err = std::max(err, std::isnan(h[i]) ? 1e30 : std::fabs(h[i] - h_ref[i]));
       expect(err <= 1e-4, name, "shrink max abs err", err);
+      expect(std::all_of(h.begin() + h_ref.size(), h.end(), [](float v) { return std::isnan(v); }), name,
+             "shrink wrote past h", 0);
+      if (path == 1) {
+        // Stale plan: a pair's value is kept only where its stale segment is its adapter; every other pair is 0.
+        ShrinkProblem stale = sp;
+        stale.route.sorted_pairs = stale_sorted.data();
+        stale.route.seg_offsets = stale_seg.data();
+        std::fill(h.begin(), h.end(), NAN);
+        expect(launch_shrink(stale, h.data(), kShrinkSegmented, nullptr) == 0, name, "stale shrink launch", 0);
+        double stale_err = 0;
+        for (int p = 0; p < P; ++p) {
+          const bool kept = stale_ids[p] >= 0 && stale_ids[p] < N && stale_ids[p] == ids[p];
+          for (int r = 0; r < R; ++r) {
+            const double want = kept ? h_ref[size_t(p) * R + r] : 0.0, got = h[size_t(p) * R + r];
+            stale_err = std::max(stale_err, std::isnan(got) ? 1e30 : std::fabs(got - want));
+          }
+        }
+        expect(stale_err <= 1e-4, name, "stale plan: max abs err", stale_err);
+        expect(std::all_of(h.begin() + h_ref.size(), h.end(), [](float v) { return std::isnan(v); }), name,
+               "stale plan: shrink wrote past h", 0);
+      }
+      h.resize(h_ref.size());
       for (size_t i = 0; i < h.size(); ++i) h[i] = float(h_ref[i]);
       ep.out = out.data();
       ep.accumulate = false;
@@ -239,6 +281,20 @@ int main(int argc, char** argv) {
   run<__half>({9, 4, 6, 1, 64, 33}, "f16 R=1");
   run<__nv_bfloat16>({0, 2, 3, 8, 64, 64}, "bf16 T=0");
   run<float>({2, 70, 3, 4, 16, 24}, "f32 K=70 (ids beyond the shared cache)");
+  // The segmented shrink's flat tile axis: N >> P (most segments empty, ~N idle tiles), empty segments between
+  // routed ones, all slots empty (one segment: the unrouted one), many tiles per segment.
+  Case many_adapters{20, 1, 300, 8, 64, 32};
+  run<float>(many_adapters, "f32 N=300, P=20");
+  Case sparse{37, 3, 40, 16, 72, 24, 0, 0, false};
+  sparse.id_step = 3;
+  run<__half>(sparse, "f16 N=40, every 3rd adapter routed");
+  Case all_empty{33, 2, 7, 20, 64, 16};
+  all_empty.empty = 1.0f;
+  run<float>(all_empty, "f32 all slots empty");
+  Case big{300, 4, 6, 20, 40, 16};
+  big.id_step = 2;
+  big.paths = 2;
+  run<__nv_bfloat16>(big, "bf16 P=1200, ~10 tiles per segment");
   if (full) {
     run<float>({40, 2, 3, 20, 130, 50}, "f32 T=40 R=20");
     run<float>({1, 3, 4, 64, 2049, 20}, "f32 T=1 H_in=2049");
