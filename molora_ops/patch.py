@@ -33,6 +33,16 @@ into its B block), so the first member called computes the whole group's delta i
 each member adds its column slice. Fused modules (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``/``gate_up_proj``) are one
 module already. The block-diagonal B spends (members - 1)/members of the expand FLOPs on zeros, which is cheap
 at LoRA ranks; launches, not FLOPs, dominate at decode sizes.
+
+Modules outside the backbone. The routing of a forward is computed at the start of the backbone (the module that
+holds the decoder blocks). The one module outside it that may be targeted is the model's output embedding
+(``lm_head``, ``get_output_embeddings()``): then the routing state is kept until the top-level model's forward
+ends (a post-hook on the patched model, ``always_call=True``). HF CausalLMs call ``lm_head`` on the last
+``logits_to_keep`` positions only (``generate`` uses 1), so a module that sees L < S positions uses the routing of
+the LAST L positions of each sequence; a tensor ``logits_to_keep`` (indices or a mask) raises a RuntimeError
+naming the module, as does ``lm_head`` under per-layer routers (they route decoder blocks only; use a
+``routing()`` context or a single router). Any other targeted module outside the backbone (one that could run
+before the routing exists, or on other tokens) is refused at patch time with an AdapterError.
 """
 
 from __future__ import annotations
@@ -45,7 +55,7 @@ import torch
 from torch import nn
 
 from .peft_io import AdapterError, LoraAdapter, adapters_from_peft_model, load_adapter
-from .routing import BASE, BackboneHooks
+from .routing import BASE, BackboneHooks, tail_routing
 
 __all__ = ["patch", "unpatch", "SIBLING_GROUPS", "is_patched"]
 
@@ -112,8 +122,10 @@ class _Group:
 class _Slot:
     """Per patched module: where its stacked weights live and how to add its delta."""
 
-    def __init__(self, state, name: str, in_f: int, out_f: int, ranks: list[int], group=None, out_slice=None):
+    def __init__(self, state, name: str, in_f: int, out_f: int, ranks: list[int], group=None, out_slice=None,
+                 outside: bool = False):
         self.state = state
+        self.outside = outside  # lm_head: runs after the backbone, maybe on the last logits_to_keep positions only
         self.name = name
         self.block = _block_index(state, name)
         self.in_f, self.out_f = in_f, out_f
@@ -144,6 +156,11 @@ class _Slot:
             return out
         r = fs.routing
         if r is None:
+            if self.outside and fs.router_pending and isinstance(self.state.router, (list, tuple, nn.ModuleList)):
+                raise RuntimeError(
+                    f"molora_ops: {self.name} is targeted by an adapter but lies outside the decoder blocks, and "
+                    "per-layer routers route only the blocks; use a routing() context or a single router"
+                )
             if not fs.block_routing or self.block is None:
                 return out
             r = fs.block_routing.get(self.block)  # per-layer routers
@@ -151,6 +168,8 @@ class _Slot:
                 return out
         r = r.on(x.device)
         x2 = x.reshape(-1, self.in_f)
+        if self.outside:
+            r = self._outside_routing(fs, r, x, x2)
         if x2.shape[0] != r.topk_ids.shape[0]:
             raise RuntimeError(
                 f"molora_ops: {self.name} got {x2.shape[0]} tokens but this forward was routed for "
@@ -163,6 +182,30 @@ class _Slot:
             with torch.autocast(x.device.type, enabled=False):
                 return self._add(module, fs, r, x, x2, out, o2)
         return self._add(module, fs, r, x, x2, out, o2)
+
+    def _outside_routing(self, fs, r, x, x2):
+        """lm_head's routing: all S positions, or the last L of each sequence (an int logits_to_keep = L)."""
+        keep = fs.logits_to_keep
+        if isinstance(keep, torch.Tensor):
+            raise RuntimeError(
+                f"molora_ops: {self.name} is routed, but logits_to_keep was given as a tensor (explicit positions or "
+                "a mask), so which routed positions it sees is not known; pass an int logits_to_keep (last N "
+                "positions) or 0 (all)"
+            )
+        b, s, t = fs.batch, fs.seq, x2.shape[0]
+        if t == b * s:
+            return r
+        keep_n = int(x.shape[-2]) if x.dim() >= 3 else -1
+        if x.dim() >= 3 and x.shape[0] == b and 0 < keep_n < s and t == b * keep_n:
+            key = ("tail", keep_n, r.topk_ids.device)
+            hit = fs.cache.get(key)
+            if hit is None:
+                hit = fs.cache[key] = tail_routing(r, b, s, keep_n, len(self.state.adapter_names))
+            return hit
+        raise RuntimeError(
+            f"molora_ops: {self.name} got input {tuple(x.shape)} but this forward was routed for {b} sequences x {s} "
+            "new tokens; only all positions or the last N of each sequence (logits_to_keep=N) are supported"
+        )
 
     def _add(self, module, fs, r, x, x2, out, o2):
         from .ops import routed_lora
@@ -195,6 +238,7 @@ class _PatchState:
         self.top_k = top_k
         self.spec_var = contextvars.ContextVar(f"molora_spec_{uid}", default=None)
         self.fwd_var = contextvars.ContextVar(f"molora_forward_{uid}", default=None)
+        self.top_var = contextvars.ContextVar(f"molora_top_call_{uid}", default=None)  # top-level forward running
         self.router_state_var = contextvars.ContextVar(f"molora_router_state_{uid}", default=None)
         self.patched: list[tuple[nn.Module, type]] = []
         self.hooks: Optional[BackboneHooks] = None
@@ -239,9 +283,31 @@ def _find_backbone(root: nn.Module, target_names: list[str]):
             if count > best_count:
                 best, best_count = name, count
     if best is None:
+        # no decoder blocks among the targets (e.g. lm_head only): the backbone is still HF's base model
+        base = getattr(root, "base_model", None)
+        prefix = getattr(root, "base_model_prefix", "")
+        if isinstance(base, nn.Module) and base is not root and prefix and getattr(root, prefix, None) is base:
+            return base, None, None
         return root, None, None
     parent = best.rsplit(".", 1)[0] if "." in best else ""
     return root.get_submodule(parent), root.get_submodule(best), best
+
+
+def _module_name(root: nn.Module, module: nn.Module) -> Optional[str]:
+    for name, mod in root.named_modules():
+        if mod is module:
+            return name
+    return None
+
+
+def _output_embedding(root: nn.Module) -> Optional[nn.Module]:
+    get = getattr(root, "get_output_embeddings", None)
+    if get is None:
+        return None
+    try:
+        return get()
+    except (NotImplementedError, AttributeError, TypeError):
+        return None
 
 
 def _resolve_adapters(adapters) -> dict[str, LoraAdapter]:
@@ -291,6 +357,7 @@ def patch(model, adapters=None, router=None, top_k: int = 2, backend: str = "aut
 
     # Which modules to patch, and their (in, out) features.
     targets: dict[str, nn.Module] = {}
+    wrappers: dict[str, nn.Module] = {}  # the module at that name (a PEFT LoraLayer for a PeftModel)
     for adapter in loaded.values():
         for mod_name, w in adapter.modules.items():
             try:
@@ -299,6 +366,7 @@ def patch(model, adapters=None, router=None, top_k: int = 2, backend: str = "aut
                 raise AdapterError(
                     f"adapter {adapter.name!r} targets module {mod_name!r}, which this model does not have"
                 ) from None
+            wrappers[mod_name] = mod
             if peft_model is not None and hasattr(mod, "base_layer"):
                 mod = mod.get_base_layer()
             io = _io_features(mod)
@@ -314,6 +382,19 @@ def patch(model, adapters=None, router=None, top_k: int = 2, backend: str = "aut
                     f"out={out_f}): lora_A {tuple(w.lora_a.shape)}, lora_B {tuple(w.lora_b.shape)}"
                 )
             targets[mod_name] = mod
+        for mod_name, saved in adapter.base_weights.items():
+            # PEFT saved lm_head's full base weight (save_embedding_layers): fine only if it is this model's weight
+            mod = targets.get(mod_name)
+            weight = getattr(mod, "weight", None)
+            if weight is None or tuple(saved.shape) != tuple(weight.shape) or not torch.equal(
+                saved.to(device=weight.device, dtype=weight.dtype), weight.detach()
+            ):
+                raise AdapterError(
+                    f"adapter {adapter.name!r} carries a full weight for {mod_name!r} (PEFT save_embedding_layers) "
+                    "that differs from this model's (a resized or fine-tuned embedding?); molora_ops only adds LoRA "
+                    "deltas, so load that weight into the model first (or save the adapter with "
+                    "save_embedding_layers=False if the base weight was not changed)"
+                )
 
     state = _PatchState(model, names, backend, router, top_k)
     per_layer = isinstance(router, (list, tuple, nn.ModuleList))
@@ -327,6 +408,24 @@ def patch(model, adapters=None, router=None, top_k: int = 2, backend: str = "aut
         if r_names is not None and list(r_names) != names:
             raise ValueError(f"router was built for adapters {list(r_names)} but patch() got {names}")
     backbone, blocks, blocks_name = _find_backbone(root, list(targets))
+    # Every target must run inside the backbone's forward, or be the output embedding (lm_head) run after it.
+    outside: set[str] = set()
+    if backbone is not root:
+        bb_name = _module_name(root, backbone)
+        bb_prefix = bb_name + "." if bb_name else ""
+        out_emb = _output_embedding(root)
+        for mod_name in targets:
+            if mod_name.startswith(bb_prefix):
+                continue
+            if out_emb is not None and wrappers[mod_name] is out_emb:
+                outside.add(mod_name)
+                continue
+            users = [a.name for a in loaded.values() if mod_name in a.modules]
+            raise AdapterError(
+                f"adapter(s) {users} target module {mod_name!r}, which lies outside the model's backbone "
+                f"({bb_name or type(backbone).__name__}) and is not its output embedding (lm_head); routing exists "
+                "only inside the backbone's forward (and for lm_head after it), so this module is not supported"
+            )
     state.blocks = blocks
     state.blocks_prefix = None if blocks_name is None else (blocks_name + "." if blocks_name else "")
 
@@ -361,7 +460,7 @@ def patch(model, adapters=None, router=None, top_k: int = 2, backend: str = "aut
                 _patch_group(state, loaded, names, full, [targets[f] for f in full], ref_param)
                 done.update(full)
             else:
-                _patch_single(state, loaded, names, mod_name, mod, ref_param(mod))
+                _patch_single(state, loaded, names, mod_name, mod, ref_param(mod), outside=mod_name in outside)
                 done.add(mod_name)
 
         router_block = None
@@ -381,7 +480,7 @@ def patch(model, adapters=None, router=None, top_k: int = 2, backend: str = "aut
                 raise ValueError(f"router.layer={layer} is not a block index of this model")
             router_block = blocks[layer]
             router.to(device=device)
-        state.hooks = BackboneHooks(state, backbone, router_block)
+        state.hooks = BackboneHooks(state, backbone, router_block, top=root if outside else None)
         if per_layer:
             state.hooks.set_layer_routers(blocks, router)
         if peft_model is not None:
@@ -433,10 +532,10 @@ def _install(state, mod, slot):
         state.first_module = mod
 
 
-def _patch_single(state, loaded, names, mod_name, mod, weight):
+def _patch_single(state, loaded, names, mod_name, mod, weight, outside=False):
     in_f, out_f = _io_features(mod)
     a, b, s, ranks = _stack(loaded, names, mod_name, in_f, out_f, weight.dtype, weight.device)
-    _register(state, mod, _Slot(state, mod_name, in_f, out_f, ranks), a, b, s)
+    _register(state, mod, _Slot(state, mod_name, in_f, out_f, ranks, outside=outside), a, b, s)
 
 
 def _patch_group(state, loaded, names, full, mods, ref_param):

@@ -14,6 +14,11 @@ boundary), ``target_modules`` (list or regex; every module with weights must be 
 Anything that would change the math and that we do not implement (DoRA, LoRA bias, aLoRA, embedding LoRA,
 ``modules_to_save``, trainable tokens, non-LoRA PEFT types, ...) raises :class:`AdapterError` instead of
 silently computing something else.
+
+LoRA on ``lm_head``: PEFT's ``save_pretrained`` (``save_embedding_layers="auto"``) then also saves the base
+layer's full weight (``lm_head.base_layer.weight``). Such a copy is kept in :attr:`LoraAdapter.base_weights`, and
+:func:`molora_ops.patch` accepts it only if it equals the model's own weight (an unchanged base); a resized or
+fine-tuned output embedding gets an :class:`AdapterError`, since molora_ops only adds LoRA deltas.
 """
 
 from __future__ import annotations
@@ -54,6 +59,9 @@ _UNSUPPORTED_FLAGS = {
 # init_lora_weights values that are variants at inference time too (PEFT's lora_variants metadata)
 _VARIANT_INITS = {"mica": "MiCA"}
 
+# PEFT's EMBEDDING_LAYER_NAMES: targeted ones get their base weight saved next to the LoRA weights
+_EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+_BASE_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.base_layer\.weight$")
 _KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 
 
@@ -82,6 +90,8 @@ class LoraAdapter:
     modules: dict[str, LoraModuleWeights] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     source: str = "<memory>"
+    # {module name: full base weight} that PEFT saved for a targeted embedding layer (lm_head); must equal the model's
+    base_weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -184,7 +194,14 @@ def _read_config(path: str, name: str) -> dict:
 def _build(name: str, cfg: dict, state: Mapping[str, torch.Tensor], source: str) -> LoraAdapter:
     _check_config(name, cfg, source)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    base_weights: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
+        bm = _BASE_KEY_RE.match(key)
+        if bm is not None and bm.group("module").rsplit(".", 1)[-1] in _EMBEDDING_LAYER_NAMES:
+            if not isinstance(tensor, torch.Tensor):
+                raise AdapterError(f"adapter {name!r} ({source}): {key!r} is not a tensor")
+            base_weights[bm.group("module")] = tensor  # checked against the model's weight by patch()
+            continue
         if "lora_magnitude_vector" in key:
             raise AdapterError(f"adapter {name!r} ({source}) holds DoRA magnitude vectors ({key}); DoRA is not supported")
         if "lora_embedding_" in key:
@@ -200,8 +217,14 @@ def _build(name: str, cfg: dict, state: Mapping[str, torch.Tensor], source: str)
         pairs.setdefault(m.group("module"), {})[m.group("ab")] = tensor
     if not pairs:
         raise AdapterError(f"adapter {name!r} ({source}) holds no LoRA weights")
+    for module in base_weights:
+        if module not in pairs:
+            raise AdapterError(
+                f"adapter {name!r} ({source}) holds a full weight for {module!r} without LoRA weights for it (a "
+                "resized or fine-tuned embedding?); not supported"
+            )
     use_rslora = bool(cfg.get("use_rslora", False))
-    adapter = LoraAdapter(name=name, config=cfg, source=source)
+    adapter = LoraAdapter(name=name, config=cfg, source=source, base_weights=base_weights)
     for module, ab in sorted(pairs.items()):
         if set(ab) != {"A", "B"}:
             raise AdapterError(f"adapter {name!r} ({source}): module {module!r} has lora_{set(ab).pop()} only")

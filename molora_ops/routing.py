@@ -4,7 +4,15 @@
 ContextVar owned by the patched model. At the start of every forward of the model's backbone (the module that
 holds the decoder blocks) a hook turns the spec into ``topk_ids`` / ``topk_weights`` for exactly the tokens of
 this forward, builds one :class:`~molora_ops.RoutingPlan` and puts both in a second ContextVar that every
-patched layer reads; a closing hook clears it. Prefill and each KV-cached decode step are separate forwards,
+patched layer reads; a closing hook clears it. When an adapter also targets a module that runs after the
+backbone (the output embedding ``lm_head`` of a CausalLM), the state is cleared by a post-hook on the patched
+top-level model instead (``always_call=True``, so an exception clears it too), so that ``lm_head`` still sees it.
+
+``lm_head`` and ``logits_to_keep``: HF CausalLMs call ``self.lm_head(hidden_states[:, -logits_to_keep:, :])``
+(``generate`` passes ``logits_to_keep=1``), so ``lm_head`` may see L < S of the S routed positions. Such a module
+uses the routing of the LAST L positions of each sequence, which is exactly what an int ``logits_to_keep``
+selects. A tensor ``logits_to_keep`` (explicit indices or a mask) raises a RuntimeError naming the module
+instead of guessing which positions it kept. Prefill and each KV-cached decode step are separate forwards,
 and the position of their tokens comes from the cache length, so per-token weights index the right positions
 and the cache keeps working (routing never needs a second pass).
 
@@ -96,6 +104,7 @@ class ForwardState:
     router_pending: bool = False
     block_routing: dict = field(default_factory=dict)  # per-layer routers: {block index: ForwardRouting}
     cache: dict = field(default_factory=dict)  # fused q/k/v deltas of this forward, keyed by group
+    logits_to_keep: Any = None  # the top-level model's logits_to_keep argument (None if not given / unknown)
     token: Any = None
     serial: int = field(default_factory=lambda: next(_FORWARDS))
 
@@ -106,6 +115,23 @@ class ForwardState:
         ids = ids.reshape(-1, ids.shape[-1]).contiguous()
         weights = weights.reshape(-1, weights.shape[-1]).contiguous()
         self.routing = ForwardRouting(ids, weights, build_plan(ids, num_adapters))
+
+
+def tail_routing(r: ForwardRouting, batch: int, seq: int, keep: int, num_adapters: int) -> ForwardRouting:
+    """The routing of the last `keep` of `seq` positions of each of `batch` sequences (rows are batch-major)."""
+    dev = r.topk_ids.device
+    rows = (torch.arange(batch, device=dev)[:, None] * seq + torch.arange(seq - keep, seq, device=dev)[None]).reshape(-1)
+    ids = r.topk_ids.index_select(0, rows).contiguous()
+    return ForwardRouting(ids, r.topk_weights.index_select(0, rows).contiguous(), build_plan(ids, num_adapters))
+
+
+@dataclass
+class _TopCall:
+    """One forward of the patched top-level model (when modules outside the backbone are routed)."""
+
+    fwd_token: Any
+    logits_to_keep: Any
+    token: Any = None
 
 
 class RoutingSpec:
@@ -223,16 +249,23 @@ def _past_length(pkv) -> int:
 class BackboneHooks:
     """Pre/post hooks on the backbone (and, for router mode, on the router's block) of one patched model."""
 
-    def __init__(self, state, backbone: torch.nn.Module, router_block: Optional[torch.nn.Module]):
+    def __init__(self, state, backbone: torch.nn.Module, router_block: Optional[torch.nn.Module],
+                 top: Optional[torch.nn.Module] = None):
+        """`top`: the patched top-level model, given when modules outside `backbone` (lm_head) are routed; the
+        forward state then lives until the end of its forward."""
         self.state = state
-        try:
-            self.signature = inspect.signature(backbone.forward)
-        except (TypeError, ValueError):
-            self.signature = None
+        self.signature = self._signature(backbone)
         self.handles = [
             backbone.register_forward_pre_hook(self.pre, with_kwargs=True),
             backbone.register_forward_hook(self.post, always_call=True),
         ]
+        self.top_signature = None
+        if top is not None and top is not backbone:
+            self.top_signature = self._signature(top)
+            self.handles += [
+                top.register_forward_pre_hook(self.top_pre, with_kwargs=True),
+                top.register_forward_hook(self.top_post, always_call=True),
+            ]
         self.router_handle = None
         self.layer_handles = []
         self.set_router_block(router_block)
@@ -262,16 +295,49 @@ class BackboneHooks:
         self.set_router_block(None)
         self.set_layer_routers([], [])
 
-    def _bind(self, args, kwargs) -> dict:
-        if self.signature is not None:
+    @staticmethod
+    def _signature(module):
+        try:
+            return inspect.signature(module.forward)
+        except (TypeError, ValueError):
+            return None
+
+    def _bind(self, args, kwargs, signature=False) -> dict:
+        signature = self.signature if signature is False else signature
+        if signature is not None:
             try:
-                return dict(self.signature.bind_partial(*args, **kwargs).arguments)
+                bound = signature.bind_partial(*args, **kwargs).arguments
+                extra = bound.pop("kwargs", None)  # **kwargs collected by name
+                bound = dict(bound)
+                if isinstance(extra, dict):
+                    for k, v in extra.items():
+                        bound.setdefault(k, v)
+                return bound
             except TypeError:
                 pass
         bound = dict(kwargs)
         if args:
             bound.setdefault("input_ids", args[0])
         return bound
+
+    def top_pre(self, module, args, kwargs):
+        """Start of the top-level model's forward: the backbone's post-hook leaves the state for top_post."""
+        state = self.state
+        keep = None
+        if state.spec_var.get() is not None or state.router is not None:
+            bound = self._bind(args, kwargs, self.top_signature)
+            keep = bound.get("logits_to_keep", bound.get("num_logits_to_keep"))
+        call = _TopCall(state.fwd_var.set(None), keep)
+        call.token = state.top_var.set(call)
+        return None
+
+    def top_post(self, module, args, output):
+        state = self.state
+        call = state.top_var.get()
+        if call is not None:
+            state.fwd_var.reset(call.fwd_token)  # whatever the backbone's forwards set, cleared here
+            state.top_var.reset(call.token)
+        return None
 
     def pre(self, module, args, kwargs):
         state = self.state
@@ -286,6 +352,8 @@ class BackboneHooks:
             return None
         batch, seq = int(ref.shape[0]), int(ref.shape[1])
         fs = ForwardState(batch, seq, _past_length(bound.get("past_key_values")), input_ids, bound.get("attention_mask"))
+        top = state.top_var.get()
+        fs.logits_to_keep = top.logits_to_keep if top is not None else bound.get("logits_to_keep")
         if spec is not None:
             ids, w = spec.resolve(batch, seq, fs.past_len)
             fs.set_routing(ids, w, len(state.adapter_names))
@@ -295,6 +363,8 @@ class BackboneHooks:
         return None
 
     def post(self, module, args, output):
+        if self.state.top_var.get() is not None:
+            return None  # inside the top-level model's forward: its post-hook clears the state (lm_head runs later)
         fs = self.state.fwd_var.get()
         if fs is not None and fs.token is not None:
             self.state.fwd_var.reset(fs.token)
