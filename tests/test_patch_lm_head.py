@@ -269,3 +269,28 @@ def test_lm_head_only_adapter(setup):
     with mo.routing(model, adapter_names=names):
         out = model(setup.ids, logits_to_keep=1).logits
     assert_logits_close(out, ref)
+
+
+@torch.no_grad()
+def test_single_router_routes_lm_head_per_layer_routers_refuse_it(setup):
+    """A single router's per-token routing serves lm_head too (last positions under logits_to_keep); per-layer
+    routers route decoder blocks only, so lm_head raises instead of silently getting no delta."""
+    torch.manual_seed(5)
+    router = mo.TokenRouter(32, list(ADAPTERS), temperature=0.5)
+    for p in router.parameters():
+        p.normal_(0, 1.0)
+    model = setup.patched(router=router, top_k=2)
+    full = model(setup.ids).logits
+    assert_logits_close(model(setup.ids, logits_to_keep=2).logits, full[:, -2:])
+    head = model.lm_head
+    saved = head.molora_lora_b.clone()
+    head.molora_lora_b.zero_()
+    assert (model(setup.ids).logits - full).abs().max() > 1e-3  # lm_head's delta was part of it
+    head.molora_lora_b.copy_(saved)
+
+    routers = [mo.TokenRouter(32, list(ADAPTERS)), None]
+    model = setup.patched(router=routers, top_k=1)
+    with pytest.raises(RuntimeError, match="lm_head.*per-layer routers"):
+        model(setup.ids)
+    with mo.routing(model, adapter_names=["code", "math", "qa"]):
+        assert_logits_close(model(setup.ids).logits, setup.pm(setup.ids, adapter_names=["code", "math", "qa"]).logits)
