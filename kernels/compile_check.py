@@ -82,7 +82,7 @@ def _jobs(shape, dt: str):
     half = dt != "fp32"
     P = T * K
     s = configs.shrink_config(P, N, R, H_in, 4 if upcast else 2)
-    sp = dict(x_ptr=dt, a_ptr=dt, w_ptr="fp32", scale_ptr="fp32", sorted_pairs_ptr="i32", seg_offsets_ptr="i32",
+    sp = dict(x_ptr=dt, a_ptr=dt, ids_ptr="i64", w_ptr="fp32", scale_ptr="fp32", sorted_pairs_ptr="i32", seg_offsets_ptr="i32",
               out_ptr="fp32")
     meta = dict(BLOCK_M=s.BLOCK_M, BLOCK_R=s.BLOCK_R, BLOCK_K=s.BLOCK_K, SPLIT_K=s.SPLIT_K, USE_ATOMIC=False,
                 UPCAST=upcast, SCAN_BLOCK=configs.scan_block(N))

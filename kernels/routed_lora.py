@@ -43,12 +43,13 @@ from .configs import GatherConfig, ShrinkConfig, cdiv, reduce_config, scan_block
 @triton.jit
 def _shrink_kernel(
     # pointers
-    x_ptr, a_ptr, w_ptr, scale_ptr, sorted_pairs_ptr, seg_offsets_ptr, out_ptr,
+    x_ptr, a_ptr, ids_ptr, w_ptr, scale_ptr, sorted_pairs_ptr, seg_offsets_ptr, out_ptr,
     # sizes
-    top_k, rank, h_in, k_per_split, num_adapters,
+    num_pairs, top_k, rank, h_in, k_per_split, num_adapters,
     # strides
     stride_xt, stride_xh,
     stride_ae, stride_ar, stride_ah,
+    stride_idt, stride_idk,
     stride_wt, stride_wk,
     stride_os, stride_op, stride_or,
     # meta-parameters
@@ -62,7 +63,10 @@ def _shrink_kernel(
     Grid: (cdiv(P, BLOCK_M) + min(N, P), SPLIT_K * cdiv(R, BLOCK_R)). Axis 0 enumerates the BLOCK_M tiles of
     all segments back to back (adapter 0's tiles, then adapter 1's, ...); its size is an upper bound on that
     count for any routing, so it is fixed by shapes alone and programs past the last tile return at once.
-    Rows of pairs outside every segment are untouched.
+    The plan is not trusted: segment bounds are clamped to [0, P], listed pairs outside [0, P) are skipped,
+    and a listed pair is stored only when ids[t, k] == e (the segment's adapter), as in the CUDA kernel.
+    Rows of pairs that no segment lists under their own adapter are untouched, so a stale or inconsistent
+    plan makes them empty as long as out starts at zero (triton_backend allocates it so).
     """
     tile_id = tl.program_id(0)
     pid_z = tl.program_id(1)
@@ -78,8 +82,8 @@ def _shrink_kernel(
     for c0 in range(0, num_adapters, SCAN_BLOCK):
         offs_e = c0 + tl.arange(0, SCAN_BLOCK)
         mask_e = offs_e < num_adapters
-        lo = tl.load(seg_offsets_ptr + offs_e, mask=mask_e, other=0)
-        hi = tl.load(seg_offsets_ptr + offs_e + 1, mask=mask_e, other=0)
+        lo = tl.minimum(tl.maximum(tl.load(seg_offsets_ptr + offs_e, mask=mask_e, other=0), 0), num_pairs)
+        hi = tl.minimum(tl.maximum(tl.load(seg_offsets_ptr + offs_e + 1, mask=mask_e, other=0), lo), num_pairs)
         n_tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
         first = tl.cumsum(n_tiles, axis=0) - n_tiles + tiles_before  # first flat tile of each adapter
         hit = mask_e & (first <= tile_id) & (tile_id < first + n_tiles)
@@ -89,15 +93,21 @@ def _shrink_kernel(
     if e < 0:
         return  # past the last tile of the last segment
 
-    seg_start = tl.load(seg_offsets_ptr + e)
-    seg_end = tl.load(seg_offsets_ptr + e + 1)
+    seg_start = tl.minimum(tl.maximum(tl.load(seg_offsets_ptr + e), 0), num_pairs)
+    seg_end = tl.minimum(tl.maximum(tl.load(seg_offsets_ptr + e + 1), seg_start), num_pairs)
     row_start = seg_start + tile * BLOCK_M
 
     offs_m = row_start + tl.arange(0, BLOCK_M)
     mask_m = offs_m < seg_end
     pairs = tl.load(sorted_pairs_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+    mask_m = mask_m & (pairs >= 0) & (pairs < num_pairs)
     tokens = pairs // top_k
     slots = pairs - tokens * top_k
+    # Only pairs whose id is this segment's adapter are stored (a stale plan may list others, which stay
+    # untouched): the others' row index becomes -1. This exact form is what compiled spill-free on sm_80 /
+    # sm_90; masking the x loads with the check, or loading the ids after the loop, spilled.
+    id_ptrs = ids_ptr + tokens * stride_idt + slots * stride_idk
+    out_rows = tl.where(tl.load(id_ptrs, mask=mask_m, other=-1) == e, pairs, -1)
 
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = offs_r < rank
@@ -117,16 +127,17 @@ def _shrink_kernel(
         else:
             acc += tl.dot(xt, at)
 
+    keep = out_rows >= 0
     if APPLY_COEF:
-        w = tl.load(w_ptr + tokens * stride_wt + slots * stride_wk, mask=mask_m, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + tokens * stride_wt + slots * stride_wk, mask=keep, other=0.0).to(tl.float32)
         s = tl.load(scale_ptr + e).to(tl.float32)
         acc = acc * (w * s)[:, None]
 
     out_ptrs = (
-        out_ptr + pid_sk.to(tl.int64) * stride_os + pairs[:, None] * stride_op
+        out_ptr + pid_sk.to(tl.int64) * stride_os + out_rows[:, None] * stride_op
         + offs_r.to(tl.int64)[None, :] * stride_or
     )
-    mask = mask_m[:, None] & mask_r[None, :]
+    mask = keep[:, None] & mask_r[None, :]
     if USE_ATOMIC:
         tl.atomic_add(out_ptrs, acc, mask=mask)
     else:
@@ -377,10 +388,11 @@ def _fused_kernel(
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-def launch_shrink(x, lora_a, topk_weights, scale, sorted_pairs, seg_offsets, out, *, top_k: int,
+def launch_shrink(x, lora_a, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, out, *, top_k: int,
                   cfg: ShrinkConfig, apply_coef: bool, use_atomic: bool, upcast: bool) -> None:
     """Launch _shrink_kernel. `out` is [SPLIT_K, P, R] float32 partials (apply_coef=False) or the [P, R]
-    float32 h (apply_coef=True; with use_atomic the splits are added into it, so it must start at zero)."""
+    float32 h (apply_coef=True; with use_atomic the splits are added into it). Rows of pairs the plan does
+    not list under their adapter topk_ids[t, k] are not written: give a zeroed `out` so they read as empty."""
     num_pairs, num_adapters, rank, h_in = sorted_pairs.shape[0], lora_a.shape[0], lora_a.shape[1], x.shape[1]
     stride_os, stride_op, stride_or = (out.stride() if out.dim() == 3 else (0,) + out.stride())
     # Upper bound on the number of segment tiles for any routing: sum_e cdiv(len_e, BLOCK_M) with at most
@@ -388,10 +400,11 @@ def launch_shrink(x, lora_a, topk_weights, scale, sorted_pairs, seg_offsets, out
     max_tiles = cdiv(num_pairs, cfg.BLOCK_M) + min(num_adapters, num_pairs)
     grid = (max_tiles, cfg.SPLIT_K * cdiv(rank, cfg.BLOCK_R))
     _shrink_kernel[grid](
-        x, lora_a, topk_weights, scale, sorted_pairs, seg_offsets, out,
-        top_k, rank, h_in, cfg.k_per_split(h_in), num_adapters,
+        x, lora_a, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, out,
+        num_pairs, top_k, rank, h_in, cfg.k_per_split(h_in), num_adapters,
         x.stride(0), x.stride(1),
         lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
+        topk_ids.stride(0), topk_ids.stride(1),
         topk_weights.stride(0), topk_weights.stride(1),
         stride_os, stride_op, stride_or,
         BLOCK_M=cfg.BLOCK_M, BLOCK_R=cfg.BLOCK_R, BLOCK_K=cfg.BLOCK_K, SPLIT_K=cfg.SPLIT_K,

@@ -208,6 +208,63 @@ def test_out_of_range_ids_unvalidated_contribute_nothing(path):
     assert_close(y, want, atol=2e-5, rtol=2e-5, name="expand")
 
 
+def _listed_under_own_adapter(plan, ids):
+    """ids with -1 wherever the plan does not list the pair in the segment of its own adapter."""
+    n, num_pairs = plan.num_adapters, ids.numel()
+    bounds = plan.seg_offsets.long().clamp(0, num_pairs)
+    kept = torch.full((num_pairs,), -1, dtype=ids.dtype)
+    flat = ids.reshape(-1)
+    for e in range(n):
+        lo, hi = int(bounds[e]), max(int(bounds[e]), int(bounds[e + 1]))
+        for pair in plan.sorted_pairs[lo:hi].tolist():
+            if 0 <= pair < num_pairs and int(flat[pair]) == e:
+                kept[pair] = e
+    return kept.view_as(ids)
+
+
+@pytest.mark.parametrize(
+    "path,split_k,atomic",
+    [(dict(expand="gather"), 1, False), (dict(expand="dot"), 1, False), (dict(expand="gather"), 3, False),
+     (dict(expand="dot"), 3, True)],
+    ids=["gather", "dot", "gather-splitk3", "dot-splitk3-atomic"],
+)
+def test_stale_or_inconsistent_plan_never_reads_uninitialised_memory(monkeypatch, path, split_k, atomic):
+    """A pair counts only when the plan lists it in its own adapter's segment; every other pair is an empty
+    slot. Every torch.empty here starts as NaN, so a row of h (or of the split-K partials) that the shrink
+    never wrote would poison the output."""
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    T, K, N = 23, 3, 4
+    p = make_problem(T, K, N, 8, 300, 24, torch.float32, empty_frac=0.1, duplicate_frac=0.2)
+    other = p.topk_ids.clone()
+    other[::2] = torch.randint(-1, N, (12, K), dtype=other.dtype)
+    plans = {
+        "empty, never updated": mo.RoutingPlan.empty(T, K, N),
+        "built for other ids": mo.build_plan(other, N),
+        "offsets out of range": mo.RoutingPlan(
+            torch.randperm(T * K, dtype=torch.int32), torch.tensor([-3, 10, 10, 40, T * K + 7], dtype=torch.int32),
+            T, K, N,
+        ),
+    }
+    for name, plan in plans.items():
+        kept = _listed_under_own_adapter(plan, p.topk_ids)
+        assert bool((kept >= 0).any()) or name.startswith("empty")
+        want = reference.routed_lora(p.x, p.lora_a, p.lora_b, kept, p.topk_weights, scaling=p.scaling)
+        with tb.override(fused=False, split_k=split_k, atomic_split_k=atomic, **path):
+            got = mo.routed_lora(p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights, scaling=p.scaling,
+                                 backend="triton", plan=plan)
+            h = mo.lora_shrink(p.x, p.lora_a, p.topk_ids, p.topk_weights, scaling=p.scaling, backend="triton",
+                               plan=plan)
+        assert not got.isnan().any() and not h.isnan().any(), name
+        assert_close(got, want, atol=2e-5, rtol=2e-5, name=name)
+        assert_close(h, _exact_shrink(p, kept), atol=1e-5, rtol=1e-5, name=f"h, {name}")
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_every_output_element_is_written(path):
     """accumulate=False must overwrite out completely, including tokens whose slots are all empty."""

@@ -9,6 +9,10 @@ Semantics (inputs already validated by the op layer; `scale` is [N] float32/floa
         out[t] = (out[t] if accumulate else 0) + sum_k w[t, k] * scale[e] * lora_b[e] @ (lora_a[e] @ x[t])
 Slots whose id is outside [0, N) (empty, or out of range when validation is off) add nothing and are never
 dereferenced. float32 accumulation throughout; one rounding into out.
+The plan is checked, not trusted: the shrink counts a pair only where the plan lists it in the segment of its
+own adapter topk_ids[t, k]. Pairs that a stale or inconsistent plan (RoutingPlan.empty never updated, one
+built for other ids) misses or files under another adapter are empty slots, never uninitialised memory. The
+fused path reads topk_ids directly and ignores the plan.
 
 Design (see molora_ops/kernels/routed_lora.py for the kernels):
   * shrink groups (token, slot) pairs by adapter using the plan and runs one tl.dot gather-GEMM per segment
@@ -142,20 +146,26 @@ def _shrink_config(num_pairs: int, num_adapters: int, rank: int, h_in: int, dtyp
     return cfg
 
 
-def _shrink_rows(x, lora_a, topk_ids, topk_weights, scale, plan: RoutingPlan, *, zero_empty: bool) -> torch.Tensor:
-    """h as a [P, R] float32 tensor. Rows of empty slots are zero when zero_empty, else unspecified."""
+def _shrink_rows(x, lora_a, topk_ids, topk_weights, scale, plan: RoutingPlan) -> torch.Tensor:
+    """h as a [P, R] float32 tensor, every row defined: zeros for empty slots.
+
+    The plan only says which pairs each program computes; the kernel checks every listed pair against
+    topk_ids and skips pairs not listed under their own adapter. A stale plan (RoutingPlan.empty never
+    updated, or one built for other ids) can therefore leave rows of routed pairs unwritten, so the buffer
+    the shrink writes starts at zero (one memset) and such pairs come out as empty slots instead of
+    uninitialised memory that the expand would read. The fused decode path has no h and is unaffected.
+    """
     kernels = _kernels()
     num_pairs, num_adapters, rank = plan.sorted_pairs.shape[0], lora_a.shape[0], lora_a.shape[1]
     cfg = _shrink_config(num_pairs, num_adapters, rank, x.shape[1], x.dtype)
     common = dict(top_k=plan.top_k, cfg=cfg, upcast=_upcast(x.dtype))
-    args = (x, lora_a, topk_weights, scale, plan.sorted_pairs, plan.seg_offsets)
+    args = (x, lora_a, topk_ids, topk_weights, scale, plan.sorted_pairs, plan.seg_offsets)
     if cfg.SPLIT_K == 1 or settings.atomic_split_k:
-        atomic = cfg.SPLIT_K > 1
-        alloc = torch.zeros if (zero_empty or atomic) else torch.empty
-        h = alloc(num_pairs, rank, dtype=torch.float32, device=x.device)
-        kernels.launch_shrink(*args, h, apply_coef=True, use_atomic=atomic, **common)
+        h = torch.zeros(num_pairs, rank, dtype=torch.float32, device=x.device)
+        kernels.launch_shrink(*args, h, apply_coef=True, use_atomic=cfg.SPLIT_K > 1, **common)
         return h
-    partials = torch.empty(cfg.SPLIT_K, num_pairs, rank, dtype=torch.float32, device=x.device)
+    # The reduce writes every row of h but reads the partials of every routed pair: those start at zero.
+    partials = torch.zeros(cfg.SPLIT_K, num_pairs, rank, dtype=torch.float32, device=x.device)
     kernels.launch_shrink(*args, partials, apply_coef=False, use_atomic=False, **common)
     h = torch.empty(num_pairs, rank, dtype=torch.float32, device=x.device)
     kernels.launch_shrink_reduce(partials, topk_ids, topk_weights, scale, h, num_adapters=num_adapters)
@@ -176,7 +186,7 @@ def shrink(x, lora_a, topk_ids, topk_weights, scale, plan: RoutingPlan) -> torch
     if num_tokens == 0:
         return torch.zeros(num_tokens, top_k, rank, dtype=out_dtype, device=x.device)
     with _device_guard(x):
-        h = _shrink_rows(x, lora_a, topk_ids, topk_weights, scale, plan, zero_empty=True)
+        h = _shrink_rows(x, lora_a, topk_ids, topk_weights, scale, plan)
     return h.view(num_tokens, top_k, rank).to(out_dtype)
 
 
@@ -245,6 +255,5 @@ def routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale, plan: RoutingP
             cfg = _configs().fused_config(num_tokens, rank, h_in, h_out)
             _kernels().launch_fused(x, lora_a, lora_b, topk_ids, topk_weights, scale, out, cfg=cfg, accumulate=accumulate)
             return
-        # The expand masks empty slots itself, so h's empty rows need not be zeroed.
-        h = _shrink_rows(x, lora_a, topk_ids, topk_weights, scale, plan, zero_empty=False)
+        h = _shrink_rows(x, lora_a, topk_ids, topk_weights, scale, plan)
         _expand_into(h.view(num_tokens, top_k, rank), lora_b, topk_ids, out, accumulate)
