@@ -29,6 +29,12 @@ Design (see molora_ops/kernels/routed_lora.py for the kernels):
     small R * K) a single fused launch that keeps h in registers.
 Configs come from shape heuristics (molora_ops.kernels.configs); there is no autotuning on this path, no
 .item() and no grid sized from device values, so every launch can be captured in a CUDA graph.
+
+CUDA graphs: warm up every batch size before capturing it. Triton compiles a separate kernel for each
+specialisation of its integer arguments (a size or stride equal to 1, or divisible by 16, is specialised),
+and the configs above depend on T (tiles, split-K, fused or two launches, gather or dot expand), so a new
+batch size can mean new kernels. Run each T you will capture once, eagerly, with the same dtypes and
+layouts, before capturing it; otherwise the first call JIT-compiles inside the capture.
 """
 
 from __future__ import annotations
