@@ -170,6 +170,9 @@ def reduce_config(rank: int) -> tuple[int, int]:
 DOT_EXPAND_MIN_TOKENS = 64
 DOT_EXPAND_MAX_RANK = 32
 DOT_EXPAND_ADAPTERS_PER_SLOT = 8
+# N bounds the distinct adapters a token tile can meet, and each one is a pass of K h loads and two dots, so
+# the per-slot allowance must not grow with K without limit: at most this many adapters, whatever K is.
+DOT_EXPAND_MAX_ADAPTERS = 16
 
 
 def expand_variant(num_tokens: int, top_k: int, num_adapters: int, rank: int, half_precision: bool) -> str:
@@ -178,7 +181,7 @@ def expand_variant(num_tokens: int, top_k: int, num_adapters: int, rank: int, ha
         half_precision
         and num_tokens >= DOT_EXPAND_MIN_TOKENS
         and rank <= DOT_EXPAND_MAX_RANK
-        and num_adapters <= DOT_EXPAND_ADAPTERS_PER_SLOT * top_k
+        and num_adapters <= min(DOT_EXPAND_ADAPTERS_PER_SLOT * top_k, DOT_EXPAND_MAX_ADAPTERS)
     ):
         return "dot"
     return "gather"

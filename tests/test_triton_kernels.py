@@ -129,6 +129,18 @@ def test_dot_expand_rank_bound_and_warps():
         assert tb.choose_expand(4096, 2, 4, 64, torch.bfloat16) == "gather", "forced dot falls back past the bound"
 
 
+def test_dot_expand_adapter_bound_does_not_grow_with_top_k():
+    """N bounds the distinct adapters per token tile (one pass of K h loads and two dots each): the per-slot
+    allowance stops at DOT_EXPAND_MAX_ADAPTERS instead of growing with K."""
+    cap = configs.DOT_EXPAND_MAX_ADAPTERS
+    assert configs.expand_variant(4096, 1, 8, 16, True) == "dot"
+    assert configs.expand_variant(4096, 1, 9, 16, True) == "gather"
+    for top_k in (2, 4, 8, 16):
+        assert configs.expand_variant(4096, top_k, cap, 16, True) == "dot"
+        assert configs.expand_variant(4096, top_k, cap + 1, 16, True) == "gather"
+    assert configs.expand_variant(4096, 8, 64, 16, True) == "gather", "was 'dot' while the bound was 8 * K"
+
+
 # -------------------------------------------------------------------------------------------- split-K
 @pytest.mark.parametrize("split_k", (1, 2, 5))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
