@@ -72,17 +72,77 @@ def test_artifacts(quick):
     assert len(gens[0]["top"]) == len(gens[0]["tokens"]) > len(gens[0]["prompt"].split())  # prompt + generated
 
 
-def test_claims_direction(quick):
+CLAIMS = ("router_sequence_accuracy_ge_95", "routed_within_5pct_of_own_adapter", "routed_clearly_below_base",
+          "sequential_forgets_an_earlier_domain")
+DIFFS = ("routed_minus_base", "own_minus_base", "routed_minus_own", "sequential_minus_routed")
+
+
+def test_loss_ci_structure(quick):
+    """Paired per-sequence differences with a seeded 95% bootstrap CI, consistent with the mean losses."""
     _, r = quick
-    loss = r["loss"]
+    ci = r["loss_ci"]
+    assert ci["level"] == 0.95 and ci["resamples"] == 2000 and ci["seed"] == 0
+    assert set(ci["domains"]) == set(DOMAINS)
+    for d in DOMAINS:
+        row, loss = ci["domains"][d], r["loss"][d]
+        assert row["sequences"] == r["settings"]["eval_blocks"] > 1
+        assert set(row) == {"sequences", *DIFFS}
+        for key in DIFFS:
+            st = row[key]
+            lo, hi = st["ci"]
+            assert all(_finite(v) for v in (st["mean"], lo, hi, st["relative"]))
+            assert lo <= st["mean"] <= hi, (d, key)
+        # paired differences of per-sequence losses average to the difference of the table's mean losses
+        assert row["routed_minus_base"]["mean"] == pytest.approx(loss["routed"] - loss["base"], abs=1e-6)
+        assert row["own_minus_base"]["mean"] == pytest.approx(loss[f"adapter:{d}"] - loss["base"], abs=1e-6)
+        assert row["routed_minus_base"]["relative"] == pytest.approx(loss["routed"] / loss["base"] - 1, abs=1e-6)
+
+
+def test_claims_structure(quick):
+    """`claims`: the four booleans, stated definitions, and per-domain verdicts that follow those definitions."""
+    _, r = quick
+    claims, ci = r["claims"], r["loss_ci"]["domains"]
+    assert set(claims) == {*CLAIMS, "per_domain", "definitions"}
+    assert set(claims["definitions"]) == set(CLAIMS)
+    assert "95%" in claims["definitions"]["routed_clearly_below_base"]
+    assert "1%" in claims["definitions"]["routed_clearly_below_base"]
+    for name in CLAIMS:
+        assert isinstance(claims[name], bool), name
+    per = claims["per_domain"]
+    assert set(per) == set(DOMAINS)
+    for d in DOMAINS:
+        loss, rb = r["loss"][d], ci[d]["routed_minus_base"]
+        clearly = rb["ci"][1] < 0 and (loss["base"] - loss["routed"]) / loss["base"] >= 0.01
+        assert per[d]["routed_clearly_below_base"] == clearly, d
+        assert per[d]["routed_minus_base_ci95"] == rb["ci"]
+    assert claims["routed_clearly_below_base"] == all(p["routed_clearly_below_base"] for p in per.values())
+    assert claims["sequential_forgets_an_earlier_domain"] == any(
+        per[d]["sequential_forgets"] for d in r["sequential_order"][:-1])
+
+
+def test_claims_direction(quick):
+    """What the reduced run shows (40 adapter steps, 16 held-out sequences per domain; seed 0 measured routed
+    3.5-16% below the base, CIs >= 0.14 nats from 0, routed within 0.9% of the own adapter): the router is right,
+    each adapter specialises, routing recovers it, the routed model is clearly below the base (the full run's
+    definition: CI below 0 and >= 1%), and one LoRA in sequence forgets. Routing accuracy is held to 90% only:
+    on 48 sequences 95% leaves room for two mistakes, and the thread count the run picks can move a borderline
+    one."""
+    _, r = quick
+    loss, ci = r["loss"], r["loss_ci"]["domains"]
     assert r["router_accuracy"]["sequence"] >= 0.9
+    assert r["claims"]["routed_within_5pct_of_own_adapter"]
+    assert r["claims"]["routed_clearly_below_base"]
     for d in DOMAINS:
         row = loss[d]
         assert row["routed"] < row["base"], d  # the adapters help on held-out text
+        assert ci[d]["routed_minus_base"]["ci"][1] < 0, d  # ... beyond sampling noise over sequences
+        assert ci[d]["own_minus_base"]["ci"][1] < 0, d
         assert row[f"adapter:{d}"] == min(row[f"adapter:{e}"] for e in DOMAINS), d  # each adapter specialises
-        assert row["routed"] < 1.1 * row[f"adapter:{d}"], d  # routing recovers (about) the right adapter
+        assert row["routed"] < 1.05 * row[f"adapter:{d}"], d  # routing recovers (about) the right adapter
     earlier = r["sequential_order"][:-1]
     assert any(loss[d]["sequential"] > loss[d]["routed"] for d in earlier)  # one LoRA in sequence forgets
+    assert any(ci[d]["sequential_minus_routed"]["ci"][0] > 0 for d in earlier)
+    assert r["claims"]["sequential_forgets_an_earlier_domain"]
 
 
 def test_user_model_path(quick, tmp_path):

@@ -12,7 +12,7 @@ import sys
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--quick", action="store_true", help="reduced run for CI (about a minute on 2 CPU cores)")
+    parser.add_argument("--quick", action="store_true", help="reduced run for CI (about 1.5 minutes on 2 CPU cores)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--out", metavar="DIR", default="molora-demo",
                         help="artifacts: base model, PEFT adapters, router, heat map, results.json "

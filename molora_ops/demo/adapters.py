@@ -1,7 +1,8 @@
 """Domain LoRA adapters trained with PEFT and saved in PEFT format, plus the sequential baseline.
 
-Every adapter targets GPT-2's fused ``c_attn``, ``c_proj`` (attention and MLP) and ``c_fc`` Conv1D layers, which
-store their weights transposed, hence ``fan_in_fan_out=True``. The sequential baseline is one LoRA trained on the
+The demo's adapters target GPT-2's fused ``c_attn``, ``c_proj`` (attention and MLP) and ``c_fc`` Conv1D layers,
+which store their weights transposed, hence ``fan_in_fan_out=True``, and the output head ``lm_head`` (an
+``nn.Linear``; PEFT sets ``fan_in_fan_out`` per module and says so). The sequential baseline is one LoRA trained on the
 domains one after another; its first stage is the same training run as the first domain's adapter (same
 initialisation, same batches), so it starts from a copy of that adapter instead of repeating the run.
 """

@@ -30,20 +30,40 @@ def require_patch():
 
 
 @torch.no_grad()
-def heldout_loss(model, data: torch.Tensor, *, batch_size: int, device, routing=None) -> float:
-    """Mean next-token cross-entropy (nats/token) over `data` [n, seq]; `routing(batch)` gives a context."""
-    total, count = 0.0, 0
+def heldout_losses(model, data: torch.Tensor, *, batch_size: int, device, routing=None) -> torch.Tensor:
+    """Next-token cross-entropy (nats/token) of every sequence of `data` [n, seq]: a float64 tensor [n].
+    `routing(batch)` gives a context. Every block has seq-1 predicted tokens, so the mean over sequences is
+    the mean over tokens."""
+    out = []
     for i in range(0, data.shape[0], batch_size):
         batch = data[i : i + batch_size].to(device)
         ctx = routing(batch.shape[0]) if routing is not None else nullcontext()
         with ctx:
             logits = model(input_ids=batch, use_cache=False).logits
         loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += float(loss)
-        count += batch[:, 1:].numel()
-    return total / max(count, 1)
+            logits[:, :-1].transpose(1, 2).float(), batch[:, 1:], reduction="none"
+        )  # [b, seq-1]
+        out.append(loss.double().mean(1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def heldout_loss(model, data: torch.Tensor, *, batch_size: int, device, routing=None) -> float:
+    """Mean next-token cross-entropy (nats/token) over `data` [n, seq]; `routing(batch)` gives a context."""
+    per = heldout_losses(model, data, batch_size=batch_size, device=device, routing=routing)
+    return float(per.mean()) if per.numel() else 0.0
+
+
+def paired_bootstrap(diff: torch.Tensor, *, resamples: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
+    """Mean of paired per-sequence differences and its percentile bootstrap confidence interval (resampling
+    sequences with replacement, seeded)."""
+    diff = diff.double().cpu()
+    n = diff.numel()
+    gen = torch.Generator().manual_seed(seed)
+    means = diff[torch.randint(0, n, (resamples, n), generator=gen)].mean(1)
+    alpha = (1 - level) / 2
+    lo, hi = torch.quantile(means, torch.tensor([alpha, 1 - alpha], dtype=torch.float64)).tolist()
+    return {"mean": float(diff.mean()), "ci": [lo, hi], "sequences": n,
+            "share_negative": float((diff < 0).double().mean())}
 
 
 @contextmanager
@@ -59,19 +79,26 @@ def record_router(model):
 
 
 @torch.no_grad()
-def router_accuracy(model, heldout: dict[str, torch.Tensor], names: list[str], *, batch_size: int, device) -> dict:
-    """Held-out accuracy of the installed router, read from the probabilities it gives inside the forward.
+def routed_eval(model, heldout: dict[str, torch.Tensor], names: list[str], *, batch_size: int,
+                device) -> tuple[dict, dict[str, torch.Tensor]]:
+    """One pass of the installed router over the held-out blocks: its accuracy, read from the probabilities it
+    gives inside the forward, and the routed per-sequence losses (as `heldout_losses`) of the same forwards.
 
     Per token: argmax of the token's probabilities equals the block's domain. Per sequence: argmax of the
-    probabilities averaged over the block's tokens (as train_router reports it)."""
+    probabilities averaged over the block's tokens (as train_router reports it). Returns (accuracy, losses)."""
     tok_ok = tok_n = seq_ok = seq_n = 0
     confusion = {d: {n: 0 for n in names} for d in heldout}
+    losses = {}
     for domain, data in heldout.items():
-        label = names.index(domain)
+        label = names.index(domain) if domain in names else -1
+        per = []
         for i in range(0, data.shape[0], batch_size):
             batch = data[i : i + batch_size].to(device)
             with record_router(model) as calls:
-                model(input_ids=batch, use_cache=False)
+                logits = model(input_ids=batch, use_cache=False).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].transpose(1, 2).float(), batch[:, 1:], reduction="none")
+            per.append(loss.double().mean(1).cpu())
             probs = torch.cat(calls, dim=1) if len(calls) > 1 else calls[0]
             tok_ok += int((probs.argmax(-1) == label).sum())
             tok_n += probs.shape[0] * probs.shape[1]
@@ -80,8 +107,15 @@ def router_accuracy(model, heldout: dict[str, torch.Tensor], names: list[str], *
             seq_n += probs.shape[0]
             for p in seq_pred.tolist():
                 confusion[domain][names[p]] += 1
-    return {"sequence": seq_ok / seq_n, "token": tok_ok / tok_n, "sequences": seq_n, "tokens": tok_n,
-            "confusion": confusion}
+        losses[domain] = torch.cat(per)
+    acc = {"sequence": seq_ok / seq_n, "token": tok_ok / tok_n, "sequences": seq_n, "tokens": tok_n,
+           "confusion": confusion}
+    return acc, losses
+
+
+def router_accuracy(model, heldout: dict[str, torch.Tensor], names: list[str], *, batch_size: int, device) -> dict:
+    """Held-out accuracy of the installed router (see `routed_eval`)."""
+    return routed_eval(model, heldout, names, batch_size=batch_size, device=device)[0]
 
 
 @torch.no_grad()
