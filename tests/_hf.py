@@ -150,3 +150,13 @@ def assert_logits_close(actual, expected, name="logits", rel=1e-5):
 
     scale = max(1.0, float(expected.abs().max()))
     assert_close(actual, expected, atol=rel * scale, rtol=rel, name=name)
+
+
+def peft_cat(pm, weights: dict, name: str) -> str:
+    """Add PEFT's `cat` combination of `weights` ({adapter: weight}, zeros dropped) to `pm` as `name`.
+
+    PEFT's cat copies the FIRST adapter's config with lora_alpha = r_total, so if that adapter uses rslora the
+    merged scaling becomes sqrt(r_total) instead of 1 (a PEFT quirk): the rslora adapter ("math") goes last."""
+    active = sorted(((k, v) for k, v in weights.items() if v != 0), key=lambda kv: kv[0] == "math")
+    pm.add_weighted_adapter([k for k, _ in active], [v for _, v in active], name, combination_type="cat")
+    return name

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from _hf import VOCAB, make_model, peft_model_with, assert_logits_close, hook_reference_logits
+from _hf import VOCAB, make_model, peft_model_with, assert_logits_close, hook_reference_logits, peft_cat
 
 import molora_ops as mo
 from molora_ops.peft_io import AdapterError
@@ -142,18 +142,11 @@ def test_per_token_blend_with_logits_to_keep(setup):
     assert_logits_close(full, ref)
 
 
-def _peft_cat(pm, weights: dict, name: str):
-    # as in test_patch_parity: PEFT's cat takes the first adapter's config, so the rslora adapter goes last
-    active = sorted(((k, v) for k, v in weights.items() if v != 0), key=lambda kv: kv[0] == "math")
-    pm.add_weighted_adapter([k for k, _ in active], [v for _, v in active], name, combination_type="cat")
-    return name
-
-
 @torch.no_grad()
 def test_dict_blend_matches_peft_cat(setup):
     blend = {"code": 0.5, "math": 0.4, "qa": 0.1}
     pm = copy.deepcopy(setup.pm)
-    pm.set_adapter(_peft_cat(pm, blend, "mix"))
+    pm.set_adapter(peft_cat(pm, blend, "mix"))
     ref = pm(setup.ids).logits
     model = setup.patched()
     with mo.routing(model, adapter_weights=blend):

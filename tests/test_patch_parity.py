@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from _hf import ADAPTERS, ARCHS, shared_setup, assert_logits_close, hook_reference_logits
+from _hf import ADAPTERS, ARCHS, shared_setup, assert_logits_close, hook_reference_logits, peft_cat
 
 import molora_ops as mo
 
@@ -43,19 +43,11 @@ def test_adapter_names_match_peft_mixed_batch(setup, names):
     assert_logits_close(out, ref)
 
 
-def _peft_cat(pm, weights: dict, name: str):
-    # PEFT's cat copies the FIRST adapter's config with lora_alpha = r_total, so if that adapter uses rslora the
-    # merged scaling becomes sqrt(r_total) instead of 1 (a PEFT quirk): list the rslora adapter ("math") last.
-    active = sorted(((k, v) for k, v in weights.items() if v != 0), key=lambda kv: kv[0] == "math")
-    pm.add_weighted_adapter([k for k, _ in active], [v for _, v in active], name, combination_type="cat")
-    return name
-
-
 @torch.no_grad()
 def test_dict_blend_matches_peft_cat(setup):
     blend = {"code": 0.5, "math": 0.4, "qa": 0.1}
     pm = copy.deepcopy(setup.pm)
-    pm.set_adapter(_peft_cat(pm, blend, "mix"))
+    pm.set_adapter(peft_cat(pm, blend, "mix"))
     ref = pm(setup.ids).logits
     model = setup.patched()
     with mo.routing(model, adapter_weights=blend):
@@ -72,7 +64,7 @@ def test_per_sequence_blend_matches_peft_cat(setup):
     pm = copy.deepcopy(setup.pm)
     for b in range(w.shape[0]):
         blend = dict(zip(ADAPTERS, w[b].tolist()))
-        pm.set_adapter(_peft_cat(pm, blend, f"row{b}"))
+        pm.set_adapter(peft_cat(pm, blend, f"row{b}"))
         ref = pm(setup.ids[b : b + 1]).logits
         assert_logits_close(out[b : b + 1], ref, name=f"row {b}")
 
