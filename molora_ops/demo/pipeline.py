@@ -65,17 +65,29 @@ QUICK = replace(DEFAULT, chars_per_domain=200_000, pretrain_steps=60, adapter_st
 
 
 # ------------------------------------------------------------------------------------------------ setup
+def _other_runnable_processes() -> int:
+    """Processes other than this one that are runnable right now: the median of a few samples of /proc/loadavg's
+    running count (a busy process shows in most samples, a passing blip in few). Unlike the 1-minute load
+    average, it does not remember a pip install that just finished."""
+    try:
+        samples = []
+        for _ in range(5):
+            with open("/proc/loadavg") as f:
+                samples.append(int(f.read().split()[3].split("/")[0]) - 1)
+            time.sleep(0.05)
+        return max(0, sorted(samples)[len(samples) // 2])
+    except (OSError, ValueError, IndexError):
+        return int(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+
+
 def pick_threads(requested: int | None) -> int:
     """Intra-op threads. PyTorch's CPU kernels slow down many times over when their threads must share cores
-    with other busy processes (measured 5-7x for this model on 2 cores), so 'auto' uses every core only on an
-    idle machine (1-minute load average below 0.5); otherwise it leaves one core free and skips the cores other
-    processes keep busy. `--threads` overrides."""
+    with other busy processes (measured 5-7x for this model on 2 cores), so 'auto' uses the cores that no other
+    runnable process is using right now (every core on an idle machine). `--threads` overrides."""
     if requested:
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    free = cores if busy < 0.5 else cores - 1 - int(busy)
-    return max(1, min(8, free))
+    return max(1, min(8, cores - _other_runnable_processes()))
 
 
 def seed_everything(seed: int) -> None:
