@@ -39,6 +39,18 @@ import triton.language as tl
 from .configs import GatherConfig, ShrinkConfig, cdiv, reduce_config, scan_block
 
 
+# ------------------------------------------------------------------------------------------------ epilogue
+@triton.jit
+def _store_out_tile(out_ptr, acc, offs_t, offs_n, mask_t, mask_n, stride_ot, stride_oo, ACCUMULATE: tl.constexpr):
+    """Semantics: out[t, o] = (out[t, o] if ACCUMULATE else 0) + acc[t, o] for the tile's in-bounds elements,
+    summed in float32 and rounded once into out's dtype. Shared by every expand-side kernel."""
+    out_ptrs = out_ptr + offs_t[:, None] * stride_ot + offs_n[None, :] * stride_oo
+    mask = mask_t[:, None] & mask_n[None, :]
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 # ------------------------------------------------------------------------------------------------- shrink
 @triton.jit
 def _shrink_kernel(
@@ -228,11 +240,7 @@ def _expand_kernel(
             bv = tl.load(b_rows + offs_r[None, None, :] * stride_br, mask=mask_b & mask_r[None, None, :], other=0.0)
             acc += tl.sum(bv.to(tl.float32) * hv.to(tl.float32)[:, None, :], axis=2)
 
-    out_ptrs = out_ptr + offs_t[:, None] * stride_ot + offs_n[None, :] * stride_oo
-    mask = mask_t[:, None] & mask_n[None, :]
-    if ACCUMULATE:
-        acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    _store_out_tile(out_ptr, acc, offs_t, offs_n, mask_t, mask_n, stride_ot, stride_oo, ACCUMULATE)
 
 
 @triton.jit
@@ -310,11 +318,7 @@ def _expand_dot_kernel(
             acc = tl.dot(h_lo, bt, acc)
         e = tl.min(tl.where(ids2 > e, ids2, num_adapters))
 
-    out_ptrs = out_ptr + offs_t[:, None] * stride_ot + offs_n[None, :] * stride_oo
-    mask = mask_t[:, None] & mask_n[None, :]
-    if ACCUMULATE:
-        acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    _store_out_tile(out_ptr, acc, offs_t, offs_n, mask_t, mask_n, stride_ot, stride_oo, ACCUMULATE)
 
 
 # -------------------------------------------------------------------------------------------------- fused
@@ -380,11 +384,7 @@ def _fused_kernel(
         bv = tl.load(b_ptrs, mask=mask_b, other=0.0)
         acc += tl.sum(bv.to(tl.float32) * hk[:, None, :], axis=2)
 
-    out_ptrs = out_ptr + offs_t[:, None] * stride_ot + offs_n[None, :] * stride_oo
-    mask = mask_t[:, None] & mask_n[None, :]
-    if ACCUMULATE:
-        acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    _store_out_tile(out_ptr, acc, offs_t, offs_n, mask_t, mask_n, stride_ot, stride_oo, ACCUMULATE)
 
 
 # ---------------------------------------------------------------------------------------------- launchers

@@ -335,6 +335,10 @@ def plot_ops(run: list[dict], path: Path) -> Path:
         ax.grid(True, which="both", alpha=0.25)
     axes[0][0].legend(fontsize=8, loc="upper left")
     fig.suptitle(f"routed_lora on {run[0]['env']['device']} ({run[0]['env']['timestamp'][:10]})", fontsize=11)
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -362,11 +366,7 @@ def plot_e2e(run: list[dict], path: Path) -> Path:
         ax.grid(True, axis="y", which="both", alpha=0.25)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"end to end on {run[0]['env']['device']} ({run[0]['env']['timestamp'][:10]})", fontsize=11)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 # ------------------------------------------------------------------------------------------------ report
