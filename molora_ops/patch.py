@@ -47,15 +47,15 @@ before the routing exists, or on other tokens) is refused at patch time with an 
 
 from __future__ import annotations
 
-import contextvars
 import itertools
 from typing import Mapping, Optional
 
 import torch
 from torch import nn
 
+from .patch_state import PatchState, is_patched, set_state, state_of
 from .peft_io import AdapterError, LoraAdapter, adapters_from_peft_model, load_adapter
-from .routing import BASE, BackboneHooks, tail_routing
+from .routing import BASE, BackboneHooks, install_generate, remove_generate, tail_routing
 
 __all__ = ["patch", "unpatch", "SIBLING_GROUPS", "is_patched"]
 
@@ -198,9 +198,9 @@ class _Slot:
         keep_n = int(x.shape[-2]) if x.dim() >= 3 else -1
         if x.dim() >= 3 and x.shape[0] == b and 0 < keep_n < s and t == b * keep_n:
             key = ("tail", keep_n, r.topk_ids.device)
-            hit = fs.cache.get(key)
+            hit = fs.deltas.get(key)
             if hit is None:
-                hit = fs.cache[key] = tail_routing(r, b, s, keep_n, len(self.state.adapter_names))
+                hit = fs.deltas[key] = tail_routing(r, b, s, keep_n, len(self.state.adapter_names))
             return hit
         raise RuntimeError(
             f"molora_ops: {self.name} got input {tuple(x.shape)} but this forward was routed for {b} sequences x {s} "
@@ -217,53 +217,17 @@ class _Slot:
             routed_lora(x2, a, b, r.topk_ids, r.topk_weights, scaling=scale, out=o2, backend=be, plan=r.plan,
                         validate=False)
             return out
-        hit = fs.cache.get(self.group.key)
+        hit = fs.deltas.get(self.group.key)
         if hit is None or hit[0] is not x:
             a, b = self._stacks(self.group.leader, x2.dtype)
             delta = routed_lora(x2, a, b, r.topk_ids, r.topk_weights, scaling=None, backend=be, plan=r.plan,
                                 validate=False)
-            hit = fs.cache[self.group.key] = (x, delta)
+            hit = fs.deltas[self.group.key] = (x, delta)
         o2.add_(hit[1][:, self.out_slice])
         return out
 
 
-# ------------------------------------------------------------------------------------------- patch state
-class _PatchState:
-    def __init__(self, model, adapter_names, backend, router, top_k):
-        uid = next(_counter)
-        self.model_ref = model
-        self.adapter_names = adapter_names
-        self.backend = backend
-        self.router = router
-        self.top_k = top_k
-        self.spec_var = contextvars.ContextVar(f"molora_spec_{uid}", default=None)
-        self.fwd_var = contextvars.ContextVar(f"molora_forward_{uid}", default=None)
-        self.top_var = contextvars.ContextVar(f"molora_top_call_{uid}", default=None)  # top-level forward running
-        self.router_state_var = contextvars.ContextVar(f"molora_router_state_{uid}", default=None)
-        self.patched: list[tuple[nn.Module, type]] = []
-        self.hooks: Optional[BackboneHooks] = None
-        self.peft_layers: list[tuple[nn.Module, bool]] = []
-        self.first_module: Optional[nn.Module] = None
-        self.blocks: Optional[nn.ModuleList] = None
-        self.blocks_prefix: Optional[str] = None
-
-    def device(self):
-        if self.first_module is None:
-            return None
-        return self.first_module.molora_lora_a.device if hasattr(self.first_module, "molora_lora_a") else None
-
-
-def _state_of(model) -> _PatchState:
-    state = getattr(model, "_molora_state", None)
-    if state is None:
-        raise ValueError("this model is not patched; call molora_ops.patch(model, adapters=...) first")
-    return state
-
-
-def is_patched(model) -> bool:
-    return getattr(model, "_molora_state", None) is not None
-
-
+# ------------------------------------------------------------------------------------------- discovery
 def _block_index(state, module_name: str) -> Optional[int]:
     prefix = state.blocks_prefix
     if prefix is None or not module_name.startswith(prefix):
@@ -396,7 +360,7 @@ def patch(model, adapters=None, router=None, top_k: int = 2, backend: str = "aut
                     "save_embedding_layers=False if the base weight was not changed)"
                 )
 
-    state = _PatchState(model, names, backend, router, top_k)
+    state = PatchState(model, names, backend, router, top_k)
     per_layer = isinstance(router, (list, tuple, nn.ModuleList))
     for r in (router if per_layer else [router]):
         if r is None:
@@ -480,7 +444,7 @@ def patch(model, adapters=None, router=None, top_k: int = 2, backend: str = "aut
                 raise ValueError(f"router.layer={layer} is not a block index of this model")
             router_block = blocks[layer]
             router.to(device=device)
-        state.hooks = BackboneHooks(state, backbone, router_block, top=root if outside else None)
+        state.hooks = BackboneHooks(state, model, backbone, router_block, top=root if outside else None)
         if per_layer:
             state.hooks.set_layer_routers(blocks, router)
         if peft_model is not None:
@@ -490,10 +454,11 @@ def patch(model, adapters=None, router=None, top_k: int = 2, backend: str = "aut
                 if isinstance(mod, LoraLayer):
                     state.peft_layers.append((mod, mod.disable_adapters))
                     mod._disable_adapters = True  # PEFT's own LoRA off; our patched base_layer adds it
+        install_generate(model, state)
     except Exception:
         _restore(state)
         raise
-    model._molora_state = state
+    set_state(model, state)
     return model
 
 
@@ -588,7 +553,8 @@ def _restore(state) -> None:
 
 def unpatch(model):
     """Undo :func:`patch`: original classes, no extra buffers or hooks; outputs bit-identical to before."""
-    state = _state_of(model)
+    state = state_of(model)
+    remove_generate(model, state)
     _restore(state)
-    del model._molora_state
+    set_state(model, None)
     return model

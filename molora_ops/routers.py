@@ -5,8 +5,9 @@ A router given to :func:`molora_ops.patch` runs inside the model's own forward: 
 probabilities, :meth:`select` keeps each token's ``top_k`` and renormalises them, and that routing is shared by
 every patched layer of the forward (patched modules in blocks before ``layer`` run the base only).
 Routers see one forward at a time; with a KV cache, state that spans tokens (ContextRouter's running mean,
-KeywordRouter's counts) is carried in a per-thread ``state`` dict that the patch resets whenever a forward
-starts from an empty cache.
+KeywordRouter's counts) is read from and recorded into ``state`` (a :class:`~molora_ops.router_state.RouterState`),
+which the patch keeps per position beside the KV cache, so it follows beam reordering, cropping and batch
+selection of the cache.
 
     TokenRouter    a linear (or one-hidden-layer MLP) gate on each token's hidden state
     ContextRouter  the same gate on the causal running mean of hidden states: token t decides from tokens <= t,
@@ -114,7 +115,7 @@ class TokenRouter(Router):
 class ContextRouter(TokenRouter):
     """The gate on the causal running mean of hidden states (tokens <= t, padding excluded).
 
-    With a KV cache the running sum and count per sequence are carried in `state` across decode steps."""
+    With a KV cache the running sum and count after each position are kept in `state` across decode steps."""
 
     kind = "context"
 
@@ -124,18 +125,16 @@ class ContextRouter(TokenRouter):
         mask = torch.ones(b, s, device=h.device, dtype=h.dtype)
         if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] >= past_len + s:
             mask = attention_mask[:, past_len : past_len + s].to(h.dtype)
-        key = ("context", id(self))
-        prev = state.get(key) if (state is not None and past_len > 0) else None
-        if prev is not None and prev[0].shape[0] != b:
-            prev = None
         total = torch.cumsum(h * mask[..., None], dim=1)
-        count = torch.cumsum(mask, dim=1)[..., None]
-        if prev is not None:
-            total = total + prev[0][:, None]
-            count = count + prev[1][:, None]
+        count = torch.cumsum(mask, dim=1)
+        key = ("context", id(self))
+        prev = state.previous(key) if state is not None else None
+        if prev is not None:  # the running sum and count after the cached positions
+            total = total + prev[0][:, -1, None].to(total.dtype)
+            count = count + prev[1][:, -1, None].to(count.dtype)
         if state is not None:
-            state[key] = (total[:, -1].detach(), count[:, -1].detach())
-        return total / count.clamp_min(1.0)
+            state.record(key, total, count)
+        return total / count[..., None].clamp_min(1.0)
 
     def logits(self, hidden_states, *, attention_mask=None, past_len=0, state=None):
         mean = self.running_mean(hidden_states, attention_mask, past_len, state)
@@ -184,15 +183,15 @@ class KeywordRouter(Router):
         return self._patterns
 
     def scores(self, input_ids, past_len=0, state=None):
+        """[B, S, N] keyword scores of the S new tokens (ids [B, S] on the CPU), counting every keyword seen since
+        the start of the sequence (the cached positions' ids and scores come from `state`)."""
         pats = self.patterns()
         longest = max((len(p[0]) for p in pats), default=1)
         b, s = input_ids.shape
         key = ("keyword", id(self))
-        prev = state.get(key) if (state is not None and past_len > 0) else None
-        if prev is not None and prev[0].shape[0] != b:
-            prev = None
-        score = prev[0].clone() if prev is not None else torch.zeros(b, self.num_adapters)
-        tails = [list(t) for t in prev[1]] if prev is not None else [[] for _ in range(b)]
+        prev = state.previous(key) if state is not None else None
+        score = prev[0][:, -1].clone() if prev is not None else torch.zeros(b, self.num_adapters)
+        tails = prev[1][:, -(longest - 1) :].tolist() if prev is not None and longest > 1 else [[] for _ in range(b)]
         out = torch.zeros(b, s, self.num_adapters)
         rows = input_ids.tolist()
         for i in range(b):
@@ -205,7 +204,7 @@ class KeywordRouter(Router):
                 out[i, t] = score[i]
                 del hist[: max(0, len(hist) - longest)]
         if state is not None:
-            state[key] = (score, tails)
+            state.record(key, out, input_ids)
         return out
 
     def forward(self, hidden_states=None, *, input_ids=None, attention_mask=None, past_len=0, state=None):

@@ -1,25 +1,20 @@
 """Which adapters each token uses, decided inside the forward pass and held per call in contextvars.
 
-``with mo.routing(model, adapter_names=[...])`` or ``adapter_weights=...`` sets a :class:`RoutingSpec` in a
-ContextVar owned by the patched model. At the start of every forward of the model's backbone (the module that
-holds the decoder blocks) a hook turns the spec into ``topk_ids`` / ``topk_weights`` for exactly the tokens of
-this forward, builds one :class:`~molora_ops.RoutingPlan` and puts both in a second ContextVar that every
-patched layer reads; a closing hook clears it. When an adapter also targets a module that runs after the
-backbone (the output embedding ``lm_head`` of a CausalLM), the state is cleared by a post-hook on the patched
-top-level model instead (``always_call=True``, so an exception clears it too), so that ``lm_head`` still sees it.
+How a routing is given (PEFT's conventions; N adapters in the order given to ``patch``):
+    model(..., adapter_names=[...])  /  model.generate(..., adapter_names=[...])     per call (kwargs)
+    model(..., adapter_weights=W)    /  model.generate(..., adapter_weights=W)
+    with mo.routing(model, adapter_names=... | adapter_weights=...): ...           a block of calls
 
-``lm_head`` and ``logits_to_keep``: HF CausalLMs call ``self.lm_head(hidden_states[:, -logits_to_keep:, :])``
-(``generate`` passes ``logits_to_keep=1``), so ``lm_head`` may see L < S of the S routed positions. Such a module
-uses the routing of the LAST L positions of each sequence, which is exactly what an int ``logits_to_keep``
-selects. A tensor ``logits_to_keep`` (explicit indices or a mask) raises a RuntimeError naming the module
-instead of guessing which positions it kept. Prefill and each KV-cached decode step are separate forwards,
-and the position of their tokens comes from the cache length, so per-token weights index the right positions
-and the cache keeps working (routing never needs a second pass).
+The kwargs form is what a streaming server needs: the routing belongs to that one call. The context manager
+follows Python's contextvars rules: it is per thread and per asyncio task, and a generator that is paused inside
+a ``routing()`` block shares its caller's context (code the caller runs between two ``next()`` calls sees the
+generator's routing, and vice versa), so prefer the kwargs form in generators and servers.
 
-ContextVars are per thread (and per asyncio task), so two threads serving different requests through the same
-patched model never see each other's routing.
+``generate`` repeats each sequence's routing for its beams and returned sequences, as it repeats the inputs
+(``max(num_beams, num_return_sequences)`` rows per sequence), for the kwargs and the context form alike; a forward
+whose batch does not match the routing's raises ValueError, as PEFT does.
 
-Spec forms (N adapters, in the order given to ``patch``):
+Spec forms:
     adapter_names  list of B names, one per sequence; "__base__" = no adapter for that sequence
     adapter_weights
         dict {name: w}          one blend for every token (missing names weigh 0)
@@ -29,25 +24,43 @@ Spec forms (N adapters, in the order given to ``patch``):
                                 steps past the given length keep the last row's blend
 Zero weights are dropped before the kernels see them: dense weights become top-k ids with K = the most
 non-zero entries any token has, and -1 (an empty slot, which costs nothing) where a token has fewer.
+
+Positions. A forward's tokens sit at absolute positions past_len .. past_len + S - 1, where past_len is the
+length of the KV cache the forward continues: read from the cache object itself (whatever keyword carries it:
+``cache=`` in transformers >= 5.24, ``past_key_values=`` before) or, without one, from ``cache_position``. Prefill
+and each cached decode step are separate forwards that route exactly like one full forward, so the cache keeps
+working (routing never needs a second pass). Stateful routers keep their per-position state beside the cache
+(:mod:`molora_ops.router_state`), so it follows beam reordering, cropping and batch selection.
+
+Lifetime. At the start of every forward of the model's backbone (the module that holds the decoder blocks) a
+hook turns the spec into ``topk_ids`` / ``topk_weights`` for exactly the tokens of this forward, builds one
+:class:`~molora_ops.RoutingPlan` and puts both in a ContextVar that every patched layer reads; a closing hook
+resets it. When an adapter also targets the output embedding (``lm_head``), which runs after the backbone, the
+state is reset by a post-hook on the top-level model instead (``always_call=True``, so an exception resets it
+too). HF CausalLMs call ``lm_head`` on the last ``logits_to_keep`` positions (``generate`` passes 1): such a
+module uses the routing of the LAST L positions of each sequence; a tensor ``logits_to_keep`` (indices or a
+mask) raises a RuntimeError naming the module instead of guessing.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import itertools
+import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
+from .patch_state import state_of
 from .plan import RoutingPlan, build_plan
+from .router_state import RouterHistory, attach, history_of
 
-__all__ = ["routing", "RoutingSpec", "ForwardState", "dense_to_topk", "BASE"]
+__all__ = ["routing", "RoutingSpec", "ForwardState", "dense_to_topk", "BASE", "ROUTING_KWARGS"]
 
 BASE = "__base__"
-_FORWARDS = itertools.count()
+ROUTING_KWARGS = ("adapter_names", "adapter_weights")
 
 
 def dense_to_topk(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,21 +105,25 @@ class ForwardRouting:
 
 @dataclass
 class ForwardState:
-    """What the patched layers of one forward share. Lives in a ContextVar from the backbone's pre-hook to its
-    post-hook."""
+    """What the patched layers of one backbone forward share. Lives in a ContextVar from the backbone's pre-hook
+    to its post-hook (or to the top-level model's post-hook when lm_head is routed).
+
+    batch, seq: the forward's rows and new tokens; past_len: cached positions before them; kv_cache: the cache
+    object the forward continues (None if it got none); history: the stateful routers' per-position state."""
 
     batch: int
     seq: int
     past_len: int
     input_ids: Optional[torch.Tensor] = None
     attention_mask: Optional[torch.Tensor] = None
+    kv_cache: Any = None
     routing: Optional[ForwardRouting] = None
     router_pending: bool = False
+    history: Optional[RouterHistory] = None
     block_routing: dict = field(default_factory=dict)  # per-layer routers: {block index: ForwardRouting}
-    cache: dict = field(default_factory=dict)  # fused q/k/v deltas of this forward, keyed by group
+    deltas: dict = field(default_factory=dict)  # fused q/k/v deltas and tail routings of this forward
     logits_to_keep: Any = None  # the top-level model's logits_to_keep argument (None if not given / unknown)
     token: Any = None
-    serial: int = field(default_factory=lambda: next(_FORWARDS))
 
     def set_routing(self, ids: Optional[torch.Tensor], weights: Optional[torch.Tensor], num_adapters: int) -> None:
         if ids is None or ids.shape[-1] == 0:
@@ -126,49 +143,58 @@ def tail_routing(r: ForwardRouting, batch: int, seq: int, keep: int, num_adapter
 
 
 @dataclass
-class _TopCall:
-    """One forward of the patched top-level model (when modules outside the backbone are routed)."""
+class _Call:
+    """One forward of the patched top-level model: the tokens to reset when it ends."""
 
-    fwd_token: Any
-    logits_to_keep: Any
+    fwd_token: Any = None
+    logits_to_keep: Any = None
+    spec_token: Any = None
     token: Any = None
 
 
 class RoutingSpec:
     """A user's routing request, validated against the patched model's adapters and turned into per-forward
-    top-k ids/weights by :meth:`resolve`."""
+    top-k ids/weights by :meth:`resolve`.
+
+    kind "all": one routing for every token (ids [K]); "seq": one per sequence (ids [B, K]); "token": one per
+    token (ids [B, S, K]). `batch` is B (None for "all"); `empty` means no token gets an adapter."""
 
     def __init__(self, adapter_names_order: list[str], *, adapter_names=None, adapter_weights=None, device=None):
         self.order = list(adapter_names_order)
-        n = len(self.order)
-        index = {name: i for i, name in enumerate(self.order)}
-        self.kind: str
-        self.empty = False
         if (adapter_names is None) == (adapter_weights is None):
-            raise ValueError("routing() takes exactly one of adapter_names=... or adapter_weights=...")
+            raise ValueError("routing takes exactly one of adapter_names=... or adapter_weights=...")
         if adapter_names is not None:
-            if isinstance(adapter_names, str) or not hasattr(adapter_names, "__iter__"):
-                raise TypeError(f"adapter_names must be a list of names (one per sequence), got {adapter_names!r}")
-            ids = []
-            for name in adapter_names:
-                if name == BASE:
-                    ids.append(-1)
-                elif name in index:
-                    ids.append(index[name])
-                else:
-                    raise ValueError(f"unknown adapter name {name!r} in routing(); known: {self.order + [BASE]}")
+            ids, w = self._from_names(adapter_names, device)
             self.kind = "seq"
-            self.ids = torch.tensor(ids, dtype=torch.int64, device=device)[:, None]  # [B, 1]
-            self.weights = torch.ones(self.ids.shape, dtype=torch.float32, device=device)
-            self.ids_w = (self.ids, self.weights)
-            self.empty = all(i < 0 for i in ids)
-            self.batch = len(ids)
-            return
-        w = adapter_weights
+        else:
+            ids, w, self.kind = self._from_weights(adapter_weights, device)
+        self.ids_w = (ids, w)
+        self.batch = None if self.kind == "all" else int(ids.shape[0])
+        self.empty = ids.shape[-1] == 0 or not bool((ids >= 0).any())
+
+    def _from_names(self, adapter_names, device):
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+            raise TypeError(
+                f"adapter_names must be a list of adapter names (one per sequence), got {type(adapter_names).__name__}"
+            )
+        index = {name: i for i, name in enumerate(self.order)}
+        ids = []
+        for name in adapter_names:
+            if name == BASE:
+                ids.append(-1)
+            elif isinstance(name, str) and name in index:
+                ids.append(index[name])
+            else:
+                raise ValueError(f"adapter_names: unknown adapter {name!r}; known: {self.order + [BASE]}")
+        ids_t = torch.tensor(ids, dtype=torch.int64, device=device).reshape(len(ids), 1)  # [B, 1]
+        return ids_t, (ids_t >= 0).to(torch.float32)
+
+    def _from_weights(self, w, device):
+        n = len(self.order)
         if isinstance(w, dict):
-            unknown = [k for k in w if k not in index]
+            unknown = [k for k in w if k not in self.order]
             if unknown:
-                raise ValueError(f"unknown adapter name(s) {unknown} in routing(); known: {self.order}")
+                raise ValueError(f"adapter_weights: unknown adapter name(s) {unknown}; known: {self.order}")
             w = torch.tensor([float(w.get(name, 0.0)) for name in self.order], dtype=torch.float32)
         if not isinstance(w, torch.Tensor):
             raise TypeError(
@@ -186,20 +212,30 @@ class RoutingSpec:
         if device is not None:
             w = w.to(device)
         ids, tw = dense_to_topk(w)
-        self.empty = ids.shape[-1] == 0
-        self.ids_w = (ids, tw)
-        self.kind = {1: "all", 2: "seq", 3: "token"}[w.dim()]
-        self.batch = None if w.dim() == 1 else w.shape[0]
+        return ids, tw, {1: "all", 2: "seq", 3: "token"}[w.dim()]
+
+    def expanded(self, repeats: int) -> "RoutingSpec":
+        """This routing with every sequence's row repeated `repeats` times in a row (generate's beams and
+        returned sequences: ``repeat_interleave`` of the batch, as generate expands the inputs)."""
+        if repeats == 1 or self.batch is None:
+            return self
+        out = object.__new__(RoutingSpec)
+        out.__dict__.update(self.__dict__)
+        out.ids_w = tuple(t.repeat_interleave(repeats, dim=0) for t in self.ids_w)
+        out.batch = self.batch * repeats
+        return out
 
     def resolve(self, batch: int, seq: int, past_len: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """topk ids/weights [batch * seq, K] for a forward of `seq` new tokens after `past_len` cached ones."""
+        """topk ids/weights [batch * seq, K] for a forward of `seq` new tokens after `past_len` cached ones
+        (None, None when no token gets an adapter). ValueError if the forward's batch is not the routing's."""
+        if self.batch is not None and self.batch != batch:
+            raise ValueError(
+                f"the routing was given for {self.batch} sequences (adapter_names / adapter_weights rows) but the "
+                f"forward has batch size {batch}"
+            )
         if self.empty:
             return None, None
         ids, w = self.ids_w
-        if self.batch is not None and self.batch != batch:
-            raise ValueError(
-                f"routing was given for a batch of {self.batch} sequences but the forward has batch size {batch}"
-            )
         if self.kind == "all":
             k = ids.shape[-1]
             return ids.expand(batch * seq, k), w.expand(batch * seq, k)
@@ -208,6 +244,11 @@ class RoutingSpec:
         # per token: absolute positions past_len .. past_len + seq - 1, clamped to the rows given
         pos = torch.arange(past_len, past_len + seq, device=ids.device).clamp_max(ids.shape[1] - 1)
         return ids[:, pos], w[:, pos]
+
+
+def _spec(state, adapter_names=None, adapter_weights=None) -> RoutingSpec:
+    return RoutingSpec(state.adapter_names, adapter_names=adapter_names, adapter_weights=adapter_weights,
+                       device=state.device())
 
 
 @contextmanager
@@ -219,43 +260,101 @@ def routing(model, adapter_names=None, adapter_weights=None):
         adapter_weights: dict {name: weight}, or a tensor [N], [B, N] (per sequence) or [B, S, N] (per token),
             N in the order of the adapters given to ``patch``. A blend computes sum_i w_i * s_i * B_i A_i x, which
             is PEFT's ``add_weighted_adapter(..., combination_type="cat")``.
-    The routing is per thread / task (contextvars). Yields the validated RoutingSpec.
+    The routing is per thread / asyncio task (contextvars; see the module docstring about generators). The same
+    routing can be given per call as ``model(..., adapter_names=...)`` / ``model.generate(..., adapter_names=...)``.
+    Yields the validated RoutingSpec.
     """
-    from .patch import _state_of
-
-    state = _state_of(model)
-    spec = RoutingSpec(
-        state.adapter_names, adapter_names=adapter_names, adapter_weights=adapter_weights, device=state.device()
-    )
-    token = state.spec_var.set(spec)
+    state = state_of(model)
+    token = state.spec_var.set(_spec(state, adapter_names, adapter_weights))
     try:
-        yield spec
+        yield state.spec_var.get()
     finally:
         state.spec_var.reset(token)
 
 
+def _generate_expansion(model, kwargs) -> int:
+    """Rows generate makes of each input sequence: max(num_beams, num_return_sequences), from the call's kwargs,
+    else its generation_config, else the model's."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+
+    def get(name):
+        value = kwargs.get(name, getattr(config, name, None))
+        return 1 if value is None else int(value)
+
+    return max(get("num_beams"), get("num_return_sequences"), 1)
+
+
+def routed_generate(model, *args, **kwargs):
+    """``model.generate`` of a patched model: takes PEFT's ``adapter_names=`` (and ``adapter_weights=``), and
+    repeats the routing of each sequence (kwargs or the active routing() block) for its beams and returned
+    sequences. Installed on the instance by ``patch`` (the original is called underneath)."""
+    state = state_of(model)
+    names, weights = kwargs.pop("adapter_names", None), kwargs.pop("adapter_weights", None)
+    spec = _spec(state, names, weights) if names is not None or weights is not None else state.spec_var.get()
+    if spec is None:
+        return state.generate(*args, **kwargs)
+    token = state.spec_var.set(spec.expanded(_generate_expansion(model, kwargs)))
+    try:
+        return state.generate(*args, **kwargs)
+    finally:
+        state.spec_var.reset(token)
+
+
+def install_generate(model, state) -> None:
+    """Put :func:`routed_generate` on `model` (if it has ``generate``), keeping the original in `state`."""
+    if not callable(getattr(model, "generate", None)):
+        state.generate = None
+        return
+    state.generate = model.generate
+    state.generate_was_attr = "generate" in model.__dict__
+    model.generate = types.MethodType(routed_generate, model)
+
+
+def remove_generate(model, state) -> None:
+    if getattr(state, "generate", None) is None:
+        return
+    if state.generate_was_attr:
+        model.generate = state.generate
+    else:
+        model.__dict__.pop("generate", None)
+    state.generate = None
+
+
 # ------------------------------------------------------------------------------------------------- hooks
-def _past_length(pkv) -> int:
-    if pkv is None:
-        return 0
-    if hasattr(pkv, "get_seq_length"):
-        return int(pkv.get_seq_length())
-    try:  # legacy tuple-of-tuples cache
-        return int(pkv[0][0].shape[-2])
-    except (TypeError, IndexError, AttributeError):
-        return 0
+def _cache_and_past(bound: dict):
+    """(the KV cache object or None, cached positions) of a forward, whatever keyword carries the cache."""
+    for value in bound.values():
+        if value is not None and not isinstance(value, torch.Tensor) and hasattr(value, "get_seq_length"):
+            return value, int(value.get_seq_length())
+    position = bound.get("cache_position")
+    if isinstance(position, torch.Tensor) and position.numel() > 0:
+        return None, int(position.reshape(-1)[0])
+    return None, 0
+
+
+def _cache_in(output):
+    """The KV cache a backbone returned (``cache`` or ``past_key_values`` of its ModelOutput), if any."""
+    values = output.values() if hasattr(output, "values") else (output if isinstance(output, tuple) else ())
+    for value in values:
+        if value is not None and not isinstance(value, torch.Tensor) and hasattr(value, "get_seq_length"):
+            return value
+    return None
 
 
 class BackboneHooks:
-    """Pre/post hooks on the backbone (and, for router mode, on the router's block) of one patched model."""
+    """The hooks of one patched model: routing kwargs on the top-level model, the forward state on the backbone
+    (and on the top-level model when lm_head is routed), and the router's pre-hook on its block."""
 
-    def __init__(self, state, backbone: torch.nn.Module, router_block: Optional[torch.nn.Module],
-                 top: Optional[torch.nn.Module] = None):
-        """`top`: the patched top-level model, given when modules outside `backbone` (lm_head) are routed; the
-        forward state then lives until the end of its forward."""
+    def __init__(self, state, model: torch.nn.Module, backbone: torch.nn.Module,
+                 router_block: Optional[torch.nn.Module], top: Optional[torch.nn.Module] = None):
+        """`model`: the object patch() was given (its calls take the routing kwargs). `top`: the patched
+        top-level model, given when modules outside `backbone` (lm_head) are routed; the forward state then
+        lives until the end of its forward."""
         self.state = state
         self.signature = self._signature(backbone)
         self.handles = [
+            model.register_forward_pre_hook(self.kw_pre, with_kwargs=True),
+            model.register_forward_hook(self.kw_post, always_call=True),
             backbone.register_forward_pre_hook(self.pre, with_kwargs=True),
             backbone.register_forward_hook(self.post, always_call=True),
         ]
@@ -320,14 +419,33 @@ class BackboneHooks:
             bound.setdefault("input_ids", args[0])
         return bound
 
+    # --- routing kwargs on the top-level call: model(..., adapter_names=[...])
+    def kw_pre(self, module, args, kwargs):
+        state = self.state
+        names, weights = kwargs.pop("adapter_names", None), kwargs.pop("adapter_weights", None)
+        call = _Call()
+        if names is not None or weights is not None:
+            call.spec_token = state.spec_var.set(_spec(state, names, weights))
+        call.token = state.kw_var.set(call)
+        return args, kwargs
+
+    def kw_post(self, module, args, output):
+        state = self.state
+        call = state.kw_var.get()
+        if call is not None:
+            if call.spec_token is not None:
+                state.spec_var.reset(call.spec_token)
+            state.kw_var.reset(call.token)
+        return None
+
+    # --- the top-level forward, when lm_head is routed: the state lives until it ends
     def top_pre(self, module, args, kwargs):
-        """Start of the top-level model's forward: the backbone's post-hook leaves the state for top_post."""
         state = self.state
         keep = None
         if state.spec_var.get() is not None or state.router is not None:
             bound = self._bind(args, kwargs, self.top_signature)
             keep = bound.get("logits_to_keep", bound.get("num_logits_to_keep"))
-        call = _TopCall(state.fwd_var.set(None), keep)
+        call = _Call(fwd_token=state.fwd_var.set(None), logits_to_keep=keep)
         call.token = state.top_var.set(call)
         return None
 
@@ -335,10 +453,11 @@ class BackboneHooks:
         state = self.state
         call = state.top_var.get()
         if call is not None:
-            state.fwd_var.reset(call.fwd_token)  # whatever the backbone's forwards set, cleared here
+            state.fwd_var.reset(call.fwd_token)  # whatever the backbone's forwards set, reset here
             state.top_var.reset(call.token)
         return None
 
+    # --- the backbone
     def pre(self, module, args, kwargs):
         state = self.state
         spec = state.spec_var.get()
@@ -351,11 +470,12 @@ class BackboneHooks:
         if ref is None:
             return None
         batch, seq = int(ref.shape[0]), int(ref.shape[1])
-        fs = ForwardState(batch, seq, _past_length(bound.get("past_key_values")), input_ids, bound.get("attention_mask"))
+        cache, past_len = _cache_and_past(bound)
+        fs = ForwardState(batch, seq, past_len, input_ids, bound.get("attention_mask"), kv_cache=cache)
         top = state.top_var.get()
         fs.logits_to_keep = top.logits_to_keep if top is not None else bound.get("logits_to_keep")
         if spec is not None:
-            ids, w = spec.resolve(batch, seq, fs.past_len)
+            ids, w = spec.resolve(batch, seq, past_len)
             fs.set_routing(ids, w, len(state.adapter_names))
         else:
             fs.router_pending = True
@@ -363,13 +483,21 @@ class BackboneHooks:
         return None
 
     def post(self, module, args, output):
-        if self.state.top_var.get() is not None:
-            return None  # inside the top-level model's forward: its post-hook clears the state (lm_head runs later)
         fs = self.state.fwd_var.get()
-        if fs is not None and fs.token is not None:
+        if fs is None:
+            return None
+        if fs.history is not None:  # keep the stateful routers' state beside the cache this forward filled
+            cache = fs.kv_cache if fs.kv_cache is not None else _cache_in(output)
+            if cache is not None:
+                attach(cache, fs.history)
+            fs.history = None
+        if self.state.top_var.get() is not None:
+            return None  # inside the top-level model's forward: its post-hook resets the state (lm_head runs later)
+        if fs.token is not None:
             self.state.fwd_var.reset(fs.token)
         return None
 
+    # --- routers
     def router_pre(self, module, args, kwargs):
         state = self.state
         fs = state.fwd_var.get()
@@ -390,13 +518,12 @@ class BackboneHooks:
         return None
 
     def _route(self, router, fs, args, kwargs):
-        state = self.state
+        """Run `router` on the hidden states entering its block. Under grad mode the routing weights keep their
+        graph (the router trains through the patched model); the per-position state is stored detached."""
+        if fs.history is None:
+            cached = history_of(fs.kv_cache) if fs.past_len > 0 else None
+            fs.history = cached if cached is not None else RouterHistory()
         hidden = args[0] if args else kwargs.get("hidden_states")
-        rstate = state.router_state_var.get()
-        if rstate is None or (fs.past_len == 0 and rstate.get("_forward") != fs.serial):
-            rstate = {"_forward": fs.serial}  # a new sequence: running router state starts empty
-            state.router_state_var.set(rstate)
-        with torch.no_grad():
-            probs = router(hidden, input_ids=fs.input_ids, attention_mask=fs.attention_mask, past_len=fs.past_len,
-                           state=rstate)
-            return router.select(probs, state.top_k)
+        probs = router(hidden, input_ids=fs.input_ids, attention_mask=fs.attention_mask, past_len=fs.past_len,
+                       state=fs.history.view(fs.past_len, fs.batch))
+        return router.select(probs, self.state.top_k)

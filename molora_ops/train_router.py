@@ -13,22 +13,28 @@ is patched with these adapters and ``install=True`` the trained router becomes i
 
 from __future__ import annotations
 
+import contextvars
 import random
 from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
+from .patch_state import is_patched, state_of
 from .routers import ContextRouter, Router, TokenRouter
+from .routing import routing
 
 __all__ = ["train_router"]
 
 
-def _blocks(model):
-    from .patch import is_patched
+# The feature capture of the train_router call running in this thread / task (other threads' forwards through
+# the same model are neither captured nor changed).
+_CAPTURE: contextvars.ContextVar = contextvars.ContextVar("molora_train_router_capture", default=None)
 
-    if is_patched(model) and model._molora_state.blocks is not None:
-        return model._molora_state.blocks
+
+def _blocks(model):
+    if is_patched(model) and state_of(model).blocks is not None:
+        return state_of(model).blocks
     best = None
     for mod in model.modules():
         if isinstance(mod, nn.ModuleList) and (best is None or len(mod) > len(best)):
@@ -50,17 +56,16 @@ def _encode(tokenizer, texts, max_length):
 
 @torch.no_grad()
 def _features(model, blocks, layer, seqs, batch_size, device):
-    """Hidden states entering block `layer` for each sequence: list of [L_i, H] float32 tensors."""
+    """Hidden states entering block `layer` for each sequence, from the base model (a patched model runs with
+    every sequence routed to "__base__", in this thread only): list of [L_i, H] float32 tensors."""
     captured = {}
 
     def hook(module, args, kwargs):
-        captured["h"] = (args[0] if args else kwargs["hidden_states"]).detach()
+        if _CAPTURE.get() is captured:
+            captured["h"] = (args[0] if args else kwargs["hidden_states"]).detach()
 
     handle = blocks[layer].register_forward_pre_hook(hook, with_kwargs=True)
-    state = getattr(model, "_molora_state", None)
-    saved_router = state.router if state is not None else None
-    if state is not None:
-        state.router = None  # base model only while extracting features
+    token = _CAPTURE.set(captured)
     feats = []
     try:
         for i in range(0, len(seqs), batch_size):
@@ -71,14 +76,17 @@ def _features(model, blocks, layer, seqs, batch_size, device):
             for j, s in enumerate(chunk):
                 ids[j, : len(s)] = torch.tensor(s)
                 mask[j, : len(s)] = 1
-            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            h = captured["h"].float()
+            if is_patched(model):
+                with routing(model, adapter_names=["__base__"] * len(chunk)):
+                    model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            else:
+                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            h = captured.pop("h").float()
             for j, s in enumerate(chunk):
                 feats.append(h[j, : len(s)].clone())
     finally:
+        _CAPTURE.reset(token)
         handle.remove()
-        if state is not None:
-            state.router = saved_router
     return feats
 
 
@@ -143,7 +151,7 @@ def train_router(
     names = list(texts_by_adapter)
     if len(names) < 2:
         raise ValueError("train_router needs texts for at least two adapters")
-    state = getattr(model, "_molora_state", None)
+    state = state_of(model) if is_patched(model) else None
     if state is not None and install and list(state.adapter_names) != names:
         raise ValueError(f"texts_by_adapter order {names} must match the patched adapters {state.adapter_names}")
     blocks = _blocks(model)

@@ -77,7 +77,7 @@ def test_router_mode_equals_explicit_per_token_routing_and_kv_cache(gpt2, kind):
         p.normal_(0, 1.0)
     ids = gpt2.ids
     hidden = _block0_hidden(gpt2.base, ids)
-    r_ids, r_w = router.select(router(hidden, past_len=0, state={}), 2)
+    r_ids, r_w = router.select(router(hidden, past_len=0), 2)
     w = _dense(r_ids, r_w, len(ADAPTERS))
     explicit = gpt2.patched()
     with mo.routing(explicit, adapter_weights=w):
@@ -98,10 +98,10 @@ def test_router_mode_equals_explicit_per_token_routing_and_kv_cache(gpt2, kind):
 def test_context_router_is_causal():
     router = mo.ContextRouter(16, ["a", "b", "c"])
     h = torch.randn(2, 9, 16)
-    full = router(h, state={})
+    full = router(h)
     h2 = h.clone()
     h2[:, 5:] = torch.randn(2, 4, 16)
-    part = router(h2, state={})
+    part = router(h2)
     torch.testing.assert_close(full[:, :5], part[:, :5])
     assert not torch.allclose(full[:, 5:], part[:, 5:])
 
@@ -110,7 +110,7 @@ def test_context_router_is_causal():
 def test_keyword_router(gpt2, tokenizer):
     kw = mo.KeywordRouter({"code": {"def": 0.5, "import": 0.5}, "math": {"sum": 0.4}, "qa": ["the"]}, tokenizer)
     ids = torch.tensor([tokenizer.encode("a def on sum the it")])
-    probs = kw(input_ids=ids, state={})
+    probs = kw(input_ids=ids)
     assert probs[0, 0].tolist() == [0.0, 0.0, 0.0]  # nothing seen yet: base model
     torch.testing.assert_close(probs[0, 1], torch.tensor([1.0, 0.0, 0.0]))
     torch.testing.assert_close(probs[0, 4], torch.tensor([0.5, 0.4, 1.0]) / 1.9)
@@ -135,10 +135,10 @@ def test_train_router_separates_domains_and_round_trips(gpt2, tokenizer, tmp_pat
         assert all(not p.requires_grad for p in model.parameters() if p.requires_grad is False)
         loaded = load_router(str(tmp_path / kind))
         h = torch.randn(2, 5, 32)
-        torch.testing.assert_close(loaded(h, state={}), router(h, state={}))
+        torch.testing.assert_close(loaded(h), router(h))
     ids = torch.tensor([tokenizer.encode(" ".join(MATH[:6]))])
     with torch.no_grad():
-        r_ids, _ = router.select(router(_block0_hidden(model, ids), state={}), 1)
+        r_ids, _ = router.select(router(_block0_hidden(model, ids)), 1)
     assert (r_ids[0, 2:] == 1).all()  # math text routed to "math"
 
 
@@ -158,7 +158,7 @@ def test_per_layer_routers_match_hook_reference(gpt2):
     for i, block in enumerate(pm.base_model.model.transformer.h):
         def route(module, args, kwargs, i=i):
             h = args[0] if args else kwargs["hidden_states"]
-            ids, w = routers[i].select(routers[i](h, state={}), 2)
+            ids, w = routers[i].select(routers[i](h), 2)
             current[i] = _dense(ids, w, len(names))
 
         handles.append(block.register_forward_pre_hook(route, with_kwargs=True))
