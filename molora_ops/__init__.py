@@ -11,7 +11,7 @@ from .ops import lora_expand, lora_shrink, routed_lora
 from .plan import RoutingPlan, build_plan
 from .merge import merge
 from .patch import patch, unpatch
-from .routers import ContextRouter, KeywordRouter, TokenRouter
+from .routers import ContextRouter, KeywordRouter, TokenRouter, load_router
 from .routing import routing
 from .train_router import train_router
 
@@ -33,5 +33,6 @@ __all__ = [
     "TokenRouter",
     "ContextRouter",
     "KeywordRouter",
+    "load_router",
     "__version__",
 ]

@@ -20,14 +20,20 @@ Temperature divides the gate logits before the softmax (KeywordRouter: scores **
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
+import reprlib
 from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["Router", "TokenRouter", "ContextRouter", "KeywordRouter", "load_router", "select_topk"]
+__all__ = ["Router", "TokenRouter", "ContextRouter", "KeywordRouter", "load_router", "check_router", "select_topk"]
+
+ROUTER_CONFIG = "router.json"
+ROUTER_WEIGHTS = "router.safetensors"
 
 
 def select_topk(probs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,18 +70,30 @@ class Router(nn.Module):
         return dict(adapter_names=self.adapter_names, layer=self.layer, temperature=self.temperature)
 
     def save(self, path: str) -> None:
-        """Write ``router.json`` (class and arguments) and ``router.safetensors`` (parameters) into `path`."""
+        """Write ``router.json`` (class and arguments) and ``router.safetensors`` (parameters) into `path`.
+
+        Refuses (ValueError) what :func:`load_router` would refuse: non-finite parameters, a config that is not
+        JSON."""
         from safetensors.torch import save_file
 
+        check_router(self)
+        try:
+            text = json.dumps({"class": type(self).__name__, "config": self._config()}, indent=2, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"cannot save {type(self).__name__}: its config is not plain JSON ({exc})") from exc
         os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, "router.json"), "w", encoding="utf-8") as fh:
-            json.dump({"class": type(self).__name__, "config": self._config()}, fh, indent=2)
+        with open(os.path.join(path, ROUTER_CONFIG), "w", encoding="utf-8") as fh:
+            fh.write(text)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, os.path.join(path, "router.safetensors"))
+        save_file(tensors, os.path.join(path, ROUTER_WEIGHTS))
 
     @classmethod
     def load(cls, path: str, **extra) -> "Router":
-        return load_router(path, **extra)
+        """:func:`load_router`, refusing (ValueError) a saved router that is not a `cls`."""
+        router = load_router(path, **extra)
+        if not isinstance(router, cls):
+            raise ValueError(f"{path} holds a {type(router).__name__}, not a {cls.__name__}")
+        return router
 
 
 def _gate(hidden_size: int, num_adapters: int, hidden: Optional[int]) -> nn.Module:
@@ -219,23 +237,157 @@ class KeywordRouter(Router):
 _CLASSES = {"TokenRouter": TokenRouter, "ContextRouter": ContextRouter, "KeywordRouter": KeywordRouter}
 
 
-def load_router(path: str, tokenizer=None) -> Router:
-    """Load a router written by :meth:`Router.save` (KeywordRouter needs its tokenizer again)."""
-    cfg_path = os.path.join(path, "router.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{path} has no router.json (not a saved molora_ops router)")
-    with open(cfg_path, encoding="utf-8") as fh:
-        meta = json.load(fh)
-    cls = _CLASSES.get(meta.get("class"))
-    if cls is None:
-        raise ValueError(f"{cfg_path}: unknown router class {meta.get('class')!r}")
-    cfg = dict(meta["config"])
+def _is_int(value, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_finite_number(value) -> bool:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float's range
+        return False
+
+
+def _is_keywords(value) -> bool:
+    def words(v):
+        if isinstance(v, dict):
+            return all(isinstance(w, str) and _is_finite_number(x) for w, x in v.items())
+        return isinstance(v, list) and all(isinstance(w, str) for w in v)
+
+    return isinstance(value, dict) and all(isinstance(a, str) and words(v) for a, v in value.items())
+
+
+# router.json's config keys: {key: (check, what is expected)}, and the keys each class saves (its _config())
+_CONFIG_CHECKS = {
+    "adapter_names": (lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(n, str) for n in v)
+                      and len(set(v)) == len(v), "a non-empty list of distinct adapter names"),
+    "layer": (lambda v: _is_int(v, 0), "an int >= 0"),
+    "temperature": (lambda v: _is_finite_number(v) and v > 0, "a finite number > 0"),
+    "hidden_size": (lambda v: _is_int(v, 1), "a positive int"),
+    "hidden": (lambda v: v is None or _is_int(v, 0), "null or an int >= 0"),
+    "normalize": (lambda v: isinstance(v, bool), "true or false"),
+    "keywords": (_is_keywords, "{adapter: [keyword, ...] or {keyword: weight}}"),
+}
+_GATE_KEYS = ("adapter_names", "layer", "temperature", "hidden_size", "hidden", "normalize")
+_CONFIG_KEYS = {"TokenRouter": _GATE_KEYS, "ContextRouter": _GATE_KEYS,
+                "KeywordRouter": ("adapter_names", "layer", "temperature", "keywords")}
+_FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def _read_router_config(cfg_path: str) -> tuple[type, dict]:
+    """The class and the checked constructor config that router.json names."""
+    try:
+        with open(cfg_path, encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{cfg_path} is not UTF-8 text; the file is corrupt ({exc})") from exc
+    except (ValueError, RecursionError) as exc:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"{cfg_path} is not valid JSON; the file is corrupt ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise ValueError(f"{cfg_path} must hold a JSON object with 'class' and 'config'")
+    name = meta.get("class")
+    if not isinstance(name, str) or name not in _CLASSES:
+        raise ValueError(f"{cfg_path}: 'class' must be one of {sorted(_CLASSES)}, got {reprlib.repr(name)}")
+    cfg = meta.get("config")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path}: 'config' must be a JSON object, got {reprlib.repr(cfg)}")
+    expected = _CONFIG_KEYS[name]
+    missing = [k for k in expected if k not in cfg]
+    extra = sorted(k for k in cfg if k not in expected)
+    if missing or extra:
+        raise ValueError(f"{cfg_path}: a {name} config has the keys {list(expected)}; missing {missing}, "
+                         f"unexpected {extra}")
+    for key in expected:
+        check, what = _CONFIG_CHECKS[key]
+        if not check(cfg[key]):
+            raise ValueError(f"{cfg_path}: config key {key!r} must be {what}, got {reprlib.repr(cfg[key])}")
+    return _CLASSES[name], cfg
+
+
+def _build_router(cls: type, cfg: dict, tokenizer) -> Router:
+    kwargs = dict(cfg)
     if cls is KeywordRouter:
-        return KeywordRouter(cfg.pop("keywords"), tokenizer, **cfg)
-    hidden_size = cfg.pop("hidden_size")
-    names = cfg.pop("adapter_names")
-    router = cls(hidden_size, names, **cfg)
+        return KeywordRouter(kwargs.pop("keywords"), tokenizer, **kwargs)
+    return cls(kwargs.pop("hidden_size"), kwargs.pop("adapter_names"), **kwargs)
+
+
+def _saved_tensor_dtype(st_path: str, expected: dict[str, tuple]) -> Optional[torch.dtype]:
+    """Check router.safetensors' header against `expected` {name: shape}, reading no tensor data; the saved
+    tensors' common dtype (None when there are none, or they differ)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(st_path, framework="pt") as fh:
+            header = {k: (tuple(fh.get_slice(k).get_shape()), fh.get_slice(k).get_dtype()) for k in fh.keys()}
+    except Exception as exc:  # safetensors raises its own error types for truncated or garbled files
+        raise ValueError(f"cannot read {st_path}: the file is corrupt ({exc})") from exc
+    missing = sorted(set(expected) - set(header))
+    extra = sorted(set(header) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{st_path} does not match router.json: missing tensors {missing}, unexpected {extra}")
+    for key, shape in expected.items():
+        saved_shape, dtype = header[key]
+        if saved_shape != shape:
+            raise ValueError(f"{st_path}: tensor {key!r} has shape {list(saved_shape)} but router.json's config "
+                             f"(hidden_size, hidden, adapter_names) makes it {list(shape)}")
+        if dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{st_path}: tensor {key!r} is {dtype}; expected a floating dtype "
+                             f"({', '.join(_FLOAT_DTYPES)})")
+    dtypes = {_FLOAT_DTYPES[dtype] for _, dtype in header.values()}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def load_router(path: str, tokenizer=None) -> Router:
+    """Load a router written by :meth:`Router.save` (KeywordRouter needs its tokenizer again).
+
+    ``router.json`` (class and config) and the header of ``router.safetensors`` (tensor names, shapes, dtypes)
+    are checked against each other before the router is allocated, and its parameters must be finite
+    (:func:`check_router`); anything else raises ValueError naming the file and the key. The router keeps the
+    saved tensors' dtype.
+    """
+    cfg_path = os.path.join(path, ROUTER_CONFIG)
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{path} has no {ROUTER_CONFIG} (not a saved molora_ops router)")
+    cls, cfg = _read_router_config(cfg_path)
+    with torch.device("meta"):  # shapes only: nothing allocated
+        expected = {k: tuple(v.shape) for k, v in _build_router(cls, cfg, tokenizer).state_dict().items()}
+    st_path = os.path.join(path, ROUTER_WEIGHTS)
+    if not expected and not os.path.isfile(st_path):
+        return _build_router(cls, cfg, tokenizer)
+    if not os.path.isfile(st_path):
+        raise ValueError(f"{path} has no {ROUTER_WEIGHTS}, which a {cls.__name__} needs")
+    dtype = _saved_tensor_dtype(st_path, expected)
+    router = _build_router(cls, cfg, tokenizer)
+    if dtype is not None:
+        router.to(dtype)
     from safetensors.torch import load_file
 
-    router.load_state_dict(load_file(os.path.join(path, "router.safetensors")))
+    router.load_state_dict(load_file(st_path))
+    try:
+        check_router(router)
+    except ValueError as exc:
+        raise ValueError(f"{st_path}: {exc}") from None
     return router
+
+
+def check_router(router: nn.Module, hidden_size: Optional[int] = None,
+                 adapter_names: Optional[Sequence[str]] = None) -> None:
+    """Raise ValueError if `router` cannot route: a parameter or buffer with NaN or inf, a ``hidden_size`` other
+    than the model's `hidden_size` (routers that read hidden states), or ``adapter_names`` other than the
+    patch's `adapter_names` (same names, same order). A None argument skips its check."""
+    if not isinstance(router, nn.Module):
+        raise TypeError(f"router must be an nn.Module (a molora_ops Router), got {type(router).__name__}")
+    for name, t in itertools.chain(router.named_parameters(), router.named_buffers()):
+        if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{type(router).__name__} parameter {name!r} holds NaN or inf; such a router would "
+                             "route every token to nonsense")
+    own = getattr(router, "hidden_size", None)
+    if hidden_size is not None and own is not None and int(own) != int(hidden_size):
+        raise ValueError(f"{type(router).__name__} reads hidden states of size {own}, but this model's are "
+                         f"{hidden_size} (a router trained for another model?)")
+    names = getattr(router, "adapter_names", None)
+    if adapter_names is not None and names is not None and list(names) != list(adapter_names):
+        raise ValueError(f"{type(router).__name__} was built for adapters {list(names)} but the patch has "
+                         f"{list(adapter_names)} (same names, same order)")
