@@ -1,4 +1,4 @@
-"""Command line: ``python -m molora_ops <command>`` (also installed as ``molora``).
+"""Command line: ``python -m molora_ops <command>`` (also installed as ``molora``); ``--version`` prints the version.
 
 Commands are small modules, each exposing ``add_arguments(parser)`` and ``run(args) -> int``, imported only
 when their command runs so that ``info`` stays fast and works without the optional dependencies.
@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from . import __version__
 
 COMMANDS = {
     "info": ("molora_ops.commands.info", "show which backends are available and why not"),
@@ -22,6 +24,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="molora", description="Routed multi-LoRA kernels: tools and demos.")
+    parser.add_argument("--version", action="version", version=f"molora_ops {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = argv[0] if argv else None
     for name, (module, help_text) in COMMANDS.items():

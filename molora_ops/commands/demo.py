@@ -23,6 +23,8 @@ def add_arguments(parser) -> None:
                         help="CPU threads (default: free cores, from the load average)")
     parser.add_argument("--steps-scale", type=float, default=1.0,
                         help="multiply the pretraining and adapter training steps (default 1)")
+    parser.add_argument("--no-plot", action="store_true",
+                        help="skip the routing heat map (the only use of the optional matplotlib)")
     user = parser.add_argument_group("your own model (skips data/tokenizer/base/adapter training)")
     user.add_argument("--model", metavar="DIR", help="a local Hugging Face causal LM (with its tokenizer)")
     user.add_argument("--adapter", metavar="NAME=DIR", action="append",
@@ -43,7 +45,10 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
+    from molora_ops import __version__
+
     parser = argparse.ArgumentParser(prog="molora-demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"molora_ops {__version__}")
     add_arguments(parser)
     return run(parser.parse_args(sys.argv[1:] if argv is None else argv))
 

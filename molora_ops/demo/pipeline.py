@@ -8,6 +8,7 @@ model and PEFT adapters are routed and evaluated instead (a router is trained un
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import os
 import random
@@ -238,7 +239,8 @@ def _pairs(items, flag):
 
 
 # ------------------------------------------------------------------------------------------- evaluation
-def evaluate(pieces: dict, settings: Settings, out: Path, device, seed: int, log, router_dir: str | None = None):
+def evaluate(pieces: dict, settings: Settings, out: Path, device, seed: int, log, router_dir: str | None = None,
+             plot: bool = True):
     from peft import PeftModel
 
     from . import evaluate as ev
@@ -312,9 +314,11 @@ def evaluate(pieces: dict, settings: Settings, out: Path, device, seed: int, log
                                  max_new_tokens=settings.gen_tokens)
         trace["routing"] = ev.summarize_trace(trace)
         generations.append(trace)
-    heatmap = routing_heatmap(generations[0], names, out / "routing_heatmap.png",
-                              title=f"Per-token routing ({type(router).__name__}): {MIXED_PROMPT!r}",
-                              top_k=settings.top_k)
+    heatmap = None
+    if plot:
+        heatmap = routing_heatmap(generations[0], names, out / "routing_heatmap.png",
+                                  title=f"Per-token routing ({type(router).__name__}): {MIXED_PROMPT!r}",
+                                  top_k=settings.top_k)
     blends = []
     if "code" in names and "math" in names:
         ids = tokenizer(MIXED_PROMPT, return_tensors="pt")["input_ids"].to(device)
@@ -350,7 +354,7 @@ def evaluate(pieces: dict, settings: Settings, out: Path, device, seed: int, log
         "generations": [{k: g[k] for k in ("prompt", "text", "routing", "tokens", "top", "probs")}
                         for g in generations],
         "blends": blends,
-        "heatmap": str(heatmap),
+        "heatmap": None if heatmap is None else str(heatmap),
         "adapters": names,
         "sequential_order": pieces["sequential_order"],
     }
@@ -512,9 +516,30 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+# optional dependencies: (module, what needs it, how to install it)
+_NEEDED = (("transformers", "the models", "molora-ops[hf]"), ("peft", "the adapters", "molora-ops[hf]"),
+           ("tokenizers", "the tokenizer", "molora-ops[hf]"))
+_PLOT = ("matplotlib", "the routing heat map", "molora-ops[plot]")
+
+
+def check_dependencies(plot: bool) -> None:
+    """Exit at once, before any training, when an optional dependency this run needs is not installed."""
+    missing = []
+    for need in _NEEDED + ((_PLOT,) if plot else ()):
+        try:
+            importlib.import_module(need[0])
+        except ImportError:
+            missing.append(need)
+    if missing:
+        listed = "; ".join(f"{module} (for {use}: pip install '{extra}')" for module, use, extra in missing)
+        hint = " To run without the heat map, pass --no-plot." if _PLOT in missing else ""
+        raise SystemExit(f"molora demo: missing optional dependencies: {listed}.{hint}")
+
+
 def run(args) -> int:
     import warnings
 
+    check_dependencies(plot=not args.no_plot)
     start = time.perf_counter()
     # PEFT calls a transformers API that transformers 5 deprecates; it says nothing about this run
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -546,7 +571,7 @@ def run(args) -> int:
         if args.adapter or args.router:
             raise SystemExit("--adapter and --router go with --model")
         pieces = build_builtin(settings, out, device, args.seed, log)
-    results = evaluate(pieces, settings, out, device, args.seed, log, router_dir=args.router)
+    results = evaluate(pieces, settings, out, device, args.seed, log, router_dir=args.router, plot=not args.no_plot)
     results["claims"] = check_claims(results)
     results["seconds"] = time.perf_counter() - start
     results["settings"] = asdict(settings)
@@ -560,7 +585,7 @@ def run(args) -> int:
     results["versions"] = _versions()
     print()
     print(format_table(results))
-    print(f"heat map: {results['heatmap']}\ntotal {results['seconds']:.1f} s")
+    print(f"heat map: {results['heatmap'] or 'skipped (--no-plot)'}\ntotal {results['seconds']:.1f} s")
     text = json.dumps(results, indent=1)
     (out / "results.json").write_text(text)
     if args.json:
