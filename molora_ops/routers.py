@@ -133,6 +133,9 @@ class TokenRouter(Router):
 class ContextRouter(TokenRouter):
     """The gate on the causal running mean of hidden states (tokens <= t, padding excluded).
 
+    `attention_mask` is [B, S] for the S new tokens (what the patch passes) or the model's [B, past_len + S] mask;
+    1 marks real tokens.
+
     With a KV cache the running sum and count after each position are kept in `state` across decode steps."""
 
     kind = "context"
@@ -141,8 +144,8 @@ class ContextRouter(TokenRouter):
         h = self._features(hidden_states)  # [B, S, H]
         b, s, _ = h.shape
         mask = torch.ones(b, s, device=h.device, dtype=h.dtype)
-        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] >= past_len + s:
-            mask = attention_mask[:, past_len : past_len + s].to(h.dtype)
+        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] in (s, past_len + s):
+            mask = attention_mask[:, -s:].to(h.dtype)
         total = torch.cumsum(h * mask[..., None], dim=1)
         count = torch.cumsum(mask, dim=1)
         key = ("context", id(self))

@@ -108,8 +108,9 @@ class ForwardState:
     """What the patched layers of one backbone forward share. Lives in a ContextVar from the backbone's pre-hook
     to its post-hook (or to the top-level model's post-hook when lm_head is routed).
 
-    batch, seq: the forward's rows and new tokens; past_len: cached positions before them; kv_cache: the cache
-    object the forward continues (None if it got none); history: the stateful routers' per-position state."""
+    batch, seq: the forward's rows and new tokens; past_len: cached positions before them; attention_mask: [B, seq]
+    1 for the new tokens that are not padding (None: all are); kv_cache: the cache object the forward continues
+    (None if it got none); history: the stateful routers' per-position state."""
 
     batch: int
     seq: int
@@ -332,6 +333,21 @@ def _cache_and_past(bound: dict):
     return None, 0
 
 
+def _new_token_mask(mask, past_len: int, seq: int) -> Optional[torch.Tensor]:
+    """[B, seq] 1/0: which of a forward's new tokens are real (not padding), from the model's mask in either form
+    generate passes: 2-D [B, >= past_len + seq] (1 = real), or 4-D [B, 1, seq, kv] where a real token attends to
+    itself (bool True, or 0 in an additive float mask). None when there is no usable mask."""
+    if not isinstance(mask, torch.Tensor):
+        return None
+    if mask.dim() == 2 and mask.shape[1] >= past_len + seq:
+        return mask[:, past_len : past_len + seq]
+    if mask.dim() == 4 and mask.shape[2] == seq and mask.shape[3] >= past_len + seq:
+        rows = torch.arange(seq, device=mask.device)
+        diag = mask[:, 0, rows, past_len + rows]  # [B, seq]
+        return diag.to(torch.int64) if diag.dtype == torch.bool else (diag == 0).to(torch.int64)
+    return None
+
+
 def _cache_in(output):
     """The KV cache a backbone returned (``cache`` or ``past_key_values`` of its ModelOutput), if any."""
     values = output.values() if hasattr(output, "values") else (output if isinstance(output, tuple) else ())
@@ -471,7 +487,8 @@ class BackboneHooks:
             return None
         batch, seq = int(ref.shape[0]), int(ref.shape[1])
         cache, past_len = _cache_and_past(bound)
-        fs = ForwardState(batch, seq, past_len, input_ids, bound.get("attention_mask"), kv_cache=cache)
+        fs = ForwardState(batch, seq, past_len, input_ids, _new_token_mask(bound.get("attention_mask"), past_len, seq),
+                          kv_cache=cache)
         top = state.top_var.get()
         fs.logits_to_keep = top.logits_to_keep if top is not None else bound.get("logits_to_keep")
         if spec is not None:

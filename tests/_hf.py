@@ -13,6 +13,11 @@ peft = pytest.importorskip("peft")
 VOCAB = 64
 ADAPTERS = ("code", "math", "qa")
 
+# words of a word-level tokenizer (ids 2..31 < VOCAB) for the keyword and router-training tests
+CODE = "def return import class print lambda self yield while try".split()
+MATH = "integral sum prime matrix derivative equation theorem proof limit vector".split()
+FILLER = "the a of and is to in it on for".split()
+
 LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -160,3 +165,15 @@ def peft_cat(pm, weights: dict, name: str) -> str:
     active = sorted(((k, v) for k, v in weights.items() if v != 0), key=lambda kv: kv[0] == "math")
     pm.add_weighted_adapter([k for k, _ in active], [v for _, v in active], name, combination_type="cat")
     return name
+
+
+def word_tokenizer():
+    """A word-level tokenizer over CODE + MATH + FILLER ([PAD] = 0, [UNK] = 1), all ids inside VOCAB."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[PAD]": 0, "[UNK]": 1}
+    for w in CODE + MATH + FILLER:
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")

@@ -6,27 +6,16 @@ import random
 import pytest
 import torch
 
-from _hf import ADAPTERS, shared_setup, assert_logits_close
+from _hf import ADAPTERS, CODE, FILLER, MATH, shared_setup, assert_logits_close, word_tokenizer
 
 import molora_ops as mo
 from molora_ops.routers import load_router, select_topk
 
-CODE = "def return import class print lambda self yield while try".split()
-MATH = "integral sum prime matrix derivative equation theorem proof limit vector".split()
-FILLER = "the a of and is to in it on for".split()
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[PAD]": 0, "[UNK]": 1}
-    for w in CODE + MATH + FILLER:
-        vocab[w] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+    return word_tokenizer()
 
 
 def _texts(words, n, seed):
