@@ -7,6 +7,10 @@ the active adapters reads the plan's offsets on the host, which is a sync when t
 use the `triton` or `cuda` backend there.
 
 Results are deterministic on CPU (index_add_ is sequential there).
+
+The *_backward functions below are the gradient formulas of the three ops. They are the backward of every
+backend (the op layer registers them with torch.library for torch, triton and cuda alike): correct and
+grouped by adapter like the forward, not a fast kernel.
 """
 
 from __future__ import annotations
@@ -76,3 +80,121 @@ def routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale, plan: RoutingP
         h = _shrink_segment(x, lora_a, topk_weights, scale, e, pairs, tokens, cd)
         delta.index_add_(0, tokens, h @ lora_b[e].to(cd).t())
     _write_out(out, delta, accumulate)
+
+
+# ---------------------------------------------------------------------------------------------- backward
+# Notation for one adapter segment (pairs p = t * K + k with topk_ids[t, k] = e, M of them):
+#   u = A[e] x[t] (the unscaled shrink), c = w[t, k] * s[e], h = c * u, dh = the gradient w.r.t. h.
+# Then  dx[t] += c * A[e]^T dh,  dA[e] = sum c * dh x[t]^T,  dw[t, k] = s[e] * (u . dh),  ds[e] = sum w * (u . dh),
+# and for the expand y[t] += B[e] h:  dh = B[e]^T dy[t],  dB[e] = sum dy[t] h^T.
+# Empty slots belong to no segment: they contribute nothing and their weight gradient stays zero.
+
+
+class _ShrinkGrads:
+    """Accumulators (float32, or float64 for float64 inputs) of the shrink-side gradients: x, lora_a,
+    topk_weights and scale. An input whose gradient is not needed gets no buffer and no work."""
+
+    def __init__(self, x, lora_a, topk_weights, scale, needs, cd):
+        need_x, need_a, need_w, need_s = needs
+        self._inputs = (x, lora_a, topk_weights, scale)
+        self._w = topk_weights.reshape(-1)
+        self._cd = cd
+        self.dx = torch.zeros(x.shape, dtype=cd, device=x.device) if need_x else None
+        self.da = torch.zeros(lora_a.shape, dtype=cd, device=x.device) if need_a else None
+        self.dw = torch.zeros(self._w.shape, dtype=cd, device=x.device) if need_w else None
+        self.ds = torch.zeros(scale.shape, dtype=cd, device=x.device) if need_s else None
+
+    @property
+    def needs_u(self) -> bool:
+        return self.dw is not None or self.ds is not None
+
+    def segment(self, e, pairs, tokens):
+        """(x rows [M, H_in], A[e] [R, H_in], w [M], s[e]) of one segment, in the compute dtype."""
+        x, lora_a, _, scale = self._inputs
+        cd = self._cd
+        return x[tokens].to(cd), lora_a[e].to(cd), self._w[pairs].to(cd), scale[e].to(cd)
+
+    def add(self, e, pairs, tokens, xs, a, w, s, u, dh) -> None:
+        """Add one segment's terms given its dh [M, R] (u [M, R] is needed only for the w and scale grads)."""
+        if self.dx is not None or self.da is not None:
+            du = dh * (w * s)[:, None]
+            if self.dx is not None:
+                self.dx.index_add_(0, tokens, du @ a)
+            if self.da is not None:
+                self.da[e] = du.t() @ xs
+        if self.needs_u:
+            u_dot_dh = (u * dh).sum(dim=1)
+            if self.dw is not None:
+                self.dw[pairs] = s * u_dot_dh
+            if self.ds is not None:
+                self.ds[e] = (w * u_dot_dh).sum()
+
+    def result(self):
+        """(dx, dA, dw [T, K], ds) in the dtypes of x, lora_a, topk_weights and scale; None where not needed."""
+        x, lora_a, topk_weights, scale = self._inputs
+        dw = None if self.dw is None else self.dw.view(topk_weights.shape)
+        return tuple(
+            None if g is None else g.to(t.dtype) for g, t in zip((self.dx, self.da, dw, self.ds), self._inputs)
+        )
+
+
+def shrink_backward(grad_h, x, lora_a, topk_weights, scale, plan: RoutingPlan, needs):
+    """Gradients of h = shrink(x, lora_a, topk_ids, topk_weights, scale) given grad_h [T, K, R].
+
+    needs: four bools for (x, lora_a, topk_weights, scale). Returns (dx [T, H_in], dA [N, R, H_in],
+    dw [T, K], ds [N]) in their inputs' dtypes, None where not needed.
+    """
+    acc = _ShrinkGrads(x, lora_a, topk_weights, scale, needs, _compute_dtype(x, scale, grad_h))
+    grad_flat = grad_h.reshape(-1, grad_h.shape[-1])
+    for e, pairs, tokens in _segments(plan):
+        xs, a, w, s = acc.segment(e, pairs, tokens)
+        u = xs @ a.t() if acc.needs_u else None
+        acc.add(e, pairs, tokens, xs, a, w, s, u, grad_flat[pairs].to(xs.dtype))
+    return acc.result()
+
+
+def expand_backward(grad_out, h, lora_b, plan: RoutingPlan, needs):
+    """Gradients of y = expand(h, lora_b, topk_ids) given grad_out [T, H_out].
+
+    needs: two bools for (h, lora_b). Returns (dh [T, K, R] in h.dtype, zeros in empty slots;
+    dB [N, H_out, R] in lora_b.dtype), None where not needed.
+    """
+    need_h, need_b = needs
+    cd = _compute_dtype(h, lora_b)
+    rank = h.shape[-1]
+    h_flat = h.reshape(-1, rank)
+    dh = torch.zeros(h_flat.shape, dtype=cd, device=h.device) if need_h else None
+    db = torch.zeros(lora_b.shape, dtype=cd, device=h.device) if need_b else None
+    for e, pairs, tokens in _segments(plan):
+        dys = grad_out[tokens].to(cd)
+        if dh is not None:
+            dh[pairs] = dys @ lora_b[e].to(cd)
+        if db is not None:
+            db[e] = dys.t() @ h_flat[pairs].to(cd)
+    return (
+        None if dh is None else dh.view(h.shape).to(h.dtype),
+        None if db is None else db.to(lora_b.dtype),
+    )
+
+
+def routed_lora_backward(grad_out, x, lora_a, lora_b, topk_weights, scale, plan: RoutingPlan, needs):
+    """Gradients of y = routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale) given grad_out [T, H_out].
+
+    needs: five bools for (x, lora_a, lora_b, topk_weights, scale). Returns (dx, dA, dB, dw [T, K], ds [N])
+    in their inputs' dtypes, None where not needed. h is recomputed per segment, never stored for the batch.
+    """
+    need_x, need_a, need_b, need_w, need_s = needs
+    cd = _compute_dtype(x, scale)
+    acc = _ShrinkGrads(x, lora_a, topk_weights, scale, (need_x, need_a, need_w, need_s), cd)
+    shrink_side = need_x or need_a or need_w or need_s
+    db = torch.zeros(lora_b.shape, dtype=cd, device=x.device) if need_b else None
+    for e, pairs, tokens in _segments(plan):
+        xs, a, w, s = acc.segment(e, pairs, tokens)
+        dys = grad_out[tokens].to(cd)
+        u = xs @ a.t() if (need_b or acc.needs_u) else None
+        if db is not None:
+            db[e] = dys.t() @ (u * (w * s)[:, None])
+        if shrink_side:
+            acc.add(e, pairs, tokens, xs, a, w, s, u, dys @ lora_b[e].to(cd))
+    dx, da, dw, ds = acc.result()
+    return dx, da, None if db is None else db.to(lora_b.dtype), dw, ds
