@@ -8,22 +8,33 @@ compiled graph records the concrete backend.
 
 Ops (namespace ``molora``):
     shrink(x, lora_a, topk_ids, topk_weights, scale, sorted_pairs?, seg_offsets?, backend) -> h [T, K, R] f32
-    expand(h, lora_b, topk_ids, sorted_pairs?, seg_offsets?, backend) -> [T, H_out]
+    expand(h, lora_b, topk_ids, sorted_pairs?, seg_offsets?, backend, base?) -> [T, H_out]
     expand_(out!, h, lora_b, topk_ids, sorted_pairs?, seg_offsets?, backend) -> ()
-    routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs?, seg_offsets?, backend) -> [T, H_out]
+    routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs?, seg_offsets?, backend, base?)
+        -> [T, H_out]
     routed_lora_(out!, x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs?, seg_offsets?, backend) -> ()
+    shrink_backward, expand_backward, routed_lora_backward: the gradients of the three functional ops.
 `scale` is the per-adapter scaling as a [N] float32 tensor; the plan tensors are optional (built from
-topk_ids when absent).
+topk_ids when absent). `base`, when given, is a [T, H_out] tensor the delta is added to (out of place,
+rounded once): the result equals what the mutating form leaves in `out = base`, bit for bit.
+
+Autograd: shrink, expand and routed_lora have backward formulas w.r.t. x, lora_a, lora_b, topk_weights,
+scale, h and base (none for ids and plan tensors). Every backend uses the same backward, the grouped torch
+code of ``impl/torch_grouped.py`` run as the ``*_backward`` ops (opaque to tracing, so compiled graphs keep
+it; a fast backward kernel is separate work; double backward is not supported). The mutating ops have no
+backward: the wrappers use them only when nothing needs a gradient, and take ``out.copy_(op(..., base=out))``
+otherwise.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
 from . import impl as _backends
+from .impl import torch_grouped as _grouped
 from ._validation import check_expand, check_routed_lora, check_shrink, scaling_vector
 from .plan import RoutingPlan, build_plan
 
@@ -46,6 +57,29 @@ def _new_output(shape, dtype, device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _output(base: Optional[Tensor], shape, dtype, device) -> tuple[Tensor, bool]:
+    """(the tensor a functional op writes, whether the backend accumulates into it): a contiguous copy of
+    `base` to add into, or a fresh output to overwrite."""
+    if base is None:
+        return _new_output(shape, dtype, device), False
+    return base.clone(memory_format=torch.contiguous_format), True
+
+
+def _grads_or_empty(grads, likes) -> tuple:
+    """A backward op's outputs: each gradient, or an empty [0] tensor in place of one that was not needed
+    (an op cannot return None)."""
+    return tuple(like.new_empty(0) if g is None else g for g, like in zip(grads, likes))
+
+
+def _fake_grads(needs, likes) -> tuple:
+    return tuple(like.new_empty(like.shape if need else (0,)) for need, like in zip(needs, likes))
+
+
+def _needed(grads, needs) -> tuple:
+    """Map a backward op's outputs back to autograd's convention: None for inputs that need no gradient."""
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
 # ----------------------------------------------------------------------------------------------- shrink
 @torch.library.custom_op("molora::shrink", mutates_args=())
 def _shrink_op(
@@ -66,6 +100,46 @@ def _shrink_op(
 def _(x, lora_a, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, backend):
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return x.new_empty((x.shape[0], topk_ids.shape[1], lora_a.shape[1]), dtype=dtype)
+
+
+@torch.library.custom_op("molora::shrink_backward", mutates_args=())
+def _shrink_backward_op(
+    grad_h: Tensor,
+    x: Tensor,
+    lora_a: Tensor,
+    topk_ids: Tensor,
+    topk_weights: Tensor,
+    scale: Tensor,
+    sorted_pairs: Optional[Tensor],
+    seg_offsets: Optional[Tensor],
+    needs: Sequence[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dA, dw, ds) for `needs` = which of (x, lora_a, topk_weights, scale) need one; [0] where not."""
+    plan = _plan(topk_ids, lora_a.shape[0], sorted_pairs, seg_offsets)
+    grads = _grouped.shrink_backward(grad_h, x, lora_a, topk_weights, scale, plan, needs)
+    return _grads_or_empty(grads, (x, lora_a, topk_weights, scale))
+
+
+@_shrink_backward_op.register_fake
+def _(grad_h, x, lora_a, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, needs):
+    return _fake_grads(needs, (x, lora_a, topk_weights, scale))
+
+
+def _shrink_setup_context(ctx, inputs, output):
+    x, lora_a, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, _backend = inputs
+    ctx.save_for_backward(x, lora_a, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets)
+
+
+def _shrink_backward(ctx, grad_h):
+    x, lora_a, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    needs = (n[0], n[1], n[3], n[4])
+    grads = _shrink_backward_op(grad_h, x, lora_a, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, needs)
+    dx, da, dw, ds = _needed(grads, needs)
+    return dx, da, None, dw, ds, None, None, None
+
+
+_shrink_op.register_autograd(_shrink_backward, setup_context=_shrink_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------- expand
@@ -96,16 +170,54 @@ def _expand_op(
     sorted_pairs: Optional[Tensor],
     seg_offsets: Optional[Tensor],
     backend: str,
+    base: Optional[Tensor],
 ) -> Tensor:
-    out = _new_output((h.shape[0], lora_b.shape[1]), lora_b.dtype, h.device)
+    out, accumulate = _output(base, (h.shape[0], lora_b.shape[1]), lora_b.dtype, h.device)
     plan = _plan(topk_ids, lora_b.shape[0], sorted_pairs, seg_offsets)
-    _backends.get(backend).expand(h, lora_b, topk_ids, plan, out, False)
+    _backends.get(backend).expand(h, lora_b, topk_ids, plan, out, accumulate)
     return out
 
 
 @_expand_op.register_fake
-def _(h, lora_b, topk_ids, sorted_pairs, seg_offsets, backend):
+def _(h, lora_b, topk_ids, sorted_pairs, seg_offsets, backend, base):
     return h.new_empty((h.shape[0], lora_b.shape[1]), dtype=lora_b.dtype)
+
+
+@torch.library.custom_op("molora::expand_backward", mutates_args=())
+def _expand_backward_op(
+    grad_out: Tensor,
+    h: Tensor,
+    lora_b: Tensor,
+    topk_ids: Tensor,
+    sorted_pairs: Optional[Tensor],
+    seg_offsets: Optional[Tensor],
+    needs: Sequence[bool],
+) -> tuple[Tensor, Tensor]:
+    """(dh, dB) for `needs` = which of (h, lora_b) need one; [0] where not."""
+    plan = _plan(topk_ids, lora_b.shape[0], sorted_pairs, seg_offsets)
+    grads = _grouped.expand_backward(grad_out, h, lora_b, plan, needs)
+    return _grads_or_empty(grads, (h, lora_b))
+
+
+@_expand_backward_op.register_fake
+def _(grad_out, h, lora_b, topk_ids, sorted_pairs, seg_offsets, needs):
+    return _fake_grads(needs, (h, lora_b))
+
+
+def _expand_setup_context(ctx, inputs, output):
+    h, lora_b, topk_ids, sorted_pairs, seg_offsets, _backend, _base = inputs
+    ctx.save_for_backward(h, lora_b, topk_ids, sorted_pairs, seg_offsets)
+
+
+def _expand_backward(ctx, grad_out):
+    h, lora_b, topk_ids, sorted_pairs, seg_offsets = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    needs = (n[0], n[1])
+    dh, db = _needed(_expand_backward_op(grad_out, h, lora_b, topk_ids, sorted_pairs, seg_offsets, needs), needs)
+    return dh, db, None, None, None, None, grad_out if n[6] else None
+
+
+_expand_op.register_autograd(_expand_backward, setup_context=_expand_setup_context)
 
 
 # ------------------------------------------------------------------------------------------ routed_lora
@@ -142,16 +254,61 @@ def _routed_lora_op(
     sorted_pairs: Optional[Tensor],
     seg_offsets: Optional[Tensor],
     backend: str,
+    base: Optional[Tensor],
 ) -> Tensor:
-    out = _new_output((x.shape[0], lora_b.shape[1]), x.dtype, x.device)
+    out, accumulate = _output(base, (x.shape[0], lora_b.shape[1]), x.dtype, x.device)
     plan = _plan(topk_ids, lora_a.shape[0], sorted_pairs, seg_offsets)
-    _backends.get(backend).routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale, plan, out, False)
+    _backends.get(backend).routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale, plan, out, accumulate)
     return out
 
 
 @_routed_lora_op.register_fake
-def _(x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, backend):
+def _(x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, backend, base):
     return x.new_empty((x.shape[0], lora_b.shape[1]))
+
+
+@torch.library.custom_op("molora::routed_lora_backward", mutates_args=())
+def _routed_lora_backward_op(
+    grad_out: Tensor,
+    x: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    topk_ids: Tensor,
+    topk_weights: Tensor,
+    scale: Tensor,
+    sorted_pairs: Optional[Tensor],
+    seg_offsets: Optional[Tensor],
+    needs: Sequence[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dA, dB, dw, ds) for `needs` = which of (x, lora_a, lora_b, topk_weights, scale) need one;
+    [0] where not."""
+    plan = _plan(topk_ids, lora_a.shape[0], sorted_pairs, seg_offsets)
+    grads = _grouped.routed_lora_backward(grad_out, x, lora_a, lora_b, topk_weights, scale, plan, needs)
+    return _grads_or_empty(grads, (x, lora_a, lora_b, topk_weights, scale))
+
+
+@_routed_lora_backward_op.register_fake
+def _(grad_out, x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, needs):
+    return _fake_grads(needs, (x, lora_a, lora_b, topk_weights, scale))
+
+
+def _routed_lora_setup_context(ctx, inputs, output):
+    x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, _backend, _base = inputs
+    ctx.save_for_backward(x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets)
+
+
+def _routed_lora_backward(ctx, grad_out):
+    x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    needs = (n[0], n[1], n[2], n[4], n[5])
+    grads = _routed_lora_backward_op(
+        grad_out, x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, needs
+    )
+    dx, da, db, dw, ds = _needed(grads, needs)
+    return dx, da, db, None, dw, ds, None, None, None, grad_out if n[9] else None
+
+
+_routed_lora_op.register_autograd(_routed_lora_backward, setup_context=_routed_lora_setup_context)
 
 
 # --------------------------------------------------------------------------------------- public wrappers
@@ -161,6 +318,20 @@ def _should_check_ids(validate: bool, tensor) -> bool:
         return False
     on_cuda = isinstance(tensor, Tensor) and tensor.device.type == "cuda"
     return not (on_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _out_needs_autograd(out: Tensor, *inputs) -> bool:
+    """Whether an `out=` call must go through autograd: grad mode is on and `out` or an input requires grad.
+    Then the add is out-of-place (the functional op with base=out) and copied into `out`, which autograd
+    tracks; otherwise the mutating op adds in place. Raises ValueError for an `out` autograd cannot write."""
+    if not torch.is_grad_enabled() or not any(isinstance(t, Tensor) and t.requires_grad for t in (out, *inputs)):
+        return False
+    if out.requires_grad and out.is_leaf:
+        raise ValueError(
+            "out is a leaf tensor that requires grad, and autograd cannot record an in-place add into it; "
+            "pass out=None and add the returned delta, or write into a non-leaf (e.g. the output of the base layer)"
+        )
+    return True
 
 
 def _scale(scaling, num_adapters: int, x: Tensor) -> Tensor:
@@ -210,13 +381,18 @@ def lora_expand(h, lora_b, topk_ids, *, out=None, backend="auto", plan=None, val
         out: None, or [T, H_out] of lora_b.dtype to add into in place (it is returned).
     Returns:
         [T, H_out] of lora_b.dtype; the sum is formed in float32 and rounded once.
+
+    Differentiable w.r.t. h and lora_b, also with `out` (see routed_lora for how out= behaves under autograd).
     """
     check_expand(h, lora_b, topk_ids, out, check_ids=_should_check_ids(validate, h))
     sorted_pairs, seg_offsets = _plan_tensors(plan, topk_ids, lora_b.shape[0])
     name = _backends.resolve(backend, h.device)
+    args = (h, lora_b, topk_ids, sorted_pairs, seg_offsets, name)
     if out is None:
-        return _expand_op(h, lora_b, topk_ids, sorted_pairs, seg_offsets, name)
-    _expand_inplace_op(out, h, lora_b, topk_ids, sorted_pairs, seg_offsets, name)
+        return _expand_op(*args, None)
+    if _out_needs_autograd(out, h, lora_b):
+        return out.copy_(_expand_op(*args, out))
+    _expand_inplace_op(out, *args)
     return out
 
 
@@ -241,6 +417,11 @@ def routed_lora(
         validate: check id values (a host sync on GPU); shapes, dtypes and devices are always checked.
     Returns:
         [T, H_out] x.dtype.
+
+    Autograd: differentiable w.r.t. x, lora_a, lora_b, topk_weights, a tensor `scaling` and `out`. With `out`,
+    when grad mode is on and any of these requires grad, the delta is added out of place (rounded once, the
+    same bits as the in-place add) and copied into `out` as a tracked in-place op; `out` must then not be a
+    leaf that requires grad (ValueError). Otherwise the add is in place in the kernel, outside autograd.
     """
     check_routed_lora(
         x, lora_a, lora_b, topk_ids, topk_weights, scaling, out, check_ids=_should_check_ids(validate, x)
@@ -250,6 +431,8 @@ def routed_lora(
     name = _backends.resolve(backend, x.device)
     args = (x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, name)
     if out is None:
-        return _routed_lora_op(*args)
+        return _routed_lora_op(*args, None)
+    if _out_needs_autograd(out, x, lora_a, lora_b, topk_weights, scaling):
+        return out.copy_(_routed_lora_op(*args, out))
     _routed_lora_inplace_op(out, *args)
     return out

@@ -34,11 +34,14 @@ def test_opcheck_all_ops(backend, with_plan):
     (sorted_pairs, seg_offsets), scale = _op_args(p, backend, with_plan)
     ops = torch.ops.molora
     h = ops.shrink(p.x, p.lora_a, p.topk_ids, p.topk_weights, scale, sorted_pairs, seg_offsets, backend)
+    base = torch.randn(11, 20)
     cases = [
         (ops.shrink, (p.x, p.lora_a, p.topk_ids, p.topk_weights, scale, sorted_pairs, seg_offsets, backend)),
-        (ops.expand, (h, p.lora_b, p.topk_ids, sorted_pairs, seg_offsets, backend)),
+        (ops.expand, (h, p.lora_b, p.topk_ids, sorted_pairs, seg_offsets, backend, None)),
+        (ops.expand, (h, p.lora_b, p.topk_ids, sorted_pairs, seg_offsets, backend, base)),
         (ops.expand_, (torch.randn(11, 20), h, p.lora_b, p.topk_ids, sorted_pairs, seg_offsets, backend)),
-        (ops.routed_lora, (p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights, scale, sorted_pairs, seg_offsets, backend)),
+        (ops.routed_lora, (p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights, scale, sorted_pairs, seg_offsets, backend, None)),
+        (ops.routed_lora, (p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights, scale, sorted_pairs, seg_offsets, backend, base)),
         (
             ops.routed_lora_,
             (torch.randn(11, 20), p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights, scale, sorted_pairs, seg_offsets, backend),
