@@ -53,8 +53,11 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
+from .bias import add_routed_bias, bias_deltas
+from .ops import routed_lora
 from .patch_state import PatchState, is_patched, set_state, state_of
 from .peft_io import AdapterError, LoraAdapter, adapters_from_peft_model, load_adapter
+from .routers import check_router
 from .routing import BASE, BackboneHooks, install_generate, remove_generate, tail_routing
 
 __all__ = ["patch", "unpatch", "SIBLING_GROUPS", "is_patched"]
@@ -208,23 +211,25 @@ class _Slot:
         )
 
     def _add(self, module, fs, r, x, x2, out, o2):
-        from .ops import routed_lora
-
+        """Add this module's routed LoRA delta (and routed bias delta, if its adapters changed its bias) into
+        the base output; returns the output (a new tensor only when autograd needs the bias add out of place)."""
         be = self.state.backend
         if self.group is None:
             a, b = self._stacks(module, x2.dtype)
-            scale = module.molora_scaling
-            routed_lora(x2, a, b, r.topk_ids, r.topk_weights, scaling=scale, out=o2, backend=be, plan=r.plan,
-                        validate=False)
+            routed_lora(x2, a, b, r.topk_ids, r.topk_weights, scaling=module.molora_scaling, out=o2, backend=be,
+                        plan=r.plan, validate=False)
+        else:
+            hit = fs.deltas.get(self.group.key)
+            if hit is None or hit[0] is not x:
+                a, b = self._stacks(self.group.leader, x2.dtype)
+                delta = routed_lora(x2, a, b, r.topk_ids, r.topk_weights, scaling=None, backend=be, plan=r.plan,
+                                    validate=False)
+                hit = fs.deltas[self.group.key] = (x, delta)
+            o2.add_(hit[1][:, self.out_slice])
+        bias = getattr(module, "molora_bias_delta", None)
+        if bias is None:
             return out
-        hit = fs.deltas.get(self.group.key)
-        if hit is None or hit[0] is not x:
-            a, b = self._stacks(self.group.leader, x2.dtype)
-            delta = routed_lora(x2, a, b, r.topk_ids, r.topk_weights, scaling=None, backend=be, plan=r.plan,
-                                validate=False)
-            hit = fs.deltas[self.group.key] = (x, delta)
-        o2.add_(hit[1][:, self.out_slice])
-        return out
+        return add_routed_bias(o2, r.topk_ids, r.topk_weights, bias).view(out.shape)
 
 
 # ------------------------------------------------------------------------------------------- discovery
@@ -283,6 +288,62 @@ def _resolve_adapters(adapters) -> dict[str, LoraAdapter]:
             raise ValueError(f"adapter names must be non-empty strings other than {BASE!r}, got {name!r}")
         out[name] = load_adapter(name, source)
     return out
+
+
+def _refuse_tensor_parallel(targets: Mapping[str, nn.Module]) -> None:
+    """Routed LoRA under transformers tensor parallelism is not supported yet: refuse it instead of silently
+    computing the base model (TP sets ``module.forward = tp_forward`` on each instance, which bypasses a class swap,
+    and its weights are DTensors)."""
+    for name, mod in targets.items():
+        weight = getattr(mod, "weight", None)
+        sharded = "DTensor" in (type(weight).__name__, type(getattr(weight, "data", None)).__name__)
+        if "forward" in mod.__dict__ or sharded:
+            raise NotImplementedError(
+                f"molora_ops.patch: module {name!r} is tensor-parallel (its forward is replaced on the instance"
+                f"{' and its weight is a DTensor' if sharded else ''}, as transformers' tp_plan / distributed_config "
+                "does); routed LoRA under tensor parallelism is not supported yet. Load the model without tensor "
+                "parallelism to patch it"
+            )
+
+
+def _hidden_size(root: nn.Module) -> Optional[int]:
+    config = getattr(root, "config", None)
+    size = getattr(config, "hidden_size", None)
+    return int(size) if isinstance(size, int) else None
+
+
+def _check_routers(routers, names: list[str], hidden_size: Optional[int]) -> None:
+    """Each router (None skipped) must have N = len(names) outputs for these adapters in this order, finite
+    parameters, and read hidden states of the model's size."""
+    for r in routers:
+        if r is None:
+            continue
+        num = getattr(r, "num_adapters", len(names))
+        if num != len(names):
+            raise ValueError(f"router has {num} outputs but {len(names)} adapters were given")
+        check_router(r, hidden_size=hidden_size, adapter_names=names)
+
+
+def _sibling_groups(targets: Mapping[str, nn.Module]) -> dict[str, list[str]]:
+    """{module name: its group's full names} for siblings fused into one launch: same parent, names in one
+    SIBLING_GROUPS row, same input size, same dtype."""
+    grouped: dict[str, list[str]] = {}
+    by_parent: dict[str, list[str]] = {}
+    for mod_name in targets:
+        parent, _, leaf = mod_name.rpartition(".")
+        by_parent.setdefault(parent, []).append(leaf)
+    for parent, leaves in by_parent.items():
+        for row in SIBLING_GROUPS:
+            members = [leaf for leaf in row if leaf in leaves]
+            full = [f"{parent}.{m}" if parent else m for m in members]
+            if len(members) < 2:
+                continue
+            mods = [targets[f] for f in full]
+            if len({_io_features(m)[0] for m in mods}) != 1 or len({m.weight.dtype for m in mods}) != 1:
+                continue
+            for f in full:
+                grouped[f] = full
+    return grouped
 
 
 def patch(model, adapters=None, router=None, top_k: int = 2, backend: str = "auto"):
@@ -360,17 +421,11 @@ def patch(model, adapters=None, router=None, top_k: int = 2, backend: str = "aut
                     "save_embedding_layers=False if the base weight was not changed)"
                 )
 
-    state = PatchState(model, names, backend, router, top_k)
+    _refuse_tensor_parallel(targets)
     per_layer = isinstance(router, (list, tuple, nn.ModuleList))
-    for r in (router if per_layer else [router]):
-        if r is None:
-            continue
-        num = getattr(r, "num_adapters", n)
-        if num != n:
-            raise ValueError(f"router has {num} outputs but {n} adapters were given")
-        r_names = getattr(r, "adapter_names", None)
-        if r_names is not None and list(r_names) != names:
-            raise ValueError(f"router was built for adapters {list(r_names)} but patch() got {names}")
+    _check_routers(router if per_layer else [router], names, _hidden_size(root))
+    deltas = bias_deltas(root, loaded, names, targets)
+    state = PatchState(model, names, backend, router, top_k)
     backbone, blocks, blocks_name = _find_backbone(root, list(targets))
     # Every target must run inside the backbone's forward, or be the output embedding (lm_head) run after it.
     outside: set[str] = set()
@@ -393,23 +448,7 @@ def patch(model, adapters=None, router=None, top_k: int = 2, backend: str = "aut
     state.blocks = blocks
     state.blocks_prefix = None if blocks_name is None else (blocks_name + "." if blocks_name else "")
 
-    # Group siblings (same parent, names in one SIBLING_GROUPS row, same input size, same dtype).
-    grouped: dict[str, tuple[str, list[str]]] = {}
-    by_parent: dict[str, list[str]] = {}
-    for mod_name in targets:
-        parent, _, leaf = mod_name.rpartition(".")
-        by_parent.setdefault(parent, []).append(leaf)
-    for parent, leaves in by_parent.items():
-        for row in SIBLING_GROUPS:
-            members = [leaf for leaf in row if leaf in leaves]
-            full = [f"{parent}.{m}" if parent else m for m in members]
-            if len(members) < 2:
-                continue
-            mods = [targets[f] for f in full]
-            if len({_io_features(m)[0] for m in mods}) != 1 or len({m.weight.dtype for m in mods}) != 1:
-                continue
-            for f in full:
-                grouped[f] = (full[0], full)
+    grouped = _sibling_groups(targets)
 
     def ref_param(mod):
         return mod.weight
@@ -420,12 +459,14 @@ def patch(model, adapters=None, router=None, top_k: int = 2, backend: str = "aut
             if mod_name in done:
                 continue
             if mod_name in grouped:
-                _, full = grouped[mod_name]
+                full = grouped[mod_name]
                 _patch_group(state, loaded, names, full, [targets[f] for f in full], ref_param)
                 done.update(full)
             else:
                 _patch_single(state, loaded, names, mod_name, mod, ref_param(mod), outside=mod_name in outside)
                 done.add(mod_name)
+        for mod_name, delta in deltas.items():
+            targets[mod_name].register_buffer("molora_bias_delta", delta, persistent=False)
 
         router_block = None
         device = ref_param(next(iter(targets.values()))).device
@@ -538,7 +579,7 @@ def _patch_group(state, loaded, names, full, mods, ref_param):
 def _restore(state) -> None:
     for mod, orig in reversed(state.patched):
         mod.__class__ = orig
-        for buf in ("molora_lora_a", "molora_lora_b", "molora_scaling"):
+        for buf in ("molora_lora_a", "molora_lora_b", "molora_scaling", "molora_bias_delta"):
             mod._buffers.pop(buf, None)
         for attr in ("_molora_slot", "_molora_orig_class"):
             mod.__dict__.pop(attr, None)

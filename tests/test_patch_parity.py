@@ -113,17 +113,18 @@ def test_greedy_generate_matches_peft(setup):
 @torch.no_grad()
 def test_one_launch_per_fused_group_and_one_plan_per_forward(setup, monkeypatch):
     """q/k/v (and gate/up) share one routed_lora launch; every launch of a forward reuses the same plan."""
-    import molora_ops.ops as ops
+    import importlib
 
+    patch_module = importlib.import_module("molora_ops.patch")  # the module (mo.patch is the function)
     calls = []
-    real = ops.routed_lora
+    real = patch_module.routed_lora
 
     def counting(*args, **kwargs):
         calls.append(kwargs["plan"])
         return real(*args, **kwargs)
 
     model = setup.patched()
-    monkeypatch.setattr(ops, "routed_lora", counting)
+    monkeypatch.setattr(patch_module, "routed_lora", counting)
     with mo.routing(model, adapter_names=["code", "math", "qa"]):
         model(setup.ids)
     # 4 launches per block on every architecture: q+k+v, o, gate+up, down (GPT-2: c_attn, c_proj, c_fc, c_proj)
