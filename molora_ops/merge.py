@@ -10,6 +10,8 @@ Which combination means what (A_i [r, in], B_i [out, r], s_i = alpha_i / r_i):
   the cross terms B_i A_j (i != j).
   It needs equal ranks and is a different model, not a blend of the adapters.
 * svd / ties / dare_* variants are approximations of a (possibly pruned) weighted sum; see PEFT's docs.
+* Adapters that change biases (``bias="lora_only"``/``"all"``, ``lora_bias=True``) are refused: PEFT keeps one
+  shared set of base biases, so no merge is their blend (routing them is exact).
 
 One PEFT quirk is corrected here for "cat": PEFT copies the *first* adapter's config for the merged adapter with
 lora_alpha = r_total, so if that adapter uses rslora the merged scaling becomes sqrt(r_total) instead of 1.
@@ -63,6 +65,14 @@ def merge(
     missing = [n for n in names if n not in peft_model.peft_config]
     if missing:
         raise ValueError(f"adapters {missing} are not loaded in the PeftModel (loaded: {list(peft_model.peft_config)})")
+    with_bias = [n for n in names if getattr(peft_model.peft_config[n], "bias", "none") != "none"
+                 or getattr(peft_model.peft_config[n], "lora_bias", False)]
+    if with_bias:
+        raise ValueError(
+            f"adapters {with_bias} change biases (bias='lora_only'/'all' or lora_bias=True); a PEFT merge keeps one "
+            "shared set of base biases, so it cannot represent their weighted blend. Route them instead: "
+            "molora_ops.patch + adapter_weights={...} adds sum_i w_i * (bias_i - bias) exactly"
+        )
     peft_model.add_weighted_adapter(names, weights, adapter_name, combination_type=combination_type, **kwargs)
     if combination_type == "cat" and fix_rslora_scaling and len(names) > 1:
         from peft.tuners.lora import LoraLayer

@@ -243,3 +243,14 @@ def test_add_routed_bias_argument_errors():
         add_routed_bias(out2d[None], ids, w, d)
     with pytest.raises(TypeError, match="topk_weights must be a torch.Tensor"):
         add_routed_bias(out2d, ids, None, d)
+
+
+def test_merge_refuses_bias_adapters(gpt2, tmp_path):
+    """A PEFT merge keeps one shared set of base biases, so it cannot be the blend of bias-changing adapters."""
+    import molora_ops as mo
+
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(gpt2), _save(gpt2, tmp_path / "a", seed=1), adapter_name="a")
+    pm.load_adapter(_save(gpt2, tmp_path / "b", seed=2, bias="none"), adapter_name="b")  # PEFT loads one bias adapter
+    with pytest.raises(ValueError, match=r"\['a'\] change biases"):
+        mo.merge(pm, {"a": 0.5, "b": 0.5})
+    assert "merged" not in pm.peft_config
