@@ -57,10 +57,9 @@ from .patch_state import state_of
 from .plan import RoutingPlan, build_plan
 from .router_state import RouterHistory, attach, history_of
 
-__all__ = ["routing", "RoutingSpec", "ForwardState", "dense_to_topk", "BASE", "ROUTING_KWARGS"]
+__all__ = ["routing", "RoutingSpec", "ForwardState", "dense_to_topk", "BASE"]
 
 BASE = "__base__"
-ROUTING_KWARGS = ("adapter_names", "adapter_weights")
 
 
 def dense_to_topk(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
