@@ -262,8 +262,9 @@ def _expand_dot_kernel(
     """Semantics: as _expand_kernel, out[t, o] (+)= sum_{k: 0 <= e < N} sum_r lora_b[e, o, r] * h[t, k, r], but on
     tensor cores: the program walks the distinct adapters present in its BLOCK_M tokens in ascending id order,
     and for each adapter e does one tl.dot of hsum_e[m, :] = sum_{k: ids[m, k] == e} h[m, k, :] against
-    lora_b[e]'s tile. The walk order is fixed by the ids, so the result is deterministic; every out element
-    is written once. h stays float32: on half-precision weights it enters the dot as hi + lo halves
+    lora_b[e]'s tile, kept only in the rows routed to e (the others would see 0 * B[e], NaN where B[e] is not
+    finite). The walk order is fixed by the ids, so the result is deterministic; every out element is written
+    once. h stays float32: on half-precision weights it enters the dot as hi + lo halves
     (two dots), so the intermediate is not rounded to 16 bits. fp16 cannot hold |hsum| > 65504: the hi half
     is clamped to +-65504, the lo half carries the rest and a tile where that happened adds a third dot for
     the lo half's rounding error, so |hsum| up to 2 * 65504 keeps about 22 bits (beyond that the lo half is
@@ -300,22 +301,25 @@ def _expand_dot_kernel(
             hsum += tl.load(h_rows + k64 * stride_hk, mask=sel[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
         bt = tl.load(b_tile + e * stride_be, mask=mask_bt, other=0.0)
         if UPCAST:
-            acc = tl.dot(hsum, bt.to(tl.float32), acc, input_precision="ieee")
+            acc_e = tl.dot(hsum, bt.to(tl.float32), acc, input_precision="ieee")
         elif b_ptr.dtype.element_ty == tl.float16:
             # fp16 overflows past 65504 (inf hi + -inf lo was NaN): clamp the hi half, and when that happened
             # in this tile (rare) the lo half is large too, so its own rounding error gets a third dot.
             h_hi = tl.minimum(tl.maximum(hsum, -65504.0), 65504.0).to(tl.float16)
             h_res = hsum - h_hi.to(tl.float32)
             h_lo = h_res.to(tl.float16)
-            acc = tl.dot(h_hi, bt, acc)
-            acc = tl.dot(h_lo, bt, acc)
+            acc_e = tl.dot(h_hi, bt, acc)
+            acc_e = tl.dot(h_lo, bt, acc_e)
             if tl.max(tl.abs(hsum)) > 65504.0:
-                acc = tl.dot((h_res - h_lo.to(tl.float32)).to(tl.float16), bt, acc)
+                acc_e = tl.dot((h_res - h_lo.to(tl.float32)).to(tl.float16), bt, acc_e)
         else:
             h_hi = hsum.to(bt.dtype)
             h_lo = (hsum - h_hi.to(tl.float32)).to(bt.dtype)
-            acc = tl.dot(h_hi, bt, acc)
-            acc = tl.dot(h_lo, bt, acc)
+            acc_e = tl.dot(h_hi, bt, acc)
+            acc_e = tl.dot(h_lo, bt, acc_e)
+        # Rows not routed to e multiplied B[e] by h = 0, and 0 * NaN or 0 * Inf is NaN: they keep acc.
+        routed = tl.max(tl.where(ids2 == e, 1, 0), axis=1) > 0
+        acc = tl.where(routed[:, None], acc_e, acc)
         e = tl.min(tl.where(ids2 > e, ids2, num_adapters))
 
     _store_out_tile(out_ptr, acc, offs_t, offs_n, mask_t, mask_n, stride_ot, stride_oo, ACCUMULATE)

@@ -41,9 +41,9 @@ def lora_shrink(x, lora_a, topk_ids, topk_weights, *, scaling=None, backend="ref
     valid = topk_ids >= 0
     ids = torch.where(valid, topk_ids, torch.zeros_like(topk_ids)).long()  # [T, K]
     a = lora_a.to(cd)[ids]  # [T, K, R, H_in]
-    h = torch.einsum("tkrh,th->tkr", a, x.to(cd))
-    coef = topk_weights.to(cd) * scale[ids] * valid.to(cd)  # [T, K]
-    return h * coef[..., None]
+    h = torch.einsum("tkrh,th->tkr", a, x.to(cd)) * (topk_weights.to(cd) * scale[ids])[..., None]
+    # select, not multiply by 0: a NaN or Inf weight, scale, x or adapter 0 (gathered for empty slots) stays out
+    return torch.where(valid[..., None], h, torch.zeros((), dtype=cd, device=h.device))
 
 
 def lora_expand(h, lora_b, topk_ids, *, out=None, backend="reference"):
@@ -60,7 +60,7 @@ def lora_expand(h, lora_b, topk_ids, *, out=None, backend="reference"):
     ids = torch.where(valid, topk_ids, torch.zeros_like(topk_ids)).long()
     b = lora_b.to(cd)[ids]  # [T, K, H_out, R]
     y = torch.einsum("tkor,tkr->tko", b, h.to(cd))
-    delta = (y * valid.to(cd)[..., None]).sum(dim=1)  # [T, H_out]
+    delta = torch.where(valid[..., None], y, torch.zeros((), dtype=cd, device=y.device)).sum(dim=1)  # [T, H_out]
     if out is None:
         return delta.to(lora_b.dtype)
     out.copy_(out.to(cd) + delta)

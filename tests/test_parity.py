@@ -1,6 +1,7 @@
 """Parity of every fast backend against molora_ops.reference: dtypes, odd sizes, traffic patterns, empty
 slots, duplicate ids, zero tokens, in-place accumulation and non-contiguous inputs."""
 
+import functools
 import os
 
 import pytest
@@ -184,6 +185,47 @@ def test_out_of_range_ids_unvalidated_are_never_read(backend):
     cleaned = torch.where((bad >= 0) & (bad < 4), bad, torch.full_like(bad, -1))
     want = reference.routed_lora(p.x, p.lora_a, p.lora_b, cleaned, p.topk_weights)
     assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def _routed_fn(backend):
+    return reference.routed_lora if backend == "reference" else functools.partial(mo.routed_lora, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
+def test_non_finite_adapter_reaches_only_its_tokens(backend, dtype):
+    """NaN in lora_a of adapter 0 (which the reference gathers for empty slots), NaN and Inf in lora_b of
+    adapters 2 and 3: outputs are non-finite exactly where the float64 answer is (tokens routed there) and
+    right everywhere else. 70 fp16 tokens take Triton's default tensor-core expand."""
+    p = make_problem(70, 2, 5, 8, 40, 24, dtype, empty_frac=0.1, duplicate_frac=0.2)
+    lowp = naive_lowp(p)  # before poisoning: the rounding yardstick for the healthy tokens
+    p.lora_a[0, 1, 5] = float("nan")
+    p.lora_b[2, 3, 1] = float("nan")
+    p.lora_b[3, 0, 0] = float("inf")
+    exact = p.exact()
+    got = _routed_fn(backend)(p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights, scaling=p.scaling)
+    routed_to_poisoned = ((p.topk_ids == 0) | (p.topk_ids == 2) | (p.topk_ids == 3)).any(dim=1)
+    assert torch.equal(exact.isfinite().all(dim=1), ~routed_to_poisoned)
+    assert torch.equal(got.isfinite(), exact.isfinite())
+    healthy = ~routed_to_poisoned
+    assert_parity(got[healthy], exact[healthy], lowp[healthy], dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_non_finite_weight_in_empty_slot_adds_nothing(backend):
+    """The contract: an empty slot adds nothing, so its weight is never read into the result (the reference
+    multiplied it by 0, and NaN * 0 = NaN)."""
+    p = make_problem(33, 3, 4, 8, 24, 20, torch.float32, empty_frac=0.3)
+    p.topk_ids[0] = -1
+    exact, lowp = p.exact(), naive_lowp(p)
+    empty = p.topk_ids < 0
+    p.topk_weights[empty] = float("nan")
+    p.topk_weights[empty & (torch.rand(empty.shape) < 0.5)] = float("inf")
+    got = _routed_fn(backend)(p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights, scaling=p.scaling)
+    assert_parity(got, exact, lowp, torch.float32)
+    shrink = reference.lora_shrink if backend == "reference" else functools.partial(mo.lora_shrink, backend=backend)
+    h = shrink(p.x, p.lora_a, p.topk_ids, p.topk_weights, scaling=p.scaling)
+    assert bool((h[empty] == 0).all()) and bool(h.isfinite().all())
 
 
 @pytest.mark.gpu
