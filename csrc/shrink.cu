@@ -117,6 +117,7 @@ __global__ void __launch_bounds__(kThreadsSeg) shrink_segmented_kernel(ShrinkPro
   __shared__ float as_tile[kTileR][kChunk + 1];
   __shared__ int64_t pair_of[kTileM];
   __shared__ float coef_of[kTileM];
+  __shared__ bool owned[kTileM];  // the pair's adapter is this segment's: write coef * acc, else 0
 
   const Routing& route = prob.route;
   const int64_t num_pairs = route.num_tokens * route.top_k;
@@ -155,18 +156,22 @@ __global__ void __launch_bounds__(kThreadsSeg) shrink_segmented_kernel(ShrinkPro
   const int64_t m0 = lo + mt * kTileM;
   const int count = static_cast<int>(hi - m0 < kTileM ? hi - m0 : kTileM);
   // The per-pair adapter comes from topk_ids, not from the plan: ids the plan did not route (or a stale
-  // plan) can only ever produce zeros, never an out-of-range address.
+  // plan) can only ever produce zeros (selected, not multiplied by 0, so a non-finite A[seg] or x stays
+  // out), never an out-of-range address.
   if (tid < kTileM) {
     int64_t p = -1;
     float c = 0.f;
+    bool own = false;
     if (tid < count) {
       p = __ldg(route.sorted_pairs + m0 + tid);
       if (p < 0 || p >= num_pairs) p = -1;
       const int32_t e = p >= 0 ? dev::adapter_of(route, p) : -1;
-      if (e >= 0 && e == seg) c = dev::coef_of(route, p, e);
+      own = e >= 0 && e == seg;
+      if (own) c = dev::coef_of(route, p, e);
     }
     pair_of[tid] = p;
     coef_of[tid] = c;
+    owned[tid] = own;
   }
   __syncthreads();
   for (int64_t rt = blockIdx.y; rt < row_tiles; rt += gridDim.y) {
@@ -218,7 +223,7 @@ __global__ void __launch_bounds__(kThreadsSeg) shrink_segmented_kernel(ShrinkPro
       for (int i = 0; i < kPerThread; ++i) {
         const int m = my_m0 + i * kMStep;
         const int64_t p = m < count ? pair_of[m] : -1;
-        if (p >= 0) h[p * R + r0 + my_r] = coef_of[m] * acc[i];
+        if (p >= 0) h[p * R + r0 + my_r] = owned[m] ? coef_of[m] * acc[i] : 0.f;
       }
     }
   }

@@ -88,7 +88,8 @@ def _cuda_include_dir():
 def test_kernels_under_host_emulation(tmp_path):
     """The real kernel sources, compiled as C++ and run on CPU fibers (csrc/host_emulation): every path in
     overwrite and accumulate mode against a float64 reference, with empty, out-of-range and duplicate ids,
-    unaligned rows and padded strides. Catches indexing, bounds, tiling and barrier mistakes without a GPU;
+    unaligned rows, padded strides, stale plans and non-finite adapters (a NaN or Inf must reach only the
+    tokens routed to it). Catches indexing, bounds, tiling and barrier mistakes without a GPU;
     it says nothing about speed or the memory model (the gpu tests and compute-sanitizer cover those)."""
     import subprocess
 
@@ -275,6 +276,27 @@ def test_deterministic():
     first = _routed(p)
     for _ in range(3):
         assert torch.equal(_routed(p), first)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_finite_adapter_and_empty_slot_weights_stay_isolated(monkeypatch, path, dtype):
+    """NaN / Inf in some adapters' weights reach only the tokens routed to them; NaN / Inf weights in empty
+    slots add nothing."""
+    _use_path(monkeypatch, path)
+    p = make_problem(70, 2, 5, 8, 40, 24, dtype, empty_frac=0.1, duplicate_frac=0.2, device="cuda")
+    lowp = naive_lowp(p)  # before poisoning: the rounding yardstick for the healthy tokens
+    p.topk_weights[p.topk_ids < 0] = float("nan")
+    p.lora_a[0, 1, 5] = float("nan")
+    p.lora_b[2, 3, 1] = float("nan")
+    p.lora_b[3, 0, 0] = float("inf")
+    exact = p.exact()
+    got = _routed(p)
+    assert torch.equal(got.isfinite(), exact.isfinite())
+    rows = exact.isfinite().all(dim=1)
+    assert 0 < int(rows.sum()) < 70
+    assert_parity(got[rows], exact[rows], lowp[rows], dtype)
 
 
 @pytest.mark.gpu

@@ -11,10 +11,13 @@
 // a kernel forgot to write shows up. The segmented shrink's flat tile axis is covered by cases with many
 // segments, empty segments (segment 0 included), N much larger than P, all slots empty, and many tiles per
 // segment; it also runs with a stale plan (built for other routing), which must give exactly the value for
-// pairs whose stale segment is their adapter and zeros for all others, and must not write past h.
+// pairs whose stale segment is their adapter and zeros for all others, and must not write past h. Poisoned
+// cases put a NaN in one adapter's A and an Inf in another's B: exactly the outputs the reference makes
+// non-finite may be non-finite (the tokens routed there), every other one must match.
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <numeric>
 #include <random>
@@ -77,7 +80,15 @@ struct Case {
   int id_step = 1;       // > 1: ids only from adapters id_step - 1, 2 * id_step - 1, ...: empty segments between
   float empty = 0.15f;   // fraction of empty slots (-1); another 5% get an id outside [0, N)
   unsigned paths = 7;    // bit 0: per-pair, bit 1: segmented, bit 2: fused (the emulation is slow for big grids)
+  bool poison = false;   // NaN in A of the first token's adapter, +Inf in B of another adapter
 };
+
+// |got - want|, with a non-finite `want` matched by any non-finite `got` (0) and a non-finite `got` where
+// `want` is finite a failure (1e30).
+double diff(double got, double want) {
+  if (!std::isfinite(want)) return std::isfinite(got) ? 1e30 : 0.0;
+  return std::isfinite(got) ? std::fabs(got - want) : 1e30;
+}
 
 template <typename T>
 void run(const Case& c, const char* tag) {
@@ -122,6 +133,13 @@ void run(const Case& c, const char* tag) {
     w64[p] = w[p];
   }
   for (int e = 0; e < N; ++e) scale[e] = randu() + 0.5f;
+  if (c.poison) {
+    const int64_t e_nan = ids[0] >= 0 && ids[0] < N ? ids[0] : 0, e_inf = (e_nan + 1) % N;
+    a[c.offset + e_nan * as_n + (R - 1) * as_r + c.H_in / 2] = cvt<T>(NAN);
+    ad[(size_t(e_nan) * R + R - 1) * c.H_in + c.H_in / 2] = NAN;
+    b[c.offset + e_inf * bs_n + (c.H_out / 3) * bs_o + R / 2] = cvt<T>(INFINITY);
+    bd[(size_t(e_inf) * c.H_out + c.H_out / 3) * R + R / 2] = INFINITY;
+  }
   // The routing plan, as molora_ops.plan builds it: a stable sort by adapter, unrouted pairs last.
   auto make_plan = [&](const std::vector<int64_t>& route_ids, std::vector<int32_t>& sorted, std::vector<int32_t>& seg) {
     sorted.resize(P);
@@ -206,7 +224,7 @@ void run(const Case& c, const char* tag) {
       expect(launch_shrink(sp, h.data(), path == 0 ? kShrinkPerPair : kShrinkSegmented, nullptr) == 0, name,
              "shrink launch", 0);
       double err = 0;
-      for (size_t i = 0; i < h_ref.size(); ++i) err = std::max(err, std::isnan(h[i]) ? 1e30 : std::fabs(h[i] - h_ref[i]));
+      for (size_t i = 0; i < h_ref.size(); ++i) err = std::max(err, diff(h[i], h_ref[i]));
       expect(err <= 1e-4, name, "shrink max abs err", err);
       expect(std::all_of(h.begin() + h_ref.size(), h.end(), [](float v) { return std::isnan(v); }), name,
              "shrink wrote past h", 0);
@@ -222,7 +240,7 @@ void run(const Case& c, const char* tag) {
           const bool kept = stale_ids[p] >= 0 && stale_ids[p] < N && stale_ids[p] == ids[p];
           for (int r = 0; r < R; ++r) {
             const double want = kept ? h_ref[size_t(p) * R + r] : 0.0, got = h[size_t(p) * R + r];
-            stale_err = std::max(stale_err, std::isnan(got) ? 1e30 : std::fabs(got - want));
+            stale_err = std::max(stale_err, diff(got, want));
           }
         }
         expect(stale_err <= 1e-4, name, "stale plan: max abs err", stale_err);
@@ -252,15 +270,20 @@ void run(const Case& c, const char* tag) {
     }
     double err = 0, err_acc = 0;
     bool pad_ok = true;
+    int finite_rows = 0;
     for (int t = 0; t < c.T; ++t) {
+      bool finite = true;
       for (int j = 0; j < c.H_out; ++j) {
         const double ref = out_ref[size_t(t) * c.H_out + j];
         const double o = back(out[size_t(t) * os + j]), s = back(acc[size_t(t) * os + j]);
-        err = std::max(err, std::isnan(o) ? 1e30 : std::fabs(o - ref) / (1 + std::fabs(ref)));
-        err_acc = std::max(err_acc, std::isnan(s) ? 1e30 : std::fabs(s - 0.5 - ref) / (1.5 + std::fabs(ref)));
+        err = std::max(err, diff(o, ref) / (1 + (std::isfinite(ref) ? std::fabs(ref) : 0.0)));
+        err_acc = std::max(err_acc, diff(s - 0.5, ref) / (1.5 + (std::isfinite(ref) ? std::fabs(ref) : 0.0)));
+        finite = finite && std::isfinite(ref);
       }
+      finite_rows += finite;
       for (int j = c.H_out; j < os; ++j) pad_ok = pad_ok && std::isnan(back(out[size_t(t) * os + j]));
     }
+    if (c.poison) expect(finite_rows > 0 && finite_rows < c.T, name, "poisoned case has finite and non-finite rows", finite_rows);
     expect(err <= tol, name, "overwrite max rel err", err);
     expect(err_acc <= tol, name, "accumulate max rel err", err_acc);
     expect(pad_ok, name, "wrote outside the output rows", 0);
@@ -295,6 +318,14 @@ int main(int argc, char** argv) {
   big.id_step = 2;
   big.paths = 2;
   run<__nv_bfloat16>(big, "bf16 P=1200, ~10 tiles per segment");
+  // Non-finite adapters: the segmented shrink's tiles mix tokens (and, with the stale plan, pairs of other
+  // adapters); none of them may see another adapter's NaN or Inf.
+  Case poisoned_f32{37, 2, 5, 20, 72, 40};
+  poisoned_f32.poison = true;
+  run<float>(poisoned_f32, "f32 NaN in one A, Inf in another B");
+  Case poisoned_f16{45, 3, 6, 16, 128, 64, 0, 0, false};
+  poisoned_f16.poison = true;
+  run<__half>(poisoned_f16, "f16 NaN in one A, Inf in another B");
   if (full) {
     run<float>({40, 2, 3, 20, 130, 50}, "f32 T=40 R=20");
     run<float>({1, 3, 4, 64, 2049, 20}, "f32 T=1 H_in=2049");
