@@ -4,9 +4,16 @@ Every error names the argument and says what was expected. Shape, dtype and devi
 metadata. The id-range check reads the ids' values; on a GPU that is a host sync, so the hot path (the
 patched model, which validates its routing once per forward) turns it off with ``check_ids=False``.
 The kernels never dereference an id outside [0, N) whether or not it ran.
+
+An ``out`` is refused when it shares a byte of memory with any input, or when two of its own elements share
+one (an ``expand()`` view): the kernels read the inputs while they write out, and write each element once.
+Both checks are exact (views into disjoint parts of one buffer pass) and read only metadata; they are skipped
+while torch.compile traces (fake tensors have no addresses) and on the meta device.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -110,13 +117,14 @@ def check_expand(h, lora_b, topk_ids, out, *, check_ids: bool = True) -> None:
         raise TypeError(f"h must be float32 (the output of lora_shrink), got {h.dtype}")
     if h.shape[2] != lora_b.shape[2]:
         raise ValueError(f"lora_b must be [N, H_out, R] with R = h.shape[2] = {h.shape[2]}, got {tuple(lora_b.shape)}")
-    if lora_b.shape[0] < 1:
-        raise ValueError(f"lora_b must hold N >= 1 adapters, got {tuple(lora_b.shape)}")
+    if lora_b.shape[0] < 1 or lora_b.shape[2] < 1:
+        raise ValueError(f"lora_b must have N >= 1 adapters and rank R >= 1, got {tuple(lora_b.shape)}")
     _check_same_device(h=h, lora_b=lora_b, topk_ids=topk_ids, out=out)
     _check_routing(topk_ids, None, h.shape[0], lora_b.shape[0], check_ids)
     if tuple(topk_ids.shape) != tuple(h.shape[:2]):
         raise ValueError(f"topk_ids must be [T, K] = {tuple(h.shape[:2])} to match h, got {tuple(topk_ids.shape)}")
     _check_out(out, h.shape[0], lora_b.shape[1], lora_b.dtype)
+    _check_out_memory(out, h=h, lora_b=lora_b, topk_ids=topk_ids)
 
 
 def _check_out(out, num_tokens: int, h_out: int, dtype: torch.dtype) -> None:
@@ -141,12 +149,95 @@ def check_routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scaling, out, *
         )
     _check_same_device(x=x, lora_b=lora_b, out=out)
     _check_out(out, x.shape[0], lora_b.shape[1], x.dtype)
-    if out is not None and out.device.type != "meta" and _share_storage(out, x):
-        raise ValueError("out must not share memory with x: the kernels read x while they write out")
+    _check_out_memory(
+        out, x=x, lora_a=lora_a, lora_b=lora_b, topk_ids=topk_ids, topk_weights=topk_weights, scaling=scaling
+    )
 
 
-def _share_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same underlying storage (storage pointers cannot be read while torch.compile traces: no check there)."""
-    if torch.compiler.is_compiling():
+def _check_out_memory(out, **inputs) -> None:
+    """Raise ValueError naming `out` if it has internal overlap or shares memory with any tensor in `inputs`."""
+    if out is None or out.device.type == "meta" or torch.compiler.is_compiling():
+        return
+    if not out.is_contiguous() and _has_internal_overlap(out):
+        raise ValueError(
+            f"out has internal overlap (shape {tuple(out.shape)}, strides {out.stride()}: several elements share "
+            "one memory location, e.g. an expand() view): pass a tensor whose elements are distinct"
+        )
+    lo, hi = _allocation(out)
+    view = None
+    for name, t in inputs.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        t_lo, t_hi = _allocation(t)
+        if t_hi <= lo or hi <= t_lo:
+            continue  # disjoint allocations (the usual case): no need to look at strides
+        view = _memory_view(out) if view is None else view
+        if _intersect(view, _memory_view(t)):
+            raise ValueError(f"out must not share memory with {name}: the kernels read {name} while they write out")
+
+
+def _allocation(t: torch.Tensor) -> tuple[int, int]:
+    """The byte range of t's storage, which holds every byte t can address."""
+    storage = t.untyped_storage()
+    start = storage.data_ptr()
+    return start, start + storage.nbytes()
+
+
+def _has_internal_overlap(t: torch.Tensor) -> bool:
+    """Whether two elements of the 2-D tensor t share an address (exact): i*s0 + j*s1 = i'*s0 + j'*s1 for two
+    distinct in-range index pairs; the smallest nonzero solution is (di, dj) = (s1, s0) / gcd(s0, s1)."""
+    dims = [(n, s) for n, s in zip(t.shape, t.stride()) if n > 1]
+    if any(s == 0 for _, s in dims):
+        return True
+    if len(dims) < 2:
         return False
-    return a.numel() > 0 and b.numel() > 0 and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    (n0, s0), (n1, s1) = dims
+    g = math.gcd(s0, s1)
+    return s1 // g < n0 and s0 // g < n1
+
+
+def _memory_view(t: torch.Tensor) -> tuple:
+    """The bytes t's elements occupy, as (first address, ((count, byte stride), ...) outermost first, block):
+    element i of the strided grid covers [first + sum(i_d * stride_d), + block). Size-1 and stride-0 dims add
+    no address; inner dims whose stride is at most the block covered so far are merged into one block."""
+    if t.numel() == 0:
+        return t.data_ptr(), (), 0
+    item = t.element_size()
+    dims = sorted(((n, s * item) for n, s in zip(t.shape, t.stride()) if n > 1 and s != 0), key=lambda d: d[1])
+    block, merged = item, 0
+    for n, s in dims:
+        if s > block:
+            break
+        block, merged = (n - 1) * s + block, merged + 1
+    return t.data_ptr(), tuple(reversed(dims[merged:])), block
+
+
+def _span(dims: tuple, block: int) -> int:
+    return sum((n - 1) * s for n, s in dims) + block
+
+
+def _intersect(a: tuple, b: tuple) -> bool:
+    """Whether two memory views (see _memory_view) share a byte. Exact: it recurses into the rows of the view
+    with the coarser outermost stride, visiting only rows whose extent meets the other view's; two views with
+    the same outermost stride only meet through the offset q = j - i of their rows, at most a few values."""
+    (a0, ad, ab), (b0, bd, bb) = a, b
+    if ab == 0 or bb == 0 or a0 + _span(ad, ab) <= b0 or b0 + _span(bd, bb) <= a0:
+        return False
+    if not ad and not bd:
+        return True
+    if not ad or (bd and bd[0][1] > ad[0][1]):
+        (a0, ad, ab), (b0, bd, bb) = b, a
+    (n, s), rest = ad[0], ad[1:]
+    inner = _span(rest, ab)
+    if bd and bd[0][1] == s:
+        (m, _), b_rest = bd[0], bd[1:]
+        b_inner, d = _span(b_rest, bb), b0 - a0
+        # rows meet where -b_inner < d + q * s < inner, q = j - i in [-(n - 1), m - 1]
+        q_lo = max(-(n - 1), (-b_inner - d) // s + 1)
+        q_hi = min(m - 1, -((d - inner) // s) - 1)
+        return any(_intersect((a0, rest, ab), (b0 + q * s, b_rest, bb)) for q in range(q_lo, q_hi + 1))
+    b_end = b0 + _span(bd, bb)
+    # row i of a meets b's extent where b0 - inner < a0 + i * s < b_end
+    i_lo = max(0, (b0 - inner - a0) // s + 1)
+    i_hi = min(n - 1, -((a0 - b_end) // s) - 1)
+    return any(_intersect((a0 + i * s, rest, ab), (b0, bd, bb)) for i in range(i_lo, i_hi + 1))

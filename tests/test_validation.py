@@ -1,10 +1,12 @@
 """Bad input gets a ValueError or TypeError that names the argument and what was expected."""
 
+import functools
+
 import pytest
 import torch
 
 import molora_ops as mo
-from molora_ops import reference
+from molora_ops import _validation, reference
 
 T, K, N, R, H_IN, H_OUT = 6, 2, 3, 4, 10, 12
 
@@ -97,11 +99,146 @@ def test_expand_and_shrink_checks():
         mo.lora_shrink(torch.randn(T, H_IN), torch.randn(N, R, H_IN), torch.full((T, K), 9), torch.rand(T, K))
 
 
+@pytest.mark.parametrize("fn", (mo.lora_expand, reference.lora_expand), ids=("ops", "reference"))
+def test_expand_with_rank_zero_names_lora_b(fn):
+    """As lora_shrink refuses R = 0 (naming lora_a), lora_expand refuses it naming lora_b."""
+    with pytest.raises(ValueError, match=r"lora_b must have N >= 1 adapters and rank R >= 1, got \(3, 12, 0\)"):
+        fn(torch.zeros(T, K, 0), torch.randn(N, H_OUT, 0), torch.randint(0, N, (T, K)))
+
+
 def test_out_sharing_memory_with_x_is_rejected():
     x = torch.randn(T, H_IN)
     a = _args(x=x, lora_b=torch.randn(N, H_IN, R))
     with pytest.raises(ValueError, match=r"out must not share memory with x"):
         mo.routed_lora(*a.values(), out=x)
+
+
+def _overlapping(like: torch.Tensor, out_shape, out_dtype, overlap_bytes: int):
+    """(a copy of `like`, out) laid out in one byte buffer so that out begins `overlap_bytes` (rounded up to
+    8) before the copy ends: they share memory in that range only."""
+    n_in = like.numel() * like.element_size()
+    n_out = torch.Size(out_shape).numel() * out_dtype.itemsize
+    start = (n_in - overlap_bytes) // 8 * 8
+    buf = torch.zeros(start + n_out + n_in, dtype=torch.uint8)
+    out = buf[start : start + n_out].view(out_dtype).view(out_shape)
+    out.copy_(torch.randn(out_shape))
+    copy = buf[:n_in].view(like.dtype).view(like.shape)
+    copy.copy_(like)  # written last: the shared bytes hold valid ids / weights
+    return copy, out
+
+
+ROUTED_INPUTS = ("x", "lora_a", "lora_b", "topk_ids", "topk_weights", "scaling")
+
+
+@pytest.mark.parametrize("backend", ("torch", "triton", "cuda", "reference"))
+@pytest.mark.parametrize("name", ROUTED_INPUTS)
+def test_out_overlapping_any_input_is_rejected(backend, name):
+    """Sharing even the last element with any input is refused, on every backend, before anything runs."""
+    a = _args()
+    a["scaling"] = torch.rand(N) + 0.5
+    a[name], out = _overlapping(a[name], (T, H_OUT), torch.float32, overlap_bytes=4)
+    fn = reference.routed_lora if backend == "reference" else functools.partial(mo.routed_lora, backend=backend)
+    with pytest.raises(ValueError, match=rf"out must not share memory with {name}\b"):
+        fn(a["x"], a["lora_a"], a["lora_b"], a["topk_ids"], a["topk_weights"], scaling=a["scaling"], out=out)
+
+
+@pytest.mark.parametrize("backend", ("torch", "triton", "cuda", "reference"))
+@pytest.mark.parametrize("name", ("h", "lora_b", "topk_ids"))
+def test_expand_out_overlapping_any_input_is_rejected(backend, name):
+    a = dict(h=torch.randn(T, K, R), lora_b=torch.randn(N, H_OUT, R), topk_ids=torch.randint(0, N, (T, K)))
+    a[name], out = _overlapping(a[name], (T, H_OUT), torch.float32, overlap_bytes=4)
+    fn = reference.lora_expand if backend == "reference" else functools.partial(mo.lora_expand, backend=backend)
+    with pytest.raises(ValueError, match=rf"out must not share memory with {name}\b"):
+        fn(a["h"], a["lora_b"], a["topk_ids"], out=out)
+
+
+@pytest.mark.parametrize("backend", ("torch", "triton"))
+def test_out_in_disjoint_part_of_an_inputs_buffer_is_accepted(backend):
+    """Overlap means shared bytes, not a shared allocation: x and out as interleaved column blocks of one
+    buffer (their extents overlap, their elements do not), and out right after x's last byte."""
+    a = _args()
+    base = torch.randn(T, H_OUT)
+    want = reference.routed_lora(*a.values(), out=base.clone())
+    buf = torch.randn(T, H_IN + H_OUT + 1)
+    x, out = buf[:, :H_IN], buf[:, H_IN + 1 :]
+    x.copy_(a["x"])
+    out.copy_(base)
+    got = mo.routed_lora(x, *list(a.values())[1:], out=out, backend=backend)
+    assert got is out
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+    flat = torch.randn(T * H_IN + T * H_OUT)
+    x, out = flat[: T * H_IN].view(T, H_IN), flat[T * H_IN :].view(T, H_OUT)
+    x.copy_(a["x"])
+    out.copy_(base)
+    mo.routed_lora(x, *list(a.values())[1:], out=out, backend=backend)
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend", ("torch", "triton", "cuda", "reference"))
+@pytest.mark.parametrize(
+    "make_out",
+    (
+        lambda: torch.randn(1, H_OUT).expand(T, H_OUT),  # stride 0 over rows
+        lambda: torch.randn(T, 1).expand(T, H_OUT),  # stride 0 over columns
+        lambda: torch.randn(T * H_OUT).as_strided((T, H_OUT), (5, 3)),  # 3 * 5 == 5 * 3: rows interleave
+    ),
+    ids=("expand-rows", "expand-cols", "as_strided-5-3"),
+)
+def test_out_with_internal_overlap_is_rejected(backend, make_out):
+    fn = reference.routed_lora if backend == "reference" else functools.partial(mo.routed_lora, backend=backend)
+    with pytest.raises(ValueError, match=r"out has internal overlap"):
+        _call(fn, out=make_out())
+    a = _args()
+    exp = reference.lora_expand if backend == "reference" else functools.partial(mo.lora_expand, backend=backend)
+    with pytest.raises(ValueError, match=r"out has internal overlap"):
+        exp(torch.randn(T, K, R), a["lora_b"], a["topk_ids"], out=make_out())
+
+
+@pytest.mark.parametrize("backend", ("torch", "triton"))
+def test_out_with_interleaved_but_distinct_elements_is_accepted(backend):
+    """Strides (5, 7) interleave the rows' extents but address 72 distinct elements (5 * di = 7 * dj has no
+    solution with |di| < 6): a correct output, not an overlap."""
+    out = torch.randn(200).as_strided((T, H_OUT), (5, 7))
+    base = out.clone()
+    a = _args()
+    mo.routed_lora(*a.values(), out=out, backend=backend)
+    torch.testing.assert_close(out, reference.routed_lora(*a.values(), out=base), atol=2e-5, rtol=2e-5)
+
+
+def _byte_set(t: torch.Tensor) -> set:
+    item = t.element_size()
+    offsets = torch.zeros((), dtype=torch.long)
+    for n, s in zip(t.shape, t.stride()):
+        offsets = (offsets[..., None] + torch.arange(n) * s).reshape(-1)
+    return {t.data_ptr() + int(o) * item + b for o in offsets.reshape(-1).tolist() for b in range(item)}
+
+
+def test_overlap_checks_are_exact_against_brute_force():
+    """_intersect and _has_internal_overlap against enumerated byte sets, over random strided views of one
+    buffer: sizes 1 to 5 per dim, strides 0 to 9 (permuted, repeated), element sizes 2 and 4."""
+    gen = torch.Generator().manual_seed(0)
+    buf = torch.zeros(4096, dtype=torch.uint8)
+
+    def rand_view():
+        ndim = int(torch.randint(1, 4, (1,), generator=gen))
+        dtype = (torch.float16, torch.float32)[int(torch.randint(0, 2, (1,), generator=gen))]
+        sizes = torch.randint(1, 6, (ndim,), generator=gen).tolist()
+        strides = torch.randint(0, 10, (ndim,), generator=gen).tolist()
+        offset = int(torch.randint(0, 120, (1,), generator=gen))
+        return buf.view(dtype).as_strided(sizes, strides, offset)
+
+    seen = {True: 0, False: 0}
+    for _ in range(3000):
+        a, b = rand_view(), rand_view()
+        want = bool(_byte_set(a) & _byte_set(b))
+        assert _validation._intersect(_validation._memory_view(a), _validation._memory_view(b)) == want, (
+            a.shape, a.stride(), a.storage_offset(), a.dtype, b.shape, b.stride(), b.storage_offset(), b.dtype
+        )
+        seen[want] += 1
+        if a.dim() == 2:
+            elems = len(_byte_set(a)) // a.element_size()
+            assert _validation._has_internal_overlap(a) == (elems < a.numel()), (a.shape, a.stride())
+    assert min(seen.values()) > 300, seen
 
 
 def test_shrink_is_float32_even_with_float64_scaling():
