@@ -241,7 +241,8 @@ def _listed_under_own_adapter(plan, ids):
     ids=["gather", "dot", "gather-splitk3", "dot-splitk3-atomic"],
 )
 def test_stale_or_inconsistent_plan_never_reads_uninitialised_memory(monkeypatch, path, split_k, atomic):
-    """A pair counts only when the plan lists it in its own adapter's segment; every other pair is an empty
+    """The public ops refuse these plans (tests/test_plan.py); the backend, called directly, must still be
+    safe: a pair counts only when the plan lists it in its own adapter's segment, every other pair is an empty
     slot. Every torch.empty here starts as NaN, so a row of h (or of the split-K partials) that the shrink
     never wrote would poison the output."""
     real_empty = torch.empty
@@ -267,14 +268,82 @@ def test_stale_or_inconsistent_plan_never_reads_uninitialised_memory(monkeypatch
         kept = _listed_under_own_adapter(plan, p.topk_ids)
         assert bool((kept >= 0).any()) or name.startswith("empty")
         want = reference.routed_lora(p.x, p.lora_a, p.lora_b, kept, p.topk_weights, scaling=p.scaling)
+        with pytest.raises(ValueError, match=r"^plan "):
+            mo.routed_lora(p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights, backend="triton", plan=plan)
+        got = torch.empty(T, 24)
         with tb.override(fused=False, split_k=split_k, atomic_split_k=atomic, **path):
-            got = mo.routed_lora(p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights, scaling=p.scaling,
-                                 backend="triton", plan=plan)
-            h = mo.lora_shrink(p.x, p.lora_a, p.topk_ids, p.topk_weights, scaling=p.scaling, backend="triton",
-                               plan=plan)
+            tb.routed_lora(p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights, p.scaling, plan, got, False)
+            h = tb.shrink(p.x, p.lora_a, p.topk_ids, p.topk_weights, p.scaling, plan)
         assert not got.isnan().any() and not h.isnan().any(), name
         assert_close(got, want, atol=2e-5, rtol=2e-5, name=name)
         assert_close(h, _exact_shrink(p, kept), atol=1e-5, rtol=1e-5, name=f"h, {name}")
+
+
+def _poison(p):
+    """A NaN in lora_a of adapter 0, a NaN and an Inf in lora_b of adapters 2 and 3 (in place)."""
+    p.lora_a[0, 1, 5] = float("nan")
+    p.lora_b[2, 3, 1] = float("nan")
+    p.lora_b[3, 0, 0] = float("inf")
+
+
+def _assert_isolated(got, exact, lowp, dtype):
+    """Non-finite exactly where the exact answer is (the tokens routed to a poisoned adapter), and within the
+    dtype's tolerance everywhere else. `lowp` is plain PyTorch on the unpoisoned inputs (the error yardstick)."""
+    finite = exact.isfinite()
+    assert torch.equal(got.isfinite(), finite), f"{int((got.isfinite() != finite).sum())} elements differ in finiteness"
+    rows = finite.all(dim=1)
+    assert 0 < int(rows.sum()) < rows.numel()
+    assert_parity(got[rows], exact[rows], lowp[rows], dtype, name="tokens not routed to a poisoned adapter")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
+def test_non_finite_adapter_reaches_only_its_tokens(path, dtype):
+    """A NaN or Inf in one adapter's weights affects the tokens routed to it and no other: the dot expand
+    multiplies lora_b[e] by h = 0 in the tile's other rows, and 0 * NaN is NaN (it turned every token of the
+    16-token tile non-finite). 70 tokens: several tiles, mixed adapters in each. bf16 runs on GPU only
+    (DESIGN.md section 6)."""
+    p = make_problem(70, 2, 5, 8, 40, 24, dtype, empty_frac=0.1, duplicate_frac=0.2)
+    lowp = naive_lowp(p)
+    _poison(p)
+    _assert_isolated(_run(p, path), p.exact(), lowp, dtype)
+    base = torch.randn(70, 24).to(dtype)
+    out = base.clone()
+    _run(p, path, out=out)
+    _assert_isolated(out, p.exact() + base.double(), lowp + base, dtype)
+
+
+def test_non_finite_adapter_in_fp16_hi_lo_dot_expand():
+    """The GPU form of the tensor-core expand (fp16 hi + lo halves of h), run directly: the same isolation."""
+    from molora_ops.kernels import routed_lora as kernels
+
+    p = make_problem(70, 2, 5, 16, 64, 48, torch.float16, empty_frac=0.1, duplicate_frac=0.2)
+    h = _exact_shrink(p).float()
+    lowp = reference.lora_expand(h, p.lora_b, p.topk_ids)
+    _poison(p)
+    exact = reference.lora_expand(h.double(), p.lora_b.double(), p.topk_ids)
+    out = torch.full((70, 48), float("nan"), dtype=torch.float16)
+    cfg = configs.expand_dot_config(70, 16, 48)
+    kernels.launch_expand_dot(h, p.lora_b, p.topk_ids, out, cfg=cfg, accumulate=False, upcast=False)
+    _assert_isolated(out, exact, lowp, torch.float16)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("split_k", (1, 3))
+def test_non_finite_weight_in_empty_slot_adds_nothing(path, split_k):
+    """An empty slot adds nothing, whatever its weight holds (NaN, Inf): in h, in the split-K reduction and in
+    every routed_lora path."""
+    p = make_problem(70, 3, 5, 8, 300, 24, torch.float32, empty_frac=0.3)
+    p.topk_ids[0] = -1
+    exact, lowp = p.exact(), naive_lowp(p)
+    want_h = _exact_shrink(p)
+    empty = p.topk_ids < 0
+    p.topk_weights[empty] = float("nan")
+    p.topk_weights[empty & (torch.rand(empty.shape) < 0.5)] = float("inf")
+    h = _shrink(p, split_k=split_k)
+    assert bool((h[empty] == 0).all())
+    assert_close(h, want_h, atol=1e-5, rtol=1e-5, name="h")
+    assert_parity(_run(p, path, split_k=split_k), exact, lowp, torch.float32)
 
 
 @pytest.mark.parametrize("path", PATHS)

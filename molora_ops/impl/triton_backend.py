@@ -9,10 +9,11 @@ Semantics (inputs already validated by the op layer; `scale` is [N] float32/floa
         out[t] = (out[t] if accumulate else 0) + sum_k w[t, k] * scale[e] * lora_b[e] @ (lora_a[e] @ x[t])
 Slots whose id is outside [0, N) (empty, or out of range when validation is off) add nothing and are never
 dereferenced. float32 accumulation throughout; one rounding into out.
-The plan is checked, not trusted: the shrink counts a pair only where the plan lists it in the segment of its
-own adapter topk_ids[t, k]. Pairs that a stale or inconsistent plan (RoutingPlan.empty never updated, one
-built for other ids) misses or files under another adapter are empty slots, never uninitialised memory. The
-fused path reads topk_ids directly and ignores the plan.
+The plan is checked, not trusted: the public ops refuse a plan not built from these topk_ids (molora_ops.plan),
+and below them the shrink counts a pair only where the plan lists it in the segment of its own adapter
+topk_ids[t, k]. Pairs that a stale or inconsistent plan (RoutingPlan.empty never updated, one built for other
+ids) misses or files under another adapter are empty slots, never uninitialised memory. The fused path reads
+topk_ids directly and ignores the plan.
 
 Design (see molora_ops/kernels/routed_lora.py for the kernels):
   * shrink groups (token, slot) pairs by adapter using the plan and runs one tl.dot gather-GEMM per segment
