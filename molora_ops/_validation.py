@@ -104,6 +104,8 @@ def check_shrink(x, lora_a, topk_ids, topk_weights, scaling, *, check_ids: bool 
         )
     if lora_a.shape[0] < 1 or lora_a.shape[1] < 1:
         raise ValueError(f"lora_a must have N >= 1 adapters and rank R >= 1, got {tuple(lora_a.shape)}")
+    if topk_weights is None:
+        raise TypeError("topk_weights must be a [T, K] floating tensor of router probabilities, got None")
     _check_same_device(x=x, lora_a=lora_a, topk_ids=topk_ids, topk_weights=topk_weights)
     _check_routing(topk_ids, topk_weights, x.shape[0], lora_a.shape[0], check_ids)
     check_scaling(scaling, lora_a.shape[0], x.device)

@@ -94,11 +94,7 @@ class ForwardRouting:
         hit = self._moved.get(device)
         if hit is None:
             ids = self.topk_ids.to(device)
-            hit = self._moved[device] = ForwardRouting(
-                ids, self.topk_weights.to(device),
-                RoutingPlan(self.plan.sorted_pairs.to(device), self.plan.seg_offsets.to(device),
-                            self.plan.num_tokens, self.plan.top_k, self.plan.num_adapters),
-            )
+            hit = self._moved[device] = ForwardRouting(ids, self.topk_weights.to(device), self.plan.to(device, ids))
         return hit
 
 

@@ -44,6 +44,7 @@ CASES = [
     (dict(topk_weights=torch.rand(T, K + 1)), ValueError, r"topk_weights must have the shape of topk_ids"),
     (dict(topk_weights=torch.ones(T, K, dtype=torch.long)), TypeError, r"topk_weights must be a floating tensor"),
     (dict(x=[[1.0]]), TypeError, r"x must be a torch.Tensor"),
+    (dict(topk_weights=None), TypeError, r"topk_weights must be a \[T, K\] floating tensor .* got None"),
 ]
 
 
