@@ -23,7 +23,9 @@ Spec forms:
         [B, S, N]               one blend per token; position p of a forward uses row min(p, S - 1), so decode
                                 steps past the given length keep the last row's blend
 Zero weights are dropped before the kernels see them: dense weights become top-k ids with K = the most
-non-zero entries any token has, and -1 (an empty slot, which costs nothing) where a token has fewer.
+non-zero entries any token has, and -1 (an empty slot, which costs nothing) where a token has fewer. So a tensor
+``adapter_weights`` that requires grad gets its gradient through its non-zero entries only: an entry that is
+exactly 0 gets gradient 0 (it cannot be trained up from zero this way; train a router instead).
 
 Positions. A forward's tokens sit at absolute positions past_len .. past_len + S - 1, where past_len is the
 length of the KV cache the forward continues: read from the cache object itself (whatever keyword carries it:
