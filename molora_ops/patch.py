@@ -290,20 +290,25 @@ def _resolve_adapters(adapters) -> dict[str, LoraAdapter]:
     return out
 
 
-def _refuse_tensor_parallel(targets: Mapping[str, nn.Module]) -> None:
-    """Routed LoRA under transformers tensor parallelism is not supported yet: refuse it instead of silently
-    computing the base model (TP sets ``module.forward = tp_forward`` on each instance, which bypasses a class swap,
-    and its weights are DTensors)."""
+def _refuse_instance_forwards(targets: Mapping[str, nn.Module]) -> None:
+    """Refuse modules whose ``forward`` is replaced on the instance, which bypasses the class swap (the patch would
+    silently compute the base model), and sharded (DTensor) weights: transformers tensor parallelism (``tp_plan`` /
+    ``distributed_config``) is not supported yet; accelerate's offload hooks and other wrappers are named as such."""
     for name, mod in targets.items():
         weight = getattr(mod, "weight", None)
-        sharded = "DTensor" in (type(weight).__name__, type(getattr(weight, "data", None)).__name__)
-        if "forward" in mod.__dict__ or sharded:
+        if "DTensor" in (type(weight).__name__, type(getattr(weight, "data", None)).__name__):
             raise NotImplementedError(
-                f"molora_ops.patch: module {name!r} is tensor-parallel (its forward is replaced on the instance"
-                f"{' and its weight is a DTensor' if sharded else ''}, as transformers' tp_plan / distributed_config "
-                "does); routed LoRA under tensor parallelism is not supported yet. Load the model without tensor "
-                "parallelism to patch it"
+                f"molora_ops.patch: module {name!r} is tensor-parallel (its weight is a DTensor, as under "
+                "transformers' tp_plan / distributed_config); routed LoRA under tensor parallelism or other sharding "
+                "is not supported yet. Load the model without tensor parallelism to patch it"
             )
+        if "forward" not in mod.__dict__:
+            continue
+        raise NotImplementedError(
+            f"molora_ops.patch: module {name!r} has its forward replaced on the instance (by accelerate's offload "
+            "hooks, e.g. device_map with CPU/disk offload or cpu_offload, or another wrapper), which would bypass "
+            "the routed LoRA; load the model without offloading (or remove the wrapper) to patch it"
+        )
 
 
 def _hidden_size(root: nn.Module) -> Optional[int]:
@@ -421,7 +426,7 @@ def patch(model, adapters=None, router=None, top_k: int = 2, backend: str = "aut
                     "save_embedding_layers=False if the base weight was not changed)"
                 )
 
-    _refuse_tensor_parallel(targets)
+    _refuse_instance_forwards(targets)
     per_layer = isinstance(router, (list, tuple, nn.ModuleList))
     _check_routers(router if per_layer else [router], names, _hidden_size(root))
     deltas = bias_deltas(root, loaded, names, targets)
