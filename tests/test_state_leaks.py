@@ -13,7 +13,8 @@ by running this file against a worktree of 0e0edce.
 
 Measured per mode after one warm-up cycle (which may fill lazy caches of torch / transformers): the context's length
 and the molora variables in it after 3 and 6 more cycles, and the number of live tensors (``gc.get_objects()``) after 3
-and after 6 cycles, which must not grow with the number of cycles.
+and after 6 cycles, which must not grow with the number of cycles (it may fall: garbage left by earlier tests can be
+freed meanwhile).
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ def test_cycles_leave_no_context_variables_or_tensors(gpt2, lm_head_dirs, mode, 
             )
     left = sorted(set(_molora_vars()) - set(molora))
     assert not left, f"{mode}: molora ContextVars left set in the caller's context: {left}"
-    assert counts[6] == counts[3], (
+    # no growth: the count may fall when garbage from earlier tests (not this model's) is freed during the cycles
+    assert counts[6] <= counts[3], (
         f"{mode}: live tensors grow with patch/unpatch cycles: {counts[3]} after 3 cycles, {counts[6]} after 6 "
         f"({(counts[6] - counts[3]) / 3:+.2f} per cycle)"
     )
