@@ -430,7 +430,7 @@ def patch(model, adapters=None, router=None, top_k: int = 2, backend: str = "aut
     per_layer = isinstance(router, (list, tuple, nn.ModuleList))
     _check_routers(router if per_layer else [router], names, _hidden_size(root))
     deltas = bias_deltas(root, loaded, names, targets)
-    state = PatchState(model, names, backend, router, top_k)
+    state = PatchState(names, backend, router, top_k)
     backbone, blocks, blocks_name = _find_backbone(root, list(targets))
     # Every target must run inside the backbone's forward, or be the output embedding (lm_head) run after it.
     outside: set[str] = set()

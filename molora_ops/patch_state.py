@@ -29,7 +29,7 @@ _ids = itertools.count()
 class PatchState:
     """What :func:`molora_ops.patch` set up on one model (see the module docstring for the context variables)."""
 
-    def __init__(self, model, adapter_names, backend, router, top_k):
+    def __init__(self, adapter_names, backend, router, top_k):
         self.uid = next(_ids)
         self.adapter_names = list(adapter_names)
         self.backend = backend

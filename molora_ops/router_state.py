@@ -34,12 +34,6 @@ class RouterHistory:
     def __init__(self):
         self.entries: dict = {}
 
-    def length(self) -> Optional[int]:
-        """Cached positions the state covers (None when nothing is stored)."""
-        for tensors in self.entries.values():
-            return int(tensors[0].shape[1])
-        return None
-
     def apply(self, fn) -> None:
         """Apply `fn` (tensor [B, L, ...] -> tensor) to every stored tensor."""
         self.entries = {k: tuple(fn(t) for t in v) for k, v in self.entries.items()}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextvars
 import random
+from contextlib import nullcontext
 from typing import Mapping, Optional, Sequence
 
 import torch
@@ -76,10 +77,8 @@ def _features(model, blocks, layer, seqs, batch_size, device):
             for j, s in enumerate(chunk):
                 ids[j, : len(s)] = torch.tensor(s)
                 mask[j, : len(s)] = 1
-            if is_patched(model):
-                with routing(model, adapter_names=["__base__"] * len(chunk)):
-                    model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            else:
+            base_only = routing(model, adapter_names=["__base__"] * len(chunk)) if is_patched(model) else nullcontext()
+            with base_only:
                 model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             h = captured.pop("h").float()
             for j, s in enumerate(chunk):
