@@ -1,0 +1,539 @@
+"""The per-forward routing runtime: one routing decision prepared once and applied by every patched layer.
+
+Semantics are routed_lora's (stated once in molora_ops/reference.py): for e = topk_ids[t, k] != -1,
+    shrink:  h[t, k] = topk_weights[t, k] * lora_a[e] @ x[t]                    (no scaling)
+    expand_: out[t] += sum_k scale[e] * lora_b[e] @ h[t, k, rank_slice]
+    add_:    out[t] += sum_k topk_weights[t, k] * scale[e] * lora_b[e] @ lora_a[e] @ x[t]
+with float32 accumulation (float64 for float64 inputs) rounded once into `out`; empty slots (and ids outside
+[0, N) when validation is off) add nothing, whatever x, the adapters or the slot's weight hold.
+
+A :class:`RoutedBatch` is built once per forward. It validates the routing, resolves the backend and builds the
+routing plan once, and on CPU with the torch backend it picks a strategy and precomputes that strategy's index
+tensors and coefficients. A layer's call then takes one of three paths, chosen per call:
+  * ``ops``: while torch.compile traces, or when autograd must see the call (grad mode on and an input or
+    ``out`` requires grad): the registered ``torch.ops.molora.*`` ops with the plan tensors (differentiable,
+    traceable without graph breaks; under autograd the functional form with ``base=out``, then ``out.copy_``).
+  * ``backend``: eager, no grad, tensors not on CPU (or a non-torch backend): the backend module's device
+    functions (molora_ops/impl) called directly with the prepared plan and scale; no validation, no dispatch,
+    no host sync (the torch backend on a GPU syncs in its own segment listing; use triton or cuda there).
+  * a CPU strategy (eager, no grad, torch backend on CPU), fixed at build:
+      - ``rows``: one adapter per sequence (:meth:`RoutedBatch.for_sequences`): runs of consecutive rows that
+        share an adapter, ``out[rows].addmm_(x[rows] @ A[e].T, B[e].T)``; no gathers, no index_add.
+      - ``per_adapter``: few (adapter, token) pairs: one matmul pair per pair, the routing weight (a host float
+        read once at build) as the second GEMM's alpha.
+      - ``dense``: most adapters active in a small batch: one GEMM over every adapter's A ([N * R, H_in]), a
+        [T, N, 1] coefficient, one GEMM with B laid out [N * R, H_out] (cached per weight tensor).
+      - ``grouped``: otherwise (prefill): tokens gathered in plan order once, one matmul pair per active adapter
+        on contiguous segments, one index_add.
+    The rule is :func:`choose_strategy`; the numbers it comes from are in its docstring.
+
+Low-precision inputs on CPU are computed in float32 from float32 copies of the weights (cached per weight tensor,
+like the dense B layout, and keyed by the tensor's identity, version and data pointer so a changed weight is never
+served stale; inference tensors have no version and are not cached), then rounded once into ``out``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Callable, Optional
+
+import torch
+
+from . import impl as _backends
+from ._validation import _check_routing
+from .plan import RoutingPlan, build_plan
+
+__all__ = ["RoutedBatch", "RankSpace", "choose_strategy"]
+
+Tensor = torch.Tensor
+STRATEGIES = ("rows", "per_adapter", "grouped", "dense")
+
+
+# ------------------------------------------------------------------------------------------- weight cache
+class _DerivedCache:
+    """Values derived from a tensor (a float32 copy, a re-laid-out B, a finiteness flag), keyed by
+    (id(tensor), kind) and served only while the entry's weak reference still points at that tensor with the
+    same version counter and data pointer. Entries go when their tensor is freed."""
+
+    def __init__(self) -> None:
+        self._entries: dict = {}
+
+    def get(self, t: Tensor, kind: str, make: Callable[[], object]):
+        if t.is_inference():  # no version counter: an in-place change could not be seen
+            return make()
+        key = (id(t), kind)
+        entry = self._entries.get(key)
+        stamp = (t._version, t.data_ptr())
+        if entry is not None and entry[0]() is t and entry[1] == stamp:
+            return entry[2]
+        value = make()
+        self._entries[key] = (weakref.ref(t, lambda _, k=key: self._entries.pop(k, None)), stamp, value)
+        return value
+
+
+_CACHE = _DerivedCache()
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in `dtype`, the cast cached per tensor (weights are cast once, not per call)."""
+    if t.dtype == dtype:
+        return t
+    return _CACHE.get(t, f"as-{dtype}", lambda: t.to(dtype))
+
+
+def _all_finite(t: Tensor) -> bool:
+    return _CACHE.get(t, "finite", lambda: bool(torch.isfinite(t).all()))
+
+
+def _host_list(t: Tensor) -> list:
+    return _CACHE.get(t, "list", t.tolist)
+
+
+def _grad_needed(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+
+
+def _check_out_for_autograd(out: Tensor) -> None:
+    if out.requires_grad and out.is_leaf:
+        raise ValueError(
+            "out is a leaf tensor that requires grad, and autograd cannot record an in-place add into it; "
+            "write into a non-leaf (e.g. the output of the base layer)"
+        )
+
+
+def _as_slice(rank_slice) -> Optional[slice]:
+    if rank_slice is None or isinstance(rank_slice, slice):
+        return rank_slice
+    start, stop = rank_slice
+    return slice(start, stop)
+
+
+# -------------------------------------------------------------------------------------- the rank space
+class RankSpace:
+    """The opaque result of :meth:`RoutedBatch.shrink`, consumed by :meth:`RoutedBatch.expand_`.
+
+    layout: "ops" ([T, K, R] float32 from the registered shrink op), "backend" (the same, from a backend module)
+    or a CPU strategy name (that strategy's own layout). x and lora_a are kept so that an expand which must be
+    differentiable can recompute an "ops" h from a fast-path one.
+    """
+
+    __slots__ = ("layout", "data", "x", "lora_a")
+
+    def __init__(self, layout: str, data, x: Tensor, lora_a: Tensor) -> None:
+        self.layout, self.data, self.x, self.lora_a = layout, data, x, lora_a
+
+
+# ------------------------------------------------------------------------------------------ CPU strategies
+# Each strategy works in the compute dtype cd (float32, float64 for float64 inputs): x, A and B arrive in cd and
+# `acc` is the [T, H_out] cd tensor to add into (out itself when out.dtype == cd). `alphas` is a host list of
+# per-adapter scales, `scale` the same as a [N] cd tensor (None = 1).
+class _Rows:
+    """Runs (e, start, stop) of consecutive rows that all use adapter e with weight 1."""
+
+    def __init__(self, runs: list, num_tokens: int):
+        self.runs = runs
+        self.whole = len(runs) == 1 and runs[0][1] == 0 and runs[0][2] == num_tokens
+
+    def shrink(self, x, a):
+        if self.whole:
+            return x @ a[self.runs[0][0]].t()
+        h = x.new_empty(x.shape[0], a.shape[1])
+        for e, lo, hi in self.runs:
+            torch.mm(x[lo:hi], a[e].t(), out=h[lo:hi])
+        return h
+
+    def expand_(self, h, b, acc, alphas, scale):
+        del scale
+        if self.whole:
+            e = self.runs[0][0]
+            acc.addmm_(h, b[e].t(), alpha=alphas[e] if alphas else 1.0)
+            return
+        for e, lo, hi in self.runs:
+            acc[lo:hi].addmm_(h[lo:hi], b[e].t(), alpha=alphas[e] if alphas else 1.0)
+
+    def add_(self, x, a, b, acc, alphas, scale):
+        del scale
+        if self.whole:
+            e = self.runs[0][0]
+            acc.addmm_(x @ a[e].t(), b[e].t(), alpha=alphas[e] if alphas else 1.0)
+            return
+        for e, lo, hi in self.runs:
+            acc[lo:hi].addmm_(x[lo:hi] @ a[e].t(), b[e].t(), alpha=alphas[e] if alphas else 1.0)
+
+
+class _PerAdapter:
+    """Pairs (e, t, c): token t uses adapter e with coefficient c (a host float; duplicate slots summed)."""
+
+    def __init__(self, pairs: list):
+        self.pairs = pairs
+
+    def shrink(self, x, a):
+        h = x.new_empty(len(self.pairs), a.shape[1])
+        for i, (e, t, _) in enumerate(self.pairs):
+            torch.mm(x[t : t + 1], a[e].t(), out=h[i : i + 1])
+        return h
+
+    def expand_(self, h, b, acc, alphas, scale):
+        del scale
+        for i, (e, t, c) in enumerate(self.pairs):
+            acc[t : t + 1].addmm_(h[i : i + 1], b[e].t(), alpha=c * alphas[e] if alphas else c)
+
+    def add_(self, x, a, b, acc, alphas, scale):
+        del scale
+        for e, t, c in self.pairs:
+            acc[t : t + 1].addmm_(x[t : t + 1] @ a[e].t(), b[e].t(), alpha=c * alphas[e] if alphas else c)
+
+
+class _Grouped:
+    """Routed pairs in plan order: tokens [P] int64, coefficients [P, 1] and segments (e, lo, hi)."""
+
+    def __init__(self, tokens: Tensor, coef: Tensor, segments: list):
+        self.tokens, self.coef, self.segments = tokens, coef, segments
+
+    def shrink(self, x, a):
+        xg = x.index_select(0, self.tokens)
+        h = xg.new_empty(xg.shape[0], a.shape[1])
+        for e, lo, hi in self.segments:
+            torch.mm(xg[lo:hi], a[e].t(), out=h[lo:hi])
+        return h.mul_(self.coef)
+
+    def expand_(self, h, b, acc, alphas, scale):
+        del scale
+        y = h.new_empty(h.shape[0], b.shape[1])
+        for e, lo, hi in self.segments:
+            if alphas:
+                torch.addmm(y[lo:hi], h[lo:hi], b[e].t(), beta=0, alpha=alphas[e], out=y[lo:hi])
+            else:
+                torch.mm(h[lo:hi], b[e].t(), out=y[lo:hi])
+        acc.index_add_(0, self.tokens, y)
+
+    def add_(self, x, a, b, acc, alphas, scale):
+        self.expand_(self.shrink(x, a), b, acc, alphas, scale)
+
+
+def _flat_b(b: Tensor) -> Tensor:
+    """lora_b [N, H_out, R] laid out [N * R, H_out] (contiguous), cached per weight tensor."""
+    return _CACHE.get(b, "flat", lambda: b.transpose(1, 2).reshape(-1, b.shape[1]).contiguous())
+
+
+class _Dense:
+    """Every adapter computed for every token, weighted by coef [T, N, 1] (0 where e is not among t's slots).
+
+    routed [T, N, 1] bool marks the (token, adapter) pairs that are routed; `select` (some token has no routed slot)
+    makes the shrink select instead of multiply, so a non-finite x row or A of an unrouted pair adds nothing. A
+    non-finite B takes the per-adapter fallback in expand_ (0 * NaN in the GEMM would reach every token)."""
+
+    def __init__(self, coef: Tensor, routed: Tensor, select: bool):
+        self.coef, self.routed, self.select = coef, routed, select
+        self._fallback = None
+
+    def shrink(self, x, a):
+        n, r = a.shape[0], a.shape[1]
+        h = (x @ a.reshape(n * r, -1).t()).view(x.shape[0], n, r)
+        if self.select or not _all_finite(a):
+            return torch.where(self.routed, h * self.coef, torch.zeros((), dtype=h.dtype))
+        return h.mul_(self.coef)
+
+    def expand_(self, h, b, acc, alphas, scale):
+        if scale is not None:
+            h = h * scale.view(1, -1, 1)
+        if _all_finite(b):
+            acc.addmm_(h.reshape(h.shape[0], h.shape[1] * h.shape[2]), _flat_b(b))
+            return
+        for e, rows in self._rows_per_adapter():
+            acc.index_add_(0, rows, h[rows, e] @ b[e].t())
+
+    def add_(self, x, a, b, acc, alphas, scale):
+        self.expand_(self.shrink(x, a), b, acc, alphas, scale)
+
+    def _rows_per_adapter(self) -> list:
+        if self._fallback is None:
+            routed = self.routed[:, :, 0]
+            self._fallback = [(e, routed[:, e].nonzero()[:, 0]) for e in range(routed.shape[1]) if routed[:, e].any()]
+        return self._fallback
+
+
+def choose_strategy(num_tokens: int, top_k: int, num_adapters: int, num_active: int, num_pairs: int) -> str:
+    """The CPU strategy for per-token top-k routing (for_sequences always uses "rows").
+
+    num_pairs: distinct routed (token, adapter) pairs; num_active: adapters with at least one.
+    """
+    del top_k
+    if num_pairs <= 4:
+        return "per_adapter"
+    if num_tokens <= 32 and num_active * 2 >= num_adapters:
+        return "dense"
+    return "grouped"
+
+
+# ------------------------------------------------------------------------------------------- the batch
+class RoutedBatch:
+    """The routing of one forward, prepared once and shared by every patched layer (see the module docstring).
+
+    Attributes: num_tokens (T), top_k (K), num_adapters (N), backend (resolved name), strategy ("ops" when
+    built while compiling, "backend" off the CPU torch path, else one of STRATEGIES), topk_ids [T, K],
+    topk_weights [T, K], plan (a RoutingPlan).
+    """
+
+    def __init__(self, topk_ids, topk_weights, num_adapters, backend, requested, plan, strategy, seq, runs):
+        self.topk_ids, self.topk_weights, self.plan = topk_ids, topk_weights, plan
+        self.num_tokens, self.top_k = topk_ids.shape[0], topk_ids.shape[1]
+        self.num_adapters, self.backend, self.strategy = num_adapters, backend, strategy
+        self._requested, self._seq, self._runs = requested, seq, runs
+        self._ones = torch.ones(num_adapters, dtype=torch.float32, device=topk_ids.device)
+        ids = topk_ids.long()
+        self._slot_valid = ((ids >= 0) & (ids < num_adapters)).unsqueeze(2)  # [T, K, 1]
+        self._slot_ids = torch.where(self._slot_valid[:, :, 0], ids, 0)  # [T, K], 0 in empty slots
+        self._prepared: dict = {}
+        self._moved: dict = {}
+        if strategy in STRATEGIES:
+            self._prepared[torch.float32] = self._prepare(torch.float32)
+
+    # ------------------------------------------------------------------------------------- construction
+    @classmethod
+    def build(cls, topk_ids, topk_weights, num_adapters, *, backend="auto", validate=True) -> "RoutedBatch":
+        """Prepare per-token top-k routing: topk_ids [T, K] int (-1 = empty slot), topk_weights [T, K] float (may
+        require grad). `validate` checks the id values (a host sync on a GPU; skipped while compiling or
+        capturing); shapes, dtypes and devices are always checked."""
+        if not isinstance(num_adapters, int) or num_adapters < 1:
+            raise ValueError(f"num_adapters must be a positive int, got {num_adapters!r}")
+        if topk_weights is None:
+            raise TypeError("topk_weights must be a [T, K] floating tensor of router probabilities, got None")
+        _check_routing(topk_ids, topk_weights, topk_ids.shape[0] if isinstance(topk_ids, Tensor) else -1,
+                       num_adapters, _can_read_ids(validate, topk_ids))
+        if topk_weights.device != topk_ids.device:
+            raise ValueError(f"topk_weights is on {topk_weights.device} but topk_ids is on {topk_ids.device}")
+        return cls._make(topk_ids, topk_weights, num_adapters, backend, None, None)
+
+    @classmethod
+    def for_sequences(cls, seq_ids, seq_len, num_adapters, *, backend="auto") -> "RoutedBatch":
+        """One adapter per sequence: seq_ids [B] int (-1 = base model), every token of row b uses seq_ids[b] with
+        weight 1; tokens are batch-major (T = B * seq_len)."""
+        if not isinstance(seq_ids, Tensor) or seq_ids.dim() != 1 or seq_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"seq_ids must be a 1-D int32 or int64 tensor, got {getattr(seq_ids, 'shape', seq_ids)}")
+        if not isinstance(seq_len, int) or seq_len < 0:
+            raise ValueError(f"seq_len must be a non-negative int, got {seq_len!r}")
+        if not isinstance(num_adapters, int) or num_adapters < 1:
+            raise ValueError(f"num_adapters must be a positive int, got {num_adapters!r}")
+        topk_ids = seq_ids.repeat_interleave(seq_len).unsqueeze(1)
+        topk_weights = torch.ones(topk_ids.shape, dtype=torch.float32, device=seq_ids.device)
+        _check_routing(topk_ids, topk_weights, topk_ids.shape[0], num_adapters, _can_read_ids(True, seq_ids))
+        return cls._make(topk_ids, topk_weights, num_adapters, backend, seq_ids, seq_len)
+
+    @classmethod
+    def _make(cls, topk_ids, topk_weights, num_adapters, requested, seq_ids, seq_len, plan=None) -> "RoutedBatch":
+        name = _backends.resolve(requested, topk_ids.device)
+        plan = build_plan(topk_ids, num_adapters) if plan is None else plan
+        runs = None
+        if torch.compiler.is_compiling():
+            strategy = "ops"
+        elif name != "torch" or topk_ids.device.type != "cpu":
+            strategy = "backend"
+        elif seq_ids is not None:
+            strategy, runs = "rows", _runs(seq_ids.tolist(), seq_len, num_adapters)
+        else:
+            counts = (plan.seg_offsets[1:] - plan.seg_offsets[:-1]).tolist()
+            pairs = _distinct_pairs(topk_ids, num_adapters)
+            strategy = choose_strategy(topk_ids.shape[0], topk_ids.shape[1], num_adapters,
+                                       sum(c > 0 for c in counts), pairs)
+        return cls(topk_ids, topk_weights, num_adapters, name, requested, plan, strategy, (seq_ids, seq_len), runs)
+
+    def to(self, device) -> "RoutedBatch":
+        """The same routing on `device` (a model split across devices); cached per device."""
+        device = torch.device(device)
+        if device == self.topk_ids.device:
+            return self
+        moved = self._moved.get(device)
+        if moved is None:
+            ids = self.topk_ids.to(device)
+            plan = self.plan.to(device, ids)
+            seq_ids, seq_len = self._seq
+            moved = RoutedBatch._make(ids, self.topk_weights.to(device), self.num_adapters, self._requested,
+                                      None if seq_ids is None else seq_ids.to(device), seq_len, plan)
+            self._moved[device] = moved
+        return moved
+
+    def _prepare(self, cd: torch.dtype):
+        """The CPU strategy's index tensors and coefficients in compute dtype cd (built once per dtype)."""
+        with torch.no_grad():
+            if self.strategy == "rows":
+                return _Rows(self._runs, self.num_tokens)
+            ids = self.topk_ids.long()
+            valid = (ids >= 0) & (ids < self.num_adapters)
+            w = torch.where(valid, self.topk_weights.detach().to(cd), torch.zeros((), dtype=cd))
+            if self.strategy == "per_adapter":
+                return _PerAdapter(_merged_pairs(ids, valid, w))
+            if self.strategy == "dense":
+                coef = torch.zeros(self.num_tokens, self.num_adapters, dtype=cd)
+                coef.scatter_add_(1, torch.where(valid, ids, 0), w)
+                hits = torch.zeros(self.num_tokens, self.num_adapters, dtype=torch.int32)
+                routed = hits.scatter_add_(1, torch.where(valid, ids, 0), valid.int()) > 0
+                select = bool((~valid.any(1)).any())
+                return _Dense(coef.unsqueeze(2), routed.unsqueeze(2), select)
+            offsets = self.plan.seg_offsets.tolist()
+            pairs = self.plan.sorted_pairs[: offsets[-1]].long()
+            segments = [(e, offsets[e], offsets[e + 1]) for e in range(self.num_adapters) if offsets[e + 1] > offsets[e]]
+            return _Grouped(pairs // self.top_k, w.reshape(-1)[pairs].unsqueeze(1), segments)
+
+    def _strategy(self, cd: torch.dtype):
+        prepared = self._prepared.get(cd)
+        if prepared is None:
+            prepared = self._prepared[cd] = self._prepare(cd)
+        return prepared
+
+    # ------------------------------------------------------------------------------------------ per layer
+    def _fast(self, *tensors) -> bool:
+        """Whether this call may skip the registered ops: eager and nothing needs a gradient."""
+        return not torch.compiler.is_compiling() and self.strategy != "ops" and not _grad_needed(
+            self.topk_weights, *tensors
+        )
+
+    def _scale(self, scale: Optional[Tensor]) -> Tensor:
+        return self._ones if scale is None else scale
+
+    def shrink(self, x: Tensor, lora_a: Tensor) -> RankSpace:
+        """x [T, H_in], lora_a [N, R, H_in] -> the rank-space value h[t, k] = topk_weights[t, k] * lora_a[e] @ x[t]
+        (no scaling), an opaque RankSpace for :meth:`expand_`."""
+        if not self._fast(x, lora_a):
+            return RankSpace("ops", self._ops_shrink(x, lora_a), x, lora_a)
+        if self.strategy == "backend":
+            h = _backends.get(self.backend).shrink(x, lora_a, self.topk_ids, self.topk_weights, self._ones, self.plan)
+            return RankSpace("backend", h, x, lora_a)
+        cd = _compute_dtype(x)
+        return RankSpace(self.strategy, self._strategy(cd).shrink(x.to(cd), _as(lora_a, cd)), x, lora_a)
+
+    def expand_(self, h: RankSpace, lora_b: Tensor, out: Tensor, *, rank_slice=None, scale=None) -> Tensor:
+        """out [T, H_out] += sum_k scale[e] * lora_b[e] @ h[t, k, rank_slice]; lora_b [N, H_out, R_i] with R_i the
+        length of rank_slice (a slice or (start, stop); None = all of R); scale None | [N] float tensor.
+        Returns out."""
+        rank_slice = _as_slice(rank_slice)
+        if not self._fast(h.x, h.lora_a, lora_b, out, scale) or h.layout == "ops":
+            return self._ops_expand_(h, lora_b, out, rank_slice, scale)
+        if h.layout == "backend":
+            hs = h.data if rank_slice is None else h.data[:, :, rank_slice].contiguous()
+            if scale is not None:
+                hs = hs * self._slot_scale(scale, hs.dtype)
+            _backends.get(self.backend).expand(hs, lora_b, self.topk_ids, self.plan, out, True)
+            return out
+        cd = _compute_dtype(h.x)
+        data = h.data if rank_slice is None else h.data[..., rank_slice]
+        return self._cpu_apply(out, cd, scale, lambda s, acc, al, sc: s.expand_(data, _as(lora_b, cd), acc, al, sc))
+
+    def add_(self, x: Tensor, lora_a: Tensor, lora_b: Tensor, out: Tensor, *, scale=None) -> Tensor:
+        """out [T, H_out] += the routed_lora delta of x [T, H_in] through lora_a [N, R, H_in] and lora_b
+        [N, H_out, R]; scale None | [N] float32 tensor. Returns out."""
+        if not self._fast(x, lora_a, lora_b, out, scale):
+            return self._ops_add_(x, lora_a, lora_b, out, scale)
+        if self.strategy == "backend":
+            _backends.get(self.backend).routed_lora(
+                x, lora_a, lora_b, self.topk_ids, self.topk_weights, self._scale(scale), self.plan, out, True
+            )
+            return out
+        cd = _compute_dtype(x)
+        xc, a, b = x.to(cd), _as(lora_a, cd), _as(lora_b, cd)
+        return self._cpu_apply(out, cd, scale, lambda s, acc, al, sc: s.add_(xc, a, b, acc, al, sc))
+
+    def _cpu_apply(self, out: Tensor, cd, scale, run) -> Tensor:
+        """Run a CPU strategy into out (directly when out is in cd, else into a cd buffer rounded once)."""
+        alphas = None if scale is None else _host_list(scale)
+        scale_cd = None if scale is None else _as(scale, cd)
+        strategy = self._strategy(cd)
+        if out.dtype == cd:
+            run(strategy, out, alphas, scale_cd)
+            return out
+        acc = torch.zeros(out.shape, dtype=cd)
+        run(strategy, acc, alphas, scale_cd)
+        return out.add_(acc)
+
+    # --------------------------------------------------------------------------- registered ops (compile, grad)
+    def _ops_shrink(self, x, lora_a):
+        ones = self._ones.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        return torch.ops.molora.shrink(x, lora_a, self.topk_ids, self.topk_weights, ones,
+                                       self.plan.sorted_pairs, self.plan.seg_offsets, self.backend)
+
+    def _slot_scale(self, scale: Tensor, dtype: torch.dtype) -> Tensor:
+        """scale[e] per slot as [T, K, 1] of `dtype` (0 in empty slots); cast first, so its gradient sums in dtype."""
+        scale = scale.to(dtype)
+        zero = torch.zeros((), dtype=scale.dtype, device=scale.device)
+        return torch.where(self._slot_valid, scale[self._slot_ids].unsqueeze(2), zero)
+
+    def _ops_expand_(self, h: RankSpace, lora_b, out, rank_slice, scale):
+        data = h.data if h.layout in ("ops", "backend") else self._ops_shrink(h.x, h.lora_a)
+        if rank_slice is not None:
+            data = data[:, :, rank_slice]
+        if scale is not None:
+            data = data * self._slot_scale(scale, data.dtype)
+        args = (data.contiguous(), lora_b, self.topk_ids, self.plan.sorted_pairs, self.plan.seg_offsets, self.backend)
+        if _grad_needed(data, lora_b, out):
+            _check_out_for_autograd(out)
+            return out.copy_(torch.ops.molora.expand(*args, out))
+        torch.ops.molora.expand_(out, *args)
+        return out
+
+    def _ops_add_(self, x, lora_a, lora_b, out, scale):
+        scale = self._scale(scale)
+        if x.dtype == torch.float64:
+            scale = scale.to(torch.float64)
+        args = (x, lora_a, lora_b, self.topk_ids, self.topk_weights, scale, self.plan.sorted_pairs,
+                self.plan.seg_offsets, self.backend)
+        if _grad_needed(x, lora_a, lora_b, out, self.topk_weights, scale):
+            _check_out_for_autograd(out)
+            return out.copy_(torch.ops.molora.routed_lora(*args, out))
+        torch.ops.molora.routed_lora_(out, *args)
+        return out
+
+    def _with_strategy(self, strategy: str) -> "RoutedBatch":
+        """This routing with the CPU strategy forced (tests and benchmarks); "rows" needs a for_sequences batch."""
+        if strategy not in STRATEGIES or (strategy == "rows" and self._runs is None):
+            raise ValueError(f"cannot force strategy {strategy!r} on {self!r}")
+        return RoutedBatch(self.topk_ids, self.topk_weights, self.num_adapters, self.backend, self._requested,
+                           self.plan, strategy, self._seq, self._runs)
+
+    def __repr__(self) -> str:
+        return (f"RoutedBatch(T={self.num_tokens}, K={self.top_k}, N={self.num_adapters}, backend={self.backend!r}, "
+                f"strategy={self.strategy!r})")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _can_read_ids(validate: bool, t) -> bool:
+    """Reading ids is a host sync on a GPU and impossible while tracing or capturing: skip it there."""
+    if not validate or torch.compiler.is_compiling():
+        return False
+    return not (isinstance(t, Tensor) and t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def _runs(seq_ids: list, seq_len: int, num_adapters: int) -> list:
+    """(e, start row, stop row) for each maximal run of consecutive sequences routed to one adapter e."""
+    runs = []
+    for b, e in enumerate(seq_ids):
+        if not 0 <= e < num_adapters or seq_len == 0:
+            continue
+        lo = b * seq_len
+        if runs and runs[-1][0] == e and runs[-1][2] == lo:
+            runs[-1] = (e, runs[-1][1], lo + seq_len)
+        else:
+            runs.append((e, lo, lo + seq_len))
+    return runs
+
+
+def _distinct_pairs(topk_ids: Tensor, num_adapters: int) -> int:
+    ids = topk_ids.long()
+    valid = (ids >= 0) & (ids < num_adapters)
+    if ids.numel() == 0:
+        return 0
+    key = torch.where(valid, torch.arange(ids.shape[0]).unsqueeze(1) * num_adapters + ids, -1)
+    return int(torch.unique(key).numel() - (~valid).any().int())
+
+
+def _merged_pairs(ids: Tensor, valid: Tensor, w: Tensor) -> list:
+    """[(e, t, coefficient)] with a token's duplicate slots of one adapter summed, in (t, e) order."""
+    merged: dict = {}
+    for t, (row_ids, row_valid, row_w) in enumerate(zip(ids.tolist(), valid.tolist(), w.tolist())):
+        for e, ok, c in zip(row_ids, row_valid, row_w):
+            if ok:
+                merged[(t, e)] = merged.get((t, e), 0.0) + c
+    return [(e, t, c) for (t, e), c in sorted(merged.items())]

@@ -1,0 +1,375 @@
+"""RoutedBatch (molora_ops/runtime.py) against molora_ops.reference: every CPU strategy, the backend path, the
+registered-op path (autograd, torch.compile), sibling groups through one shrink with rank slices, non-finite
+isolation, the weight cache and the decision rule."""
+
+import pytest
+import torch
+
+import molora_ops as mo
+from molora_ops import reference
+from molora_ops.runtime import STRATEGIES, RoutedBatch, choose_strategy
+
+from _utils import TOLERANCE, assert_close, assert_parity, make_problem, naive_lowp
+
+TOPK_STRATEGIES = ("per_adapter", "grouped", "dense")
+# (T, K, N, R, H_in, H_out): T = 0 and 1, odd sizes, K from 1 to 3.
+SHAPES_SMOKE = (
+    (0, 2, 3, 4, 9, 5),
+    (1, 1, 5, 3, 7, 6),
+    (1, 3, 4, 5, 33, 17),
+    (3, 2, 8, 4, 19, 23),
+    (7, 3, 6, 5, 123, 31),
+    (64, 2, 8, 16, 64, 48),
+    (133, 2, 7, 6, 41, 29),
+)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _shape_id(shape):
+    return "T{}K{}N{}R{}_{}x{}".format(*shape)
+
+
+def _problem(shape, dtype):
+    """Random routing with, where T and K allow, an empty slot, a duplicate adapter in one token's slots, and
+    always an adapter (N - 1) with no tokens."""
+    T, K, N = shape[:3]
+    p = make_problem(*shape, dtype, empty_frac=0.2, duplicate_frac=0.3)
+    ids = p.topk_ids
+    ids[ids == N - 1] = N - 2
+    if T and K > 1:
+        ids[0, 1] = ids[0, 0]
+    if T > 1:
+        ids[-1, -1] = -1
+    return p
+
+
+def _expected(p, base):
+    """(exact float64 answer of out = base + delta, the same in plain low precision) for the tolerance rule."""
+    exact = base.double() + p.exact()
+    lowp = base + naive_lowp(p)
+    return exact, lowp
+
+
+def _batch(p, strategy):
+    batch = RoutedBatch.build(p.topk_ids, p.topk_weights, p.lora_a.shape[0], backend="torch")
+    return batch if strategy is None else batch._with_strategy(strategy)
+
+
+def _siblings(p):
+    """A sibling group: p's adapter plus a second member (rank 3), sharing one shrink over the concatenated A."""
+    n, _, h_in = p.lora_a.shape
+    a2 = (torch.randn(n, 3, h_in) / h_in**0.5).to(p.x.dtype)
+    b2 = (torch.randn(n, 11, 3) / 3**0.5).to(p.x.dtype)
+    return torch.cat([p.lora_a, a2], dim=1), a2, b2
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("strategy", (None,) + TOPK_STRATEGIES)
+@pytest.mark.parametrize("shape", SHAPES_SMOKE, ids=_shape_id)
+def test_add_matches_reference(shape, strategy, dtype):
+    p = _problem(shape, dtype)
+    base = torch.randn(shape[0], shape[5]).to(dtype)
+    batch = _batch(p, strategy)
+    with torch.no_grad():
+        got = batch.add_(p.x, p.lora_a, p.lora_b, base.clone(), scale=p.scaling)
+    assert_parity(got, *_expected(p, base), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("strategy", (None,) + TOPK_STRATEGIES)
+@pytest.mark.parametrize("shape", SHAPES_SMOKE, ids=_shape_id)
+def test_shared_shrink_with_rank_slices(shape, strategy, dtype):
+    """One shrink over [A | A2]; each member expands its own rank slice with its own B and scale into its own out."""
+    p = _problem(shape, dtype)
+    a_cat, a2, b2 = _siblings(p)
+    scale2 = torch.rand(p.lora_a.shape[0]) + 0.5
+    batch = _batch(p, strategy)
+    out1, out2 = torch.randn(shape[0], shape[5]).to(dtype), torch.randn(shape[0], 11).to(dtype)
+    r = p.lora_a.shape[1]
+    with torch.no_grad():
+        h = batch.shrink(p.x, a_cat)
+        got1 = batch.expand_(h, p.lora_b, out1.clone(), rank_slice=slice(0, r), scale=p.scaling)
+        got2 = batch.expand_(h, b2, out2.clone(), rank_slice=(r, r + 3), scale=scale2)
+    assert_parity(got1, *_expected(p, out1), dtype, name="member 1")
+    p2 = type(p)(p.x, a2, b2, p.topk_ids, p.topk_weights, scale2)
+    assert_parity(got2, *_expected(p2, out2), dtype, name="member 2")
+
+
+@pytest.mark.parametrize("strategy", (None,) + TOPK_STRATEGIES)
+def test_shrink_expand_without_slice_or_scale(strategy):
+    p = _problem((9, 2, 5, 4, 21, 13), torch.float32)
+    batch = _batch(p, strategy)
+    out = torch.randn(9, 13)
+    with torch.no_grad():
+        got = batch.expand_(batch.shrink(p.x, p.lora_a), p.lora_b, out.clone())
+    expected = reference.routed_lora(p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights, out=out.clone())
+    assert_close(got, expected, **TOLERANCE[torch.float32])
+
+
+def test_float64_is_exact():
+    p = _problem((13, 3, 6, 5, 17, 9), torch.float64)
+    for strategy in TOPK_STRATEGIES:
+        out = torch.randn(13, 9, dtype=torch.float64)
+        with torch.no_grad():
+            got = _batch(p, strategy).add_(p.x, p.lora_a, p.lora_b, out.clone(), scale=p.scaling.double())
+        assert_close(got, out + p.exact(), atol=1e-12, rtol=1e-12, name=strategy)
+
+
+# ------------------------------------------------------------------------------------------ per sequence
+SEQ_CASES = (  # (seq_ids, seq_len)
+    ([2, 2, -1, 0, 0, 0, 3], 5),  # runs merged, a base sequence between them
+    ([-1, -1], 4),  # everything base
+    ([1], 1),  # decode batch 1
+    ([0, 3, 3, 1, 2, 0, 1, 4], 1),  # decode batch 8
+    ([4, 4, 4], 7),  # one run over the whole batch
+    ([1, 2], 0),  # T = 0
+)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", SEQ_CASES, ids=lambda c: f"{c[0]}x{c[1]}")
+def test_for_sequences_rows(case, dtype):
+    seq, seq_len = case
+    n, r, h_in, h_out = 5, 4, 37, 19
+    seq_ids = torch.tensor(seq)
+    batch = RoutedBatch.for_sequences(seq_ids, seq_len, n, backend="torch")
+    assert batch.strategy == "rows" and batch.num_tokens == len(seq) * seq_len and batch.top_k == 1
+    ids = seq_ids.repeat_interleave(seq_len)[:, None]
+    p = make_problem(ids.shape[0], 1, n, r, h_in, h_out, dtype)
+    p.topk_ids, p.topk_weights = ids, torch.ones(ids.shape)
+    base = torch.randn(ids.shape[0], h_out).to(dtype)
+    a_cat, a2, b2 = _siblings(p)
+    with torch.no_grad():
+        got = batch.add_(p.x, p.lora_a, p.lora_b, base.clone(), scale=p.scaling)
+        h = batch.shrink(p.x, a_cat)
+        got_split = batch.expand_(h, p.lora_b, base.clone(), rank_slice=slice(0, r), scale=p.scaling)
+    assert_parity(got, *_expected(p, base), dtype)
+    assert_parity(got_split, *_expected(p, base), dtype, name="shrink + expand_")
+
+
+def test_for_sequences_other_strategies_agree():
+    seq_ids = torch.tensor([3, -1, 3, 0])
+    batch = RoutedBatch.for_sequences(seq_ids, 6, 4, backend="torch")
+    p = make_problem(24, 1, 4, 5, 29, 13, torch.float32)
+    base = torch.randn(24, 13)
+    with torch.no_grad():
+        results = [batch._with_strategy(s).add_(p.x, p.lora_a, p.lora_b, base.clone()) for s in STRATEGIES]
+    for got in results[1:]:
+        assert_close(got, results[0], **TOLERANCE[torch.float32])
+
+
+# ------------------------------------------------------------------------------------- non-finite inputs
+@pytest.mark.parametrize("strategy", (None,) + TOPK_STRATEGIES)
+def test_non_finite_values_reach_only_their_own_tokens(strategy):
+    """NaN x in a token with only empty slots, a NaN weight in an empty slot, and an adapter whose A and B hold
+    NaN/Inf that some tokens do not use: every other element equals the reference."""
+    T, K, N = 12, 2, 5
+    p = _problem((T, K, N, 4, 15, 9), torch.float32)
+    ids = p.topk_ids
+    ids[0] = -1
+    p.x[0, 3] = float("nan")
+    ids[1, 1] = -1
+    p.topk_weights[1, 1] = float("nan")
+    ids[2:6, 0] = 1
+    ids[6:, :] = torch.where(ids[6:, :] == 1, 2, ids[6:, :])  # adapter 1 only in tokens 2..5
+    p.lora_a[1, 0, 0] = float("nan")
+    p.lora_b[1, 2, 1] = float("inf")
+    base = torch.randn(T, 9)
+    expected = reference.routed_lora(p.x, p.lora_a, p.lora_b, ids, p.topk_weights, scaling=p.scaling, out=base.clone())
+    batch = _batch(p, strategy)
+    with torch.no_grad():
+        got = batch.add_(p.x, p.lora_a, p.lora_b, base.clone(), scale=p.scaling)
+        got_split = batch.expand_(batch.shrink(p.x, p.lora_a), p.lora_b, base.clone(), scale=p.scaling)
+    for g in (got, got_split):
+        assert torch.equal(g[0], base[0])
+        assert torch.isnan(g[2:6]).any()
+        keep = torch.ones(T, dtype=torch.bool)
+        keep[2:6] = False
+        assert_close(g[keep], expected[keep], **TOLERANCE[torch.float32])
+
+
+# ------------------------------------------------------------------------------ the hot path and the cache
+def _profiled_ops(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize("strategy", (None,) + TOPK_STRATEGIES)
+def test_no_grad_path_skips_the_registered_ops(strategy):
+    p = _problem((16, 2, 6, 4, 24, 12), torch.float32)
+    batch = _batch(p, strategy)
+    out = torch.randn(16, 12)
+    with torch.no_grad():
+        names = _profiled_ops(lambda: batch.add_(p.x, p.lora_a, p.lora_b, out))
+    assert not any(n.startswith("molora::") for n in names), sorted(names)
+    x = p.x.clone().requires_grad_()
+    names = _profiled_ops(lambda: batch.add_(x, p.lora_a, p.lora_b, out.clone()))
+    assert "molora::routed_lora" in names
+
+
+def test_changed_weights_are_not_served_stale():
+    """The cached float32 copies and the dense B layout follow in-place changes of the weights."""
+    for dtype in (torch.float32, torch.bfloat16):
+        p = _problem((8, 2, 4, 4, 16, 10), dtype)
+        batch = _batch(p, "dense")
+        out = torch.zeros(8, 10, dtype=dtype)
+        with torch.no_grad():
+            first = batch.add_(p.x, p.lora_a, p.lora_b, out.clone(), scale=p.scaling)
+            p.lora_b.mul_(2)
+            p.lora_a.mul_(-1)
+            second = batch.add_(p.x, p.lora_a, p.lora_b, out.clone(), scale=p.scaling)
+        assert_close(second.float(), -2 * first.float(), atol=2 * TOLERANCE[dtype]["atol"], rtol=TOLERANCE[dtype]["rtol"])
+
+
+# ---------------------------------------------------------------------------------------------- autograd
+def _leaf(t):
+    return t.detach().clone().requires_grad_()
+
+
+@pytest.mark.parametrize("split", (False, True), ids=("add_", "shrink_expand_"))
+def test_gradients_match_reference(split):
+    p = _problem((11, 2, 5, 4, 13, 7), torch.float64)
+    leaves = [_leaf(t) for t in (p.x, p.lora_a, p.lora_b, p.topk_weights, p.scaling)]
+    x, a, b, w, s = leaves
+    grad_out = torch.randn(11, 7, dtype=torch.float64)
+    batch = RoutedBatch.build(p.topk_ids, w, 5)
+    base = torch.randn(11, 7, dtype=torch.float64, requires_grad=True)
+    out = base * 1.0  # a non-leaf, like a base layer's output
+    if split:
+        batch.expand_(batch.shrink(x, a), b, out, scale=s)
+    else:
+        batch.add_(x, a, b, out, scale=s)
+    got = torch.autograd.grad(out, [*leaves, base], grad_out)
+    leaves2 = [_leaf(t) for t in (p.x, p.lora_a, p.lora_b, p.topk_weights, p.scaling)]
+    base2 = base.detach().clone().requires_grad_()
+    expected_out = reference.routed_lora(*leaves2[:3], p.topk_ids, leaves2[3], scaling=leaves2[4]) + base2
+    expected = torch.autograd.grad(expected_out, [*leaves2, base2], grad_out)
+    assert_close(out.detach(), expected_out.detach(), atol=1e-12, rtol=1e-12)
+    for name, g, e in zip(("x", "lora_a", "lora_b", "topk_weights", "scaling", "base"), got, expected):
+        assert_close(g, e, atol=1e-10, rtol=1e-10, name=name)
+
+
+def test_gradient_for_lora_b_only_after_a_fast_shrink():
+    """x, A and the weights need no gradient (the shrink takes the fast path) but B does: expand_ recomputes h
+    through the registered ops so dB is right."""
+    p = _problem((9, 2, 4, 3, 11, 6), torch.float64)
+    batch = RoutedBatch.build(p.topk_ids, p.topk_weights, 4)
+    b = _leaf(p.lora_b)
+    out = torch.zeros(9, 6, dtype=torch.float64)
+    h = batch.shrink(p.x, p.lora_a)
+    batch.expand_(h, b, out, scale=p.scaling)
+    (got,) = torch.autograd.grad(out.sum(), [b])
+    b2 = _leaf(p.lora_b)
+    ref = reference.routed_lora(p.x, p.lora_a, b2, p.topk_ids, p.topk_weights, scaling=p.scaling)
+    (expected,) = torch.autograd.grad(ref.sum(), [b2])
+    assert_close(got, expected, atol=1e-12, rtol=1e-12)
+
+
+def test_leaf_out_that_requires_grad_is_refused():
+    p = _problem((4, 2, 3, 2, 5, 3), torch.float32)
+    batch = RoutedBatch.build(p.topk_ids, p.topk_weights, 3)
+    with pytest.raises(ValueError, match="out"):
+        batch.add_(p.x, p.lora_a, p.lora_b, torch.zeros(4, 3, requires_grad=True))
+
+
+# ------------------------------------------------------------------------------------------ torch.compile
+def _routed_fn(x, a_cat, b1, b2, out1, out2, ids, w, scale):
+    batch = RoutedBatch.build(ids, w, a_cat.shape[0])
+    batch.add_(x, a_cat[:, :4], b1, out1, scale=scale)
+    h = batch.shrink(x, a_cat)
+    batch.expand_(h, b2, out2, rank_slice=slice(4, 7), scale=scale)
+    return out1, out2
+
+
+def _compile_inputs():
+    p = _problem((10, 2, 5, 4, 16, 8), torch.float32)
+    a2 = torch.randn(5, 3, 16) / 4
+    b2 = torch.randn(5, 6, 3)
+    return (p.x, torch.cat([p.lora_a, a2], 1), p.lora_b, b2, torch.randn(10, 8), torch.randn(10, 6),
+            p.topk_ids, p.topk_weights, p.scaling)
+
+
+def test_compile_has_no_graph_breaks_and_equals_eager():
+    torch._dynamo.reset()
+    args = _compile_inputs()
+    explanation = torch._dynamo.explain(_routed_fn)(*[t.clone() for t in args])
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    with torch.no_grad():
+        eager = _routed_fn(*[t.clone() for t in args])
+        compiled = torch.compile(_routed_fn, backend="aot_eager", fullgraph=True)(*[t.clone() for t in args])
+    for e, c in zip(eager, compiled):
+        assert_close(c, e, **TOLERANCE[torch.float32])
+
+
+def test_for_sequences_compiles_without_graph_breaks():
+    torch._dynamo.reset()
+
+    def fn(x, a, b, out, seq_ids):
+        return RoutedBatch.for_sequences(seq_ids, 3, a.shape[0]).add_(x, a, b, out)
+
+    p = make_problem(12, 1, 4, 3, 10, 6, torch.float32)
+    seq_ids = torch.tensor([1, -1, 3, 1])
+    explanation = torch._dynamo.explain(fn)(p.x, p.lora_a, p.lora_b, torch.zeros(12, 6), seq_ids)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    with torch.no_grad():
+        compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)(
+            p.x, p.lora_a, p.lora_b, torch.zeros(12, 6), seq_ids)
+        eager = fn(p.x, p.lora_a, p.lora_b, torch.zeros(12, 6), seq_ids)
+    assert_close(compiled, eager, **TOLERANCE[torch.float32])
+
+
+# ------------------------------------------------------------------------------- backends, devices, checks
+@pytest.mark.skipif(not mo.backends()["triton"]["available"], reason="triton cannot run here")
+def test_triton_backend_path():
+    p = _problem((7, 2, 4, 4, 16, 8), torch.float32)
+    batch = RoutedBatch.build(p.topk_ids, p.topk_weights, 4, backend="triton")
+    assert batch.strategy == "backend"
+    base = torch.randn(7, 8)
+    a_cat, _, b2 = _siblings(p)
+    with torch.no_grad():
+        got = batch.add_(p.x, p.lora_a, p.lora_b, base.clone(), scale=p.scaling)
+        h = batch.shrink(p.x, a_cat)
+        got_split = batch.expand_(h, p.lora_b, base.clone(), rank_slice=slice(0, 4), scale=p.scaling)
+    expected = base.double() + p.exact()
+    assert_close(got, expected, **TOLERANCE[torch.float32])
+    assert_close(got_split, expected, **TOLERANCE[torch.float32])
+
+
+def test_to_same_device_is_the_batch():
+    p = _problem((5, 2, 3, 2, 4, 4), torch.float32)
+    batch = RoutedBatch.build(p.topk_ids, p.topk_weights, 3)
+    assert batch.to("cpu") is batch
+
+
+@pytest.mark.gpu
+def test_to_cuda_and_back_matches():
+    p = _problem((9, 2, 4, 4, 16, 8), torch.float32)
+    batch = RoutedBatch.build(p.topk_ids, p.topk_weights, 4)
+    moved = batch.to("cuda")
+    assert moved.strategy == "backend" and moved.plan.device.type == "cuda" and batch.to("cuda") is moved
+    base = torch.randn(9, 8)
+    with torch.no_grad():
+        got = moved.add_(p.x.cuda(), p.lora_a.cuda(), p.lora_b.cuda(), base.cuda(), scale=p.scaling.cuda())
+    assert_close(got, base.double() + p.exact(), atol=1e-3, rtol=1e-3)  # tf32 on the GPU
+
+
+def test_build_validates_once():
+    ids = torch.tensor([[0, 3]])
+    with pytest.raises(ValueError, match="topk_ids"):
+        RoutedBatch.build(ids, torch.ones(1, 2), 3)
+    RoutedBatch.build(ids, torch.ones(1, 2), 3, validate=False)  # the caller vouches for the ids
+    with pytest.raises(ValueError, match="topk_weights"):
+        RoutedBatch.build(torch.zeros(2, 2, dtype=torch.long), torch.ones(2, 3), 3)
+    with pytest.raises(TypeError, match="topk_weights"):
+        RoutedBatch.build(ids, None, 3)
+    with pytest.raises(ValueError, match="topk_ids"):
+        RoutedBatch.for_sequences(torch.tensor([0, 5]), 2, 3)
+
+
+def test_decision_rule():
+    """The regimes the benchmark (bench/runtime_strategies.py) measured."""
+    assert choose_strategy(1, 2, 8, 2, 2) == "per_adapter"  # decode batch 1, top-2
+    assert choose_strategy(8, 2, 8, 8, 16) == "dense"  # decode batch 8, most adapters active
+    assert choose_strategy(1024, 2, 8, 8, 2048) == "grouped"  # prefill
+    assert choose_strategy(0, 2, 8, 0, 0) == "per_adapter"  # nothing to do
