@@ -9,11 +9,11 @@ from . import reference
 from .impl import backends
 from .ops import lora_expand, lora_shrink, routed_lora
 from .plan import RoutingPlan, build_plan
-from .merge import merge
-from .patch import patch, unpatch
-from .routers import ContextRouter, KeywordRouter, TokenRouter, load_router
-from .routing import routing
-from .train_router import train_router
+from .hf.merge import merge
+from .hf.patch import patch, unpatch
+from .hf.routers import ContextRouter, KeywordRouter, TokenRouter, load_router
+from .hf.routing import routing
+from .hf.train_router import train_router
 
 __version__ = "0.1.0"
 

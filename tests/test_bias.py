@@ -1,4 +1,4 @@
-"""PEFT bias adapters (bias="lora_only" / "all", lora_bias=True): molora_ops.bias against PEFT's own models.
+"""PEFT bias adapters (bias="lora_only" / "all", lora_bias=True): molora_ops.hf.bias against PEFT's own models.
 
 The LoRA term is added by forward hooks here (patch() wiring is tested with the patch), so these tests check the
 bias deltas alone: values, signs, weighting, which modules, and the errors."""
@@ -10,8 +10,8 @@ import torch
 
 from _hf import VOCAB, make_model, peft
 
-from molora_ops.bias import add_routed_bias, bias_deltas
-from molora_ops.peft_io import AdapterError, LoraAdapter, LoraModuleWeights, load_adapter
+from molora_ops.hf.bias import add_routed_bias, bias_deltas
+from molora_ops.hf.peft_io import AdapterError, LoraAdapter, LoraModuleWeights, load_adapter
 
 TARGETS = ["c_attn", "c_proj"]  # GPT-2: attn.c_attn, attn.c_proj and mlp.c_proj; c_fc and the LayerNorms are not
 

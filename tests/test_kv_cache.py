@@ -137,7 +137,7 @@ def test_batch_mismatch_raises_like_peft(setup):
     with pytest.raises(ValueError, match="exactly one"):
         model(nine[:1], adapter_names=["code"], adapter_weights={"code": 1.0})
     # nothing was left behind by the failed calls
-    state = mo.patch_state.state_of(model)
+    state = mo.hf.state.state_of(model)
     assert state.spec_var.get() is None and state.fwd_var.get() is None and state.kw_var.get() is None
     assert torch.equal(model(nine).logits, setup.base(nine).logits)
 

@@ -5,7 +5,7 @@ Adapters are made with real PEFT (random offsets added to their trainable biases
     layers, so that model is "adapter i's model"); "__base__" rows equal the base model.
   - blends (dict and per-token [B, S, N]): forward hooks on the base model adding, on each targeted module,
     sum_n W[..., n] * (s_n B_n A_n x + (b_n - b) + s_n * lora_B bias_n), with every tensor read from adapter n's
-    PeftModel (an implementation independent of molora_ops.bias).
+    PeftModel (an implementation independent of molora_ops.hf.bias).
 GPT-2's Conv1D projections and Qwen2's q/k/v (a fused sibling group in the patch) have biases; Llama-like tiny
 models have none. fp32 tolerances are assert_logits_close's, never loosened.
 """
@@ -18,8 +18,8 @@ import torch
 from _hf import VOCAB, assert_logits_close, make_model, peft
 
 import molora_ops as mo
-from molora_ops.patch_state import is_patched
-from molora_ops.peft_io import AdapterError
+from molora_ops.hf.state import is_patched
+from molora_ops.hf.peft_io import AdapterError
 
 NAMES = ("a", "b", "c")
 

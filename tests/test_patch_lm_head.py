@@ -9,7 +9,8 @@ from torch import nn
 from _hf import VOCAB, make_model, peft_model_with, assert_logits_close, hook_reference_logits, peft_cat
 
 import molora_ops as mo
-from molora_ops.peft_io import AdapterError
+from molora_ops.hf.state import state_of
+from molora_ops.hf.peft_io import AdapterError
 
 peft = pytest.importorskip("peft")
 
@@ -164,7 +165,7 @@ def test_greedy_generate_matches_peft(setup):
     with mo.routing(model, adapter_names=names):
         out = model.generate(input_ids=setup.ids, attention_mask=mask, **kw)
     assert torch.equal(out, ref)
-    assert model._molora_state.fwd_var.get() is None and model._molora_state.top_var.get() is None
+    assert state_of(model).fwd_var.get() is None and state_of(model).top_var.get() is None
 
 
 @torch.no_grad()
@@ -196,7 +197,7 @@ def test_tensor_logits_to_keep_raises(setup):
         with pytest.raises(RuntimeError, match="lm_head.*logits_to_keep"):
             model(setup.ids, logits_to_keep=torch.tensor([0, 3]))
         # the failed forward left no routing state behind
-        assert model._molora_state.fwd_var.get() is None and model._molora_state.top_var.get() is None
+        assert state_of(model).fwd_var.get() is None and state_of(model).top_var.get() is None
         model(setup.ids)  # and the next forward works
 
 
@@ -212,7 +213,7 @@ def test_state_cleared_after_an_exception_in_forward(setup):
         with pytest.raises(ValueError, match="boom"):
             model(setup.ids)
     h.remove()
-    assert model._molora_state.fwd_var.get() is None and model._molora_state.top_var.get() is None
+    assert state_of(model).fwd_var.get() is None and state_of(model).top_var.get() is None
 
 
 @torch.no_grad()
@@ -220,7 +221,7 @@ def test_backbone_called_alone_clears_its_state(setup):
     model = setup.patched()
     with mo.routing(model, adapter_names=["code", "math", "qa"]):
         model.base_model(setup.ids)
-    assert model._molora_state.fwd_var.get() is None
+    assert state_of(model).fwd_var.get() is None
 
 
 def test_changed_base_weight_is_refused(setup):

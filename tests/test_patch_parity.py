@@ -115,7 +115,7 @@ def test_one_launch_per_fused_group_and_one_plan_per_forward(setup, monkeypatch)
     """q/k/v (and gate/up) share one routed_lora launch; every launch of a forward reuses the same plan."""
     import importlib
 
-    patch_module = importlib.import_module("molora_ops.patch")  # the module (mo.patch is the function)
+    patch_module = importlib.import_module("molora_ops.hf.layers")
     calls = []
     real = patch_module.routed_lora
 

@@ -10,7 +10,7 @@ import torch
 from _hf import shared_setup, assert_logits_close, make_model, peft
 
 import molora_ops as mo
-from molora_ops.peft_io import AdapterError, load_adapter
+from molora_ops.hf.peft_io import AdapterError, load_adapter
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import molora_ops as mo
-from molora_ops.routers import ContextRouter, KeywordRouter, TokenRouter, check_router, load_router
+from molora_ops.hf.routers import ContextRouter, KeywordRouter, TokenRouter, check_router, load_router
 
 NAMES = ["code", "math", "qa"]
 

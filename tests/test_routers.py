@@ -9,7 +9,8 @@ import torch
 from _hf import ADAPTERS, CODE, FILLER, MATH, shared_setup, assert_logits_close, word_tokenizer
 
 import molora_ops as mo
-from molora_ops.routers import load_router, select_topk
+from molora_ops.hf.state import state_of
+from molora_ops.hf.routers import load_router, select_topk
 
 
 
@@ -120,7 +121,7 @@ def test_train_router_separates_domains_and_round_trips(gpt2, tokenizer, tmp_pat
         assert router.report["val_sequence_accuracy"] > 0.95, router.report
         if kind == "context":
             assert router.report["val_token_accuracy"] >= 0.8, router.report
-        assert model._molora_state.router is router
+        assert state_of(model).router is router
         assert all(not p.requires_grad for p in model.parameters() if p.requires_grad is False)
         loaded = load_router(str(tmp_path / kind))
         h = torch.randn(2, 5, 32)

@@ -1,6 +1,6 @@
 """Patch / unpatch cycles leave nothing behind in the calling context, and a failed forward leaves nothing set.
 
-Routing state lives in ContextVars (:mod:`molora_ops.patch_state`): every value a hook or ``routing()`` sets must be
+Routing state lives in ContextVars (:mod:`molora_ops.hf.state`): every value a hook or ``routing()`` sets must be
 reset by whoever set it, or it stays in the caller's context for as long as that context lives (a server's thread:
 for ever), holding whatever it references. Each patch makes new ContextVars, so one value left set per forward shows
 up as one more variable in ``contextvars.copy_context()`` per patch / unpatch cycle, and as tensors kept alive.
@@ -135,7 +135,7 @@ def test_cycles_leave_no_context_variables_or_tensors(gpt2, lm_head_dirs, mode, 
 
 
 def _assert_nothing_set(model):
-    from molora_ops.patch_state import state_of
+    from molora_ops.hf.state import state_of
 
     state = state_of(model)
     left = {name: getattr(state, name).get() for name in ("spec_var", "fwd_var", "top_var", "kw_var")}

@@ -35,7 +35,7 @@ import torch
 from _hf import adapter_configs, make_model, save_adapters
 
 import molora_ops as mo
-from molora_ops.patch_state import is_patched
+from molora_ops.hf.state import is_patched
 
 TIMEOUT_S = 240
 
@@ -73,7 +73,7 @@ WORKER = textwrap.dedent(
     try:
         dist.init_process_group("gloo")
         import molora_ops as mo
-        from molora_ops.patch_state import is_patched
+        from molora_ops.hf.state import is_patched
         from transformers import AutoModelForCausalLM
 
         try:

@@ -66,7 +66,7 @@ def _train(model, tokenizer, texts):
 
 
 def test_train_router_leaves_other_threads_routing_alone(gpt2):
-    from molora_ops.patch_state import state_of
+    from molora_ops.hf.state import state_of
 
     tokenizer = word_tokenizer()
     texts = {"code": _texts(CODE, 16, 1), "math": _texts(MATH, 16, 2)}

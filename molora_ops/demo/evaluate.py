@@ -13,21 +13,8 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-BASE = "__base__"
-
-
-def require_patch():
-    """molora_ops' patch API (issue 4), with a clear error when this checkout does not have it yet."""
-    import molora_ops as mo
-
-    missing = [n for n in ("patch", "unpatch", "routing", "train_router") if not hasattr(mo, n)]
-    if missing:
-        raise RuntimeError(
-            f"this molora_ops has no {', '.join(missing)}: the demo's routing and evaluation need the patch API "
-            "(mo.patch / mo.routing / mo.train_router). Update molora_ops."
-        )
-    return mo
-
+from ..hf.routing import BASE
+from ..hf.state import state_of
 
 @torch.no_grad()
 def heldout_losses(model, data: torch.Tensor, *, batch_size: int, device, routing=None) -> torch.Tensor:
@@ -69,7 +56,7 @@ def paired_bootstrap(diff: torch.Tensor, *, resamples: int = 2000, level: float 
 @contextmanager
 def record_router(model):
     """Collect the probabilities [B, S, N] that the installed router produces, forward by forward."""
-    router = model._molora_state.router
+    router = state_of(model).router
     calls: list[torch.Tensor] = []
     handle = router.register_forward_hook(lambda mod, args, out: calls.append(out.detach().float().cpu()))
     try:

@@ -246,7 +246,7 @@ def evaluate(pieces: dict, settings: Settings, out: Path, device, seed: int, log
     from . import evaluate as ev
     from .plots import routing_heatmap
 
-    mo = ev.require_patch()
+    import molora_ops as mo
     base, tokenizer = pieces["base"], pieces["tokenizer"]
     names = list(pieces["adapters"])
     heldout = {d: x[: settings.eval_blocks] if settings.eval_blocks else x for d, x in pieces["heldout"].items()}
@@ -255,7 +255,7 @@ def evaluate(pieces: dict, settings: Settings, out: Path, device, seed: int, log
     # 5. the router, trained on training text with the base and the adapters frozen
     t0 = time.perf_counter()
     if router_dir:
-        from molora_ops.routers import load_router
+        from molora_ops.hf.routers import load_router
 
         router = load_router(router_dir, tokenizer=tokenizer)
         patched = mo.patch(copy.deepcopy(base), adapters=pieces["adapters"], router=router, top_k=settings.top_k)

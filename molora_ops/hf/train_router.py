@@ -2,7 +2,7 @@
 
     router = mo.train_router(model, {"code": code_texts, "math": math_texts}, tokenizer, kind="context")
     router.report        # {"val_token_accuracy": ..., "val_sequence_accuracy": ..., "train_loss": ...}
-    router.save("router/"); router = molora_ops.routers.load_router("router/")
+    router.save("router/"); router = molora_ops.hf.routers.load_router("router/")
 
 Every token of a text is labelled with its adapter. The hidden states entering block ``layer`` are computed
 once with the base model (no adapters, no gradients); only the router's parameters are trained (Adam,
@@ -21,7 +21,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from .patch_state import is_patched, state_of
+from .state import is_patched, state_of
 from .routers import ContextRouter, Router, TokenRouter
 from .routing import routing
 

@@ -18,7 +18,7 @@ file and the key.
 
 Biases. ``bias="lora_only"`` / ``"all"`` adapters carry base-layer biases (``<module>.base_layer.bias`` for LoRA
 targets, ``<module>.bias`` for other modules), which PEFT loads into the model in place of its own: they are kept
-in :attr:`LoraAdapter.biases`, and :func:`molora_ops.bias.bias_deltas` turns them into routed per-adapter deltas.
+in :attr:`LoraAdapter.biases`, and :func:`molora_ops.hf.bias.bias_deltas` turns them into routed per-adapter deltas.
 ``lora_bias=True`` adapters carry a bias on lora_B (``<module>.lora_B.bias``), which PEFT adds scaled by the
 adapter's scaling: it is kept in :attr:`LoraModuleWeights.lora_b_bias` and routed the same way.
 
@@ -105,7 +105,7 @@ class LoraAdapter:
     source: str = "<memory>"
     # {module name: full base weight} that PEFT saved for a targeted embedding layer (lm_head); must equal the model's
     base_weights: dict[str, torch.Tensor] = field(default_factory=dict)
-    # {module name: (key, bias [out])}: base-layer biases of a bias="lora_only"/"all" adapter (see molora_ops.bias)
+    # {module name: (key, bias [out])}: base-layer biases of a bias="lora_only"/"all" adapter (see molora_ops.hf.bias)
     biases: dict[str, tuple[str, torch.Tensor]] = field(default_factory=dict)
 
 
@@ -342,7 +342,7 @@ def _build(name: str, cfg: dict, state: Any, cfg_where: str, weights_where: str)
         elif what == "bias":
             if tensor.dim() != 1:
                 raise AdapterError(f"{where}: bias {key!r} has shape {tuple(tensor.shape)}; expected [out]")
-            biases[module] = (key, tensor)  # checked against the model's bias by molora_ops.bias.bias_deltas
+            biases[module] = (key, tensor)  # checked against the model's bias by molora_ops.hf.bias.bias_deltas
         else:
             pairs.setdefault(module, {})[what] = tensor
     if not pairs:

@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from ._validation import ID_DTYPES
+from .._validation import ID_DTYPES
 from .peft_io import AdapterError, LoraAdapter
 
 __all__ = ["bias_deltas", "add_routed_bias"]

@@ -47,198 +47,29 @@ before the routing exists, or on other tokens) is refused at patch time with an 
 
 from __future__ import annotations
 
-import itertools
 from typing import Mapping, Optional
 
 import torch
 from torch import nn
 
-from .bias import add_routed_bias, bias_deltas
-from .ops import routed_lora
-from .patch_state import PatchState, is_patched, set_state, state_of
+from .bias import bias_deltas
+from .hooks import BackboneHooks
+from .layers import Group, Slot, io_features, routed_class
 from .peft_io import AdapterError, LoraAdapter, adapters_from_peft_model, load_adapter
 from .routers import check_router
-from .routing import BASE, BackboneHooks, install_generate, remove_generate, tail_routing
+from .routing import BASE, install_generate, remove_generate
+from .state import PatchState, is_patched, set_state, state_of
 
 __all__ = ["patch", "unpatch", "SIBLING_GROUPS", "is_patched"]
 
 # Projections of one block that read the same input tensor and can share one launch. Names that differ
-# per architecture live here (and in _io_features), never in per-model copies.
+# per architecture live here (and in io_features), never in per-model copies.
 SIBLING_GROUPS: tuple[tuple[str, ...], ...] = (
     ("q_proj", "k_proj", "v_proj"),  # Llama, Mistral, Qwen2, Gemma
     ("gate_proj", "up_proj"),  # Llama, Mistral, Qwen2, Gemma MLP
     ("query", "key", "value"),  # BERT-style
     ("w1", "w3"),  # Mixtral-style experts
 )
-
-_counter = itertools.count()
-
-
-def _io_features(module: nn.Module) -> Optional[tuple[int, int]]:
-    """(in, out) of a supported projection, else None. GPT-2's Conv1D stores weight as [in, out]
-    (fan_in_fan_out); PEFT's A [r, in] and B [out, r] are the same for both kinds."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx"):
-        return int(module.nx), int(module.nf)
-    return None
-
-
-# --------------------------------------------------------------------------------------- patched classes
-class _RoutedMixin:
-    """Mixed in front of the original class of a patched instance."""
-
-    def forward(self, x, *args, **kwargs):
-        out = super().forward(x, *args, **kwargs)
-        return self._molora_slot.apply(self, x, out)
-
-    def extra_repr(self) -> str:
-        base = super().extra_repr()
-        return f"{base}, {self._molora_slot.describe()}" if base else self._molora_slot.describe()
-
-    def __repr__(self) -> str:
-        base_repr = self._molora_orig_class.__repr__
-        if base_repr is nn.Module.__repr__:
-            return nn.Module.__repr__(self)
-        text = base_repr(self)  # e.g. Conv1D's own "Conv1D(nf=.., nx=..)"
-        return f"Routed{text[:-1]}, {self._molora_slot.describe()})" if text.endswith(")") else text
-
-
-_CLASSES: dict[type, type] = {}
-
-
-def _routed_class(cls: type) -> type:
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"Routed{cls.__name__}", (_RoutedMixin, cls), {"__module__": __name__})
-    return _CLASSES[cls]
-
-
-class _Group:
-    """Sibling modules whose LoRA deltas are computed together in one launch."""
-
-    def __init__(self, leader: nn.Module, names: list[str]):
-        self.leader = leader
-        self.names = names
-        self.key = next(_counter)
-
-
-class _Slot:
-    """Per patched module: where its stacked weights live and how to add its delta."""
-
-    def __init__(self, state, name: str, in_f: int, out_f: int, ranks: list[int], group=None, out_slice=None,
-                 outside: bool = False):
-        self.state = state
-        self.outside = outside  # lm_head: runs after the backbone, maybe on the last logits_to_keep positions only
-        self.name = name
-        self.block = _block_index(state, name)
-        self.in_f, self.out_f = in_f, out_f
-        self.ranks = ranks
-        self.group: Optional[_Group] = group
-        self.out_slice = out_slice
-        self._cast: dict = {}
-
-    def describe(self) -> str:
-        text = f"adapters={len(self.ranks)}, r={max(self.ranks)}"
-        if self.group is not None:
-            text += f", fused={'+'.join(self.group.names)}"
-        return text
-
-    def _stacks(self, owner: nn.Module, dtype: torch.dtype):
-        a, b = owner.molora_lora_a, owner.molora_lora_b
-        if a.dtype == dtype:
-            return a, b
-        key = (id(owner), dtype, a.device, a.data_ptr())
-        hit = self._cast.get(key)
-        if hit is None:
-            hit = self._cast[key] = (a.to(dtype), b.to(dtype))
-        return hit
-
-    def apply(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        fs = self.state.fwd_var.get()
-        if fs is None:
-            return out
-        r = fs.routing
-        if r is None:
-            if self.outside and fs.router_pending and isinstance(self.state.router, (list, tuple, nn.ModuleList)):
-                raise RuntimeError(
-                    f"molora_ops: {self.name} is targeted by an adapter but lies outside the decoder blocks, and "
-                    "per-layer routers route only the blocks; use a routing() context or a single router"
-                )
-            if not fs.block_routing or self.block is None:
-                return out
-            r = fs.block_routing.get(self.block)  # per-layer routers
-            if r is None:
-                return out
-        r = r.on(x.device)
-        x2 = x.reshape(-1, self.in_f)
-        if self.outside:
-            r = self._outside_routing(fs, r, x, x2)
-        if x2.shape[0] != r.topk_ids.shape[0]:
-            raise RuntimeError(
-                f"molora_ops: {self.name} got {x2.shape[0]} tokens but this forward was routed for "
-                f"{r.topk_ids.shape[0]} (batch x new tokens); modules called on other token sets are not supported"
-            )
-        o2 = out.view(-1, self.out_f)
-        x2 = x2.to(o2.dtype).contiguous()  # under autocast the base output's dtype is the compute dtype
-        if torch.is_autocast_enabled(x.device.type):
-            # The LoRA math runs in the base output's dtype with float32 accumulation, not re-cast by autocast.
-            with torch.autocast(x.device.type, enabled=False):
-                return self._add(module, fs, r, x, x2, out, o2)
-        return self._add(module, fs, r, x, x2, out, o2)
-
-    def _outside_routing(self, fs, r, x, x2):
-        """lm_head's routing: all S positions, or the last L of each sequence (an int logits_to_keep = L)."""
-        keep = fs.logits_to_keep
-        if isinstance(keep, torch.Tensor):
-            raise RuntimeError(
-                f"molora_ops: {self.name} is routed, but logits_to_keep was given as a tensor (explicit positions or "
-                "a mask), so which routed positions it sees is not known; pass an int logits_to_keep (last N "
-                "positions) or 0 (all)"
-            )
-        b, s, t = fs.batch, fs.seq, x2.shape[0]
-        if t == b * s:
-            return r
-        keep_n = int(x.shape[-2]) if x.dim() >= 3 else -1
-        if x.dim() >= 3 and x.shape[0] == b and 0 < keep_n < s and t == b * keep_n:
-            key = ("tail", keep_n, r.topk_ids.device)
-            hit = fs.deltas.get(key)
-            if hit is None:
-                hit = fs.deltas[key] = tail_routing(r, b, s, keep_n, len(self.state.adapter_names))
-            return hit
-        raise RuntimeError(
-            f"molora_ops: {self.name} got input {tuple(x.shape)} but this forward was routed for {b} sequences x {s} "
-            "new tokens; only all positions or the last N of each sequence (logits_to_keep=N) are supported"
-        )
-
-    def _add(self, module, fs, r, x, x2, out, o2):
-        """Add this module's routed LoRA delta (and routed bias delta, if its adapters changed its bias) into
-        the base output; returns the output (a new tensor only when autograd needs the bias add out of place)."""
-        be = self.state.backend
-        if self.group is None:
-            a, b = self._stacks(module, x2.dtype)
-            routed_lora(x2, a, b, r.topk_ids, r.topk_weights, scaling=module.molora_scaling, out=o2, backend=be,
-                        plan=r.plan, validate=False)
-        else:
-            hit = fs.deltas.get(self.group.key)
-            if hit is None or hit[0] is not x:
-                a, b = self._stacks(self.group.leader, x2.dtype)
-                delta = routed_lora(x2, a, b, r.topk_ids, r.topk_weights, scaling=None, backend=be, plan=r.plan,
-                                    validate=False)
-                hit = fs.deltas[self.group.key] = (x, delta)
-            o2.add_(hit[1][:, self.out_slice])
-        bias = getattr(module, "molora_bias_delta", None)
-        if bias is None:
-            return out
-        return add_routed_bias(o2, r.topk_ids, r.topk_weights, bias).view(out.shape)
-
-
-# ------------------------------------------------------------------------------------------- discovery
-def _block_index(state, module_name: str) -> Optional[int]:
-    prefix = state.blocks_prefix
-    if prefix is None or not module_name.startswith(prefix):
-        return None
-    head = module_name[len(prefix) :].split(".", 1)[0]
-    return int(head) if head.isdigit() else None
 
 
 def _find_backbone(root: nn.Module, target_names: list[str]):
@@ -344,7 +175,7 @@ def _sibling_groups(targets: Mapping[str, nn.Module]) -> dict[str, list[str]]:
             if len(members) < 2:
                 continue
             mods = [targets[f] for f in full]
-            if len({_io_features(m)[0] for m in mods}) != 1 or len({m.weight.dtype for m in mods}) != 1:
+            if len({io_features(m)[0] for m in mods}) != 1 or len({m.weight.dtype for m in mods}) != 1:
                 continue
             for f in full:
                 grouped[f] = full
@@ -399,7 +230,7 @@ def patch(model, adapters=None, router=None, top_k: int = 2, backend: str = "aut
             wrappers[mod_name] = mod
             if peft_model is not None and hasattr(mod, "base_layer"):
                 mod = mod.get_base_layer()
-            io = _io_features(mod)
+            io = io_features(mod)
             if io is None:
                 raise AdapterError(
                     f"adapter {adapter.name!r}: module {mod_name!r} is a {type(mod).__name__}; only nn.Linear and "
@@ -537,24 +368,24 @@ def _install(state, mod, slot):
     orig = type(mod)
     mod._molora_slot = slot
     mod._molora_orig_class = orig
-    mod.__class__ = _routed_class(orig)
+    mod.__class__ = routed_class(orig)
     state.patched.append((mod, orig))
     if state.first_module is None and hasattr(mod, "molora_lora_a"):
         state.first_module = mod
 
 
 def _patch_single(state, loaded, names, mod_name, mod, weight, outside=False):
-    in_f, out_f = _io_features(mod)
+    in_f, out_f = io_features(mod)
     a, b, s, ranks = _stack(loaded, names, mod_name, in_f, out_f, weight.dtype, weight.device)
-    _register(state, mod, _Slot(state, mod_name, in_f, out_f, ranks, outside=outside), a, b, s)
+    _register(state, mod, Slot(state, mod_name, in_f, out_f, ranks, outside=outside), a, b, s)
 
 
 def _patch_group(state, loaded, names, full, mods, ref_param):
     weight = ref_param(mods[0])
-    in_f = _io_features(mods[0])[0]
+    in_f = io_features(mods[0])[0]
     parts = []
     for f, m in zip(full, mods):
-        a, b, s, ranks = _stack(loaded, names, f, in_f, _io_features(m)[1], torch.float32, weight.device)
+        a, b, s, ranks = _stack(loaded, names, f, in_f, io_features(m)[1], torch.float32, weight.device)
         parts.append((a, b * s[:, None, None], ranks))  # scaling folded into each member's B block
     n = len(names)
     r_tot = sum(p[0].shape[1] for p in parts)
@@ -571,10 +402,10 @@ def _patch_group(state, loaded, names, full, mods, ref_param):
         o_off += o_i
     b_bd = b_bd.to(weight.dtype)
     leaves = [f.rpartition(".")[2] for f in full]
-    group = _Group(mods[0], leaves)
+    group = Group(mods[0], leaves)
     for i, (f, m) in enumerate(zip(full, mods)):
-        in_i, out_i = _io_features(m)
-        slot = _Slot(state, f, in_i, out_i, parts[i][2], group=group, out_slice=slices[i])
+        in_i, out_i = io_features(m)
+        slot = Slot(state, f, in_i, out_i, parts[i][2], group=group, out_slice=slices[i])
         if i == 0:
             _register(state, m, slot, a_cat, b_bd, None)
         else:
@@ -604,3 +435,4 @@ def unpatch(model):
     _restore(state)
     set_state(model, None)
     return model
+

@@ -5,7 +5,7 @@ A router given to :func:`molora_ops.patch` runs inside the model's own forward: 
 probabilities, :meth:`select` keeps each token's ``top_k`` and renormalises them, and that routing is shared by
 every patched layer of the forward (patched modules in blocks before ``layer`` run the base only).
 Routers see one forward at a time; with a KV cache, state that spans tokens (ContextRouter's running mean,
-KeywordRouter's counts) is read from and recorded into ``state`` (a :class:`~molora_ops.router_state.RouterState`),
+KeywordRouter's counts) is read from and recorded into ``state`` (a :class:`~molora_ops.hf.router_state.RouterState`),
 which the patch keeps per position beside the KV cache, so it follows beam reordering, cropping and batch
 selection of the cache.
 

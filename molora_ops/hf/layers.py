@@ -1,0 +1,193 @@
+"""The routed module classes of a patched model: what a patched projection does in its forward.
+
+A patched ``nn.Linear`` / GPT-2 ``Conv1D`` instance gets the class ``Routed<Class>`` (the original class with
+:class:`_RoutedMixin` in front): it runs the original forward, then adds the routed LoRA delta of this forward's
+routing (read from the :class:`~molora_ops.hf.hooks.ForwardState`) into the output in place. Its
+:class:`Slot` says where the stacked weights live and which sibling group it belongs to. The semantics are
+``routed_lora``'s (:mod:`molora_ops.reference`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..ops import routed_lora
+from .bias import add_routed_bias
+from .hooks import tail_routing
+
+__all__ = ["io_features", "routed_class", "Group", "Slot", "block_index"]
+
+_counter = itertools.count()
+
+
+def io_features(module: nn.Module) -> Optional[tuple[int, int]]:
+    """(in, out) of a supported projection, else None. GPT-2's Conv1D stores weight as [in, out]
+    (fan_in_fan_out); PEFT's A [r, in] and B [out, r] are the same for both kinds."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx"):
+        return int(module.nx), int(module.nf)
+    return None
+
+
+
+# --------------------------------------------------------------------------------------- patched classes
+class _RoutedMixin:
+    """Mixed in front of the original class of a patched instance."""
+
+    def forward(self, x, *args, **kwargs):
+        out = super().forward(x, *args, **kwargs)
+        return self._molora_slot.apply(self, x, out)
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()
+        return f"{base}, {self._molora_slot.describe()}" if base else self._molora_slot.describe()
+
+    def __repr__(self) -> str:
+        base_repr = self._molora_orig_class.__repr__
+        if base_repr is nn.Module.__repr__:
+            return nn.Module.__repr__(self)
+        text = base_repr(self)  # e.g. Conv1D's own "Conv1D(nf=.., nx=..)"
+        return f"Routed{text[:-1]}, {self._molora_slot.describe()})" if text.endswith(")") else text
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def routed_class(cls: type) -> type:
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"Routed{cls.__name__}", (_RoutedMixin, cls), {"__module__": __name__})
+    return _CLASSES[cls]
+
+
+class Group:
+    """Sibling modules whose LoRA deltas are computed together in one launch."""
+
+    def __init__(self, leader: nn.Module, names: list[str]):
+        self.leader = leader
+        self.names = names
+        self.key = next(_counter)
+
+
+class Slot:
+    """Per patched module: where its stacked weights live and how to add its delta."""
+
+    def __init__(self, state, name: str, in_f: int, out_f: int, ranks: list[int], group=None, out_slice=None,
+                 outside: bool = False):
+        self.state = state
+        self.outside = outside  # lm_head: runs after the backbone, maybe on the last logits_to_keep positions only
+        self.name = name
+        self.block = block_index(state, name)
+        self.in_f, self.out_f = in_f, out_f
+        self.ranks = ranks
+        self.group: Optional[Group] = group
+        self.out_slice = out_slice
+        self._cast: dict = {}
+
+    def describe(self) -> str:
+        text = f"adapters={len(self.ranks)}, r={max(self.ranks)}"
+        if self.group is not None:
+            text += f", fused={'+'.join(self.group.names)}"
+        return text
+
+    def _stacks(self, owner: nn.Module, dtype: torch.dtype):
+        a, b = owner.molora_lora_a, owner.molora_lora_b
+        if a.dtype == dtype:
+            return a, b
+        key = (id(owner), dtype, a.device, a.data_ptr())
+        hit = self._cast.get(key)
+        if hit is None:
+            hit = self._cast[key] = (a.to(dtype), b.to(dtype))
+        return hit
+
+    def apply(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        fs = self.state.fwd_var.get()
+        if fs is None:
+            return out
+        r = fs.routing
+        if r is None:
+            if self.outside and fs.router_pending and isinstance(self.state.router, (list, tuple, nn.ModuleList)):
+                raise RuntimeError(
+                    f"molora_ops: {self.name} is targeted by an adapter but lies outside the decoder blocks, and "
+                    "per-layer routers route only the blocks; use a routing() context or a single router"
+                )
+            if not fs.block_routing or self.block is None:
+                return out
+            r = fs.block_routing.get(self.block)  # per-layer routers
+            if r is None:
+                return out
+        r = r.on(x.device)
+        x2 = x.reshape(-1, self.in_f)
+        if self.outside:
+            r = self._outside_routing(fs, r, x, x2)
+        if x2.shape[0] != r.topk_ids.shape[0]:
+            raise RuntimeError(
+                f"molora_ops: {self.name} got {x2.shape[0]} tokens but this forward was routed for "
+                f"{r.topk_ids.shape[0]} (batch x new tokens); modules called on other token sets are not supported"
+            )
+        o2 = out.view(-1, self.out_f)
+        x2 = x2.to(o2.dtype).contiguous()  # under autocast the base output's dtype is the compute dtype
+        if torch.is_autocast_enabled(x.device.type):
+            # The LoRA math runs in the base output's dtype with float32 accumulation, not re-cast by autocast.
+            with torch.autocast(x.device.type, enabled=False):
+                return self._add(module, fs, r, x, x2, out, o2)
+        return self._add(module, fs, r, x, x2, out, o2)
+
+    def _outside_routing(self, fs, r, x, x2):
+        """lm_head's routing: all S positions, or the last L of each sequence (an int logits_to_keep = L)."""
+        keep = fs.logits_to_keep
+        if isinstance(keep, torch.Tensor):
+            raise RuntimeError(
+                f"molora_ops: {self.name} is routed, but logits_to_keep was given as a tensor (explicit positions or "
+                "a mask), so which routed positions it sees is not known; pass an int logits_to_keep (last N "
+                "positions) or 0 (all)"
+            )
+        b, s, t = fs.batch, fs.seq, x2.shape[0]
+        if t == b * s:
+            return r
+        keep_n = int(x.shape[-2]) if x.dim() >= 3 else -1
+        if x.dim() >= 3 and x.shape[0] == b and 0 < keep_n < s and t == b * keep_n:
+            key = ("tail", keep_n, r.topk_ids.device)
+            hit = fs.deltas.get(key)
+            if hit is None:
+                hit = fs.deltas[key] = tail_routing(r, b, s, keep_n, len(self.state.adapter_names))
+            return hit
+        raise RuntimeError(
+            f"molora_ops: {self.name} got input {tuple(x.shape)} but this forward was routed for {b} sequences x {s} "
+            "new tokens; only all positions or the last N of each sequence (logits_to_keep=N) are supported"
+        )
+
+    def _add(self, module, fs, r, x, x2, out, o2):
+        """Add this module's routed LoRA delta (and routed bias delta, if its adapters changed its bias) into
+        the base output; returns the output (a new tensor only when autograd needs the bias add out of place)."""
+        be = self.state.backend
+        if self.group is None:
+            a, b = self._stacks(module, x2.dtype)
+            routed_lora(x2, a, b, r.topk_ids, r.topk_weights, scaling=module.molora_scaling, out=o2, backend=be,
+                        plan=r.plan, validate=False)
+        else:
+            hit = fs.deltas.get(self.group.key)
+            if hit is None or hit[0] is not x:
+                a, b = self._stacks(self.group.leader, x2.dtype)
+                delta = routed_lora(x2, a, b, r.topk_ids, r.topk_weights, scaling=None, backend=be, plan=r.plan,
+                                    validate=False)
+                hit = fs.deltas[self.group.key] = (x, delta)
+            o2.add_(hit[1][:, self.out_slice])
+        bias = getattr(module, "molora_bias_delta", None)
+        if bias is None:
+            return out
+        return add_routed_bias(o2, r.topk_ids, r.topk_weights, bias).view(out.shape)
+
+
+
+def block_index(state, module_name: str) -> Optional[int]:
+    prefix = state.blocks_prefix
+    if prefix is None or not module_name.startswith(prefix):
+        return None
+    head = module_name[len(prefix) :].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
