@@ -78,15 +78,25 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """t in `dtype`, the cast cached per tensor (weights are cast once, not per call)."""
+def _as(t: Tensor, dtype: torch.dtype, cache: bool = True) -> Tensor:
+    """t in `dtype`; the cast of a weight (cache=True) is made once per tensor version, not per call."""
     if t.dtype == dtype:
         return t
-    return _CACHE.get(t, f"as-{dtype}", lambda: t.to(dtype))
+    return _CACHE.get(t, f"as-{dtype}", lambda: t.to(dtype)) if cache else t.to(dtype)
 
 
 def _all_finite(t: Tensor) -> bool:
     return _CACHE.get(t, "finite", lambda: bool(torch.isfinite(t).all()))
+
+
+def _dense_b(b: Tensor) -> Optional[Tensor]:
+    """lora_b [N, H_out, R] laid out [N * R, H_out] (contiguous), or None when b holds a non-finite value;
+    cached per weight tensor."""
+
+    def make():
+        return b.transpose(1, 2).reshape(-1, b.shape[1]).contiguous() if bool(torch.isfinite(b).all()) else None
+
+    return _CACHE.get(b, "dense-b", make)
 
 
 def _host_list(t: Tensor) -> list:
@@ -129,8 +139,12 @@ class RankSpace:
 
 # ------------------------------------------------------------------------------------------ CPU strategies
 # Each strategy works in the compute dtype cd (float32, float64 for float64 inputs): x, A and B arrive in cd and
-# `acc` is the [T, H_out] cd tensor to add into (out itself when out.dtype == cd). `alphas` is a host list of
-# per-adapter scales, `scale` the same as a [N] cd tensor (None = 1).
+# `acc` is the [T, H_out] cd tensor to add into (out itself when out.dtype == cd). `scale` is None (1) or the
+# caller's [N] tensor; strategies that scale a GEMM's alpha read it as a host list (cached per tensor version).
+def _alphas(scale: Optional[Tensor]) -> Optional[list]:
+    return None if scale is None else _host_list(scale)
+
+
 class _Rows:
     """Runs (e, start, stop) of consecutive rows that all use adapter e with weight 1."""
 
@@ -146,8 +160,8 @@ class _Rows:
             torch.mm(x[lo:hi], a[e].t(), out=h[lo:hi])
         return h
 
-    def expand_(self, h, b, acc, alphas, scale):
-        del scale
+    def expand_(self, h, b, acc, scale):
+        alphas = _alphas(scale)
         if self.whole:
             e = self.runs[0][0]
             acc.addmm_(h, b[e].t(), alpha=alphas[e] if alphas else 1.0)
@@ -155,8 +169,8 @@ class _Rows:
         for e, lo, hi in self.runs:
             acc[lo:hi].addmm_(h[lo:hi], b[e].t(), alpha=alphas[e] if alphas else 1.0)
 
-    def add_(self, x, a, b, acc, alphas, scale):
-        del scale
+    def add_(self, x, a, b, acc, scale):
+        alphas = _alphas(scale)
         if self.whole:
             e = self.runs[0][0]
             acc.addmm_(x @ a[e].t(), b[e].t(), alpha=alphas[e] if alphas else 1.0)
@@ -166,24 +180,29 @@ class _Rows:
 
 
 class _PerAdapter:
-    """Pairs (e, t, c): token t uses adapter e with coefficient c (a host float; duplicate slots summed)."""
+    """Pairs (e, t, c): token t uses adapter e with coefficient c (a host float; duplicate slots summed).
+    With one token (decode batch 1) x and out are used whole, without per-pair row views."""
 
-    def __init__(self, pairs: list):
-        self.pairs = pairs
+    def __init__(self, pairs: list, num_tokens: int):
+        self.pairs, self.single = pairs, num_tokens == 1
 
     def shrink(self, x, a):
-        h = x.new_empty(len(self.pairs), a.shape[1])
-        for i, (e, t, _) in enumerate(self.pairs):
-            torch.mm(x[t : t + 1], a[e].t(), out=h[i : i + 1])
-        return h
+        if self.single:
+            return [x @ a[e].t() for e, _, _ in self.pairs]
+        return [x[t : t + 1] @ a[e].t() for e, t, _ in self.pairs]
 
-    def expand_(self, h, b, acc, alphas, scale):
-        del scale
-        for i, (e, t, c) in enumerate(self.pairs):
-            acc[t : t + 1].addmm_(h[i : i + 1], b[e].t(), alpha=c * alphas[e] if alphas else c)
+    def expand_(self, h, b, acc, scale):
+        alphas = _alphas(scale)
+        for (e, t, c), hp in zip(self.pairs, h):
+            row = acc if self.single else acc[t : t + 1]
+            row.addmm_(hp, b[e].t(), alpha=c * alphas[e] if alphas else c)
 
-    def add_(self, x, a, b, acc, alphas, scale):
-        del scale
+    def add_(self, x, a, b, acc, scale):
+        alphas = _alphas(scale)
+        if self.single:
+            for e, _, c in self.pairs:
+                acc.addmm_(x @ a[e].t(), b[e].t(), alpha=c * alphas[e] if alphas else c)
+            return
         for e, t, c in self.pairs:
             acc[t : t + 1].addmm_(x[t : t + 1] @ a[e].t(), b[e].t(), alpha=c * alphas[e] if alphas else c)
 
@@ -201,8 +220,8 @@ class _Grouped:
             torch.mm(xg[lo:hi], a[e].t(), out=h[lo:hi])
         return h.mul_(self.coef)
 
-    def expand_(self, h, b, acc, alphas, scale):
-        del scale
+    def expand_(self, h, b, acc, scale):
+        alphas = _alphas(scale)
         y = h.new_empty(h.shape[0], b.shape[1])
         for e, lo, hi in self.segments:
             if alphas:
@@ -211,13 +230,8 @@ class _Grouped:
                 torch.mm(h[lo:hi], b[e].t(), out=y[lo:hi])
         acc.index_add_(0, self.tokens, y)
 
-    def add_(self, x, a, b, acc, alphas, scale):
-        self.expand_(self.shrink(x, a), b, acc, alphas, scale)
-
-
-def _flat_b(b: Tensor) -> Tensor:
-    """lora_b [N, H_out, R] laid out [N * R, H_out] (contiguous), cached per weight tensor."""
-    return _CACHE.get(b, "flat", lambda: b.transpose(1, 2).reshape(-1, b.shape[1]).contiguous())
+    def add_(self, x, a, b, acc, scale):
+        self.expand_(self.shrink(x, a), b, acc, scale)
 
 
 class _Dense:
@@ -238,17 +252,18 @@ class _Dense:
             return torch.where(self.routed, h * self.coef, torch.zeros((), dtype=h.dtype))
         return h.mul_(self.coef)
 
-    def expand_(self, h, b, acc, alphas, scale):
+    def expand_(self, h, b, acc, scale):
         if scale is not None:
-            h = h * scale.view(1, -1, 1)
-        if _all_finite(b):
-            acc.addmm_(h.reshape(h.shape[0], h.shape[1] * h.shape[2]), _flat_b(b))
+            h = h * _as(scale, h.dtype).view(1, -1, 1)
+        flat = _dense_b(b)
+        if flat is not None:
+            acc.addmm_(h.reshape(h.shape[0], h.shape[1] * h.shape[2]), flat)
             return
         for e, rows in self._rows_per_adapter():
             acc.index_add_(0, rows, h[rows, e] @ b[e].t())
 
-    def add_(self, x, a, b, acc, alphas, scale):
-        self.expand_(self.shrink(x, a), b, acc, alphas, scale)
+    def add_(self, x, a, b, acc, scale):
+        self.expand_(self.shrink(x, a), b, acc, scale)
 
     def _rows_per_adapter(self) -> list:
         if self._fallback is None:
@@ -257,15 +272,27 @@ class _Dense:
         return self._fallback
 
 
-def choose_strategy(num_tokens: int, top_k: int, num_adapters: int, num_active: int, num_pairs: int) -> str:
-    """The CPU strategy for per-token top-k routing (for_sequences always uses "rows").
+def choose_strategy(num_tokens: int, num_adapters: int, num_active: int, num_pairs: int) -> str:
+    """The CPU strategy for top-k routing: num_pairs distinct routed (token, adapter) pairs, num_active adapters
+    with at least one.
 
-    num_pairs: distinct routed (token, adapter) pairs; num_active: adapters with at least one.
+    Measured by bench/runtime_strategies.py (H 512, R 16, N 8, float32, 1 thread, AMD EPYC shared by others,
+    torch 2.13; us per add_, interleaved medians; the base projection x @ W.T is 25-37 us at T = 1, 55-110 at
+    T = 4-8, 290 at T = 32, 5900 at T = 1024):
+        T=1 top-2 (2 pairs):       per_adapter 22   dense 36    grouped 70
+        T=4 top-2, all active:     per_adapter 144  dense 59    grouped 127
+        T=8 top-2, all active:     dense 88         grouped 234
+        T=8 top-2, 2 active:       dense 60         grouped 58
+        T=32 top-2, all active:    dense 180        grouped 276
+        T=32 top-2, 2 active:      dense 180        grouped 130
+        T=64 top-2:                dense 217        grouped 231
+        T=256 / 1024 top-2:        dense 1115/2928  grouped 660/1468
+    A matmul pair costs ~10 us at decode sizes, so one per pair wins up to 3 pairs; the dense GEMMs cost
+    ~T * N and win while T * N <= 512 with more than half the adapters active; grouped wins from there.
     """
-    del top_k
-    if num_pairs <= 4:
+    if num_pairs <= 3:
         return "per_adapter"
-    if num_tokens <= 32 and num_active * 2 >= num_adapters:
+    if num_tokens * num_adapters <= 512 and 2 * num_active > num_adapters:
         return "dense"
     return "grouped"
 
@@ -333,13 +360,11 @@ class RoutedBatch:
             strategy = "ops"
         elif name != "torch" or topk_ids.device.type != "cpu":
             strategy = "backend"
-        elif seq_ids is not None:
-            strategy, runs = "rows", _runs(seq_ids.tolist(), seq_len, num_adapters)
+        elif seq_ids is not None and _rows_pay(runs := _runs(seq_ids.tolist(), seq_len, num_adapters), seq_len):
+            strategy = "rows"
         else:
-            counts = (plan.seg_offsets[1:] - plan.seg_offsets[:-1]).tolist()
-            pairs = _distinct_pairs(topk_ids, num_adapters)
-            strategy = choose_strategy(topk_ids.shape[0], topk_ids.shape[1], num_adapters,
-                                       sum(c > 0 for c in counts), pairs)
+            active = int((plan.seg_offsets[1:] > plan.seg_offsets[:-1]).sum())
+            strategy = choose_strategy(topk_ids.shape[0], num_adapters, active, _distinct_pairs(topk_ids, num_adapters))
         return cls(topk_ids, topk_weights, num_adapters, name, requested, plan, strategy, (seq_ids, seq_len), runs)
 
     def to(self, device) -> "RoutedBatch":
@@ -366,7 +391,7 @@ class RoutedBatch:
             valid = (ids >= 0) & (ids < self.num_adapters)
             w = torch.where(valid, self.topk_weights.detach().to(cd), torch.zeros((), dtype=cd))
             if self.strategy == "per_adapter":
-                return _PerAdapter(_merged_pairs(ids, valid, w))
+                return _PerAdapter(_merged_pairs(ids, valid, w), self.num_tokens)
             if self.strategy == "dense":
                 coef = torch.zeros(self.num_tokens, self.num_adapters, dtype=cd)
                 coef.scatter_add_(1, torch.where(valid, ids, 0), w)
@@ -404,7 +429,7 @@ class RoutedBatch:
             h = _backends.get(self.backend).shrink(x, lora_a, self.topk_ids, self.topk_weights, self._ones, self.plan)
             return RankSpace("backend", h, x, lora_a)
         cd = _compute_dtype(x)
-        return RankSpace(self.strategy, self._strategy(cd).shrink(x.to(cd), _as(lora_a, cd)), x, lora_a)
+        return RankSpace(self.strategy, self._strategy(cd).shrink(_as(x, cd, cache=False), _as(lora_a, cd)), x, lora_a)
 
     def expand_(self, h: RankSpace, lora_b: Tensor, out: Tensor, *, rank_slice=None, scale=None) -> Tensor:
         """out [T, H_out] += sum_k scale[e] * lora_b[e] @ h[t, k, rank_slice]; lora_b [N, H_out, R_i] with R_i the
@@ -420,8 +445,10 @@ class RoutedBatch:
             _backends.get(self.backend).expand(hs, lora_b, self.topk_ids, self.plan, out, True)
             return out
         cd = _compute_dtype(h.x)
-        data = h.data if rank_slice is None else h.data[..., rank_slice]
-        return self._cpu_apply(out, cd, scale, lambda s, acc, al, sc: s.expand_(data, _as(lora_b, cd), acc, al, sc))
+        data = h.data
+        if rank_slice is not None:
+            data = [d[:, rank_slice] for d in data] if isinstance(data, list) else data[..., rank_slice]
+        return self._cpu_run("expand_", out, cd, data, _as(lora_b, cd), scale)
 
     def add_(self, x: Tensor, lora_a: Tensor, lora_b: Tensor, out: Tensor, *, scale=None) -> Tensor:
         """out [T, H_out] += the routed_lora delta of x [T, H_in] through lora_a [N, R, H_in] and lora_b
@@ -434,19 +461,17 @@ class RoutedBatch:
             )
             return out
         cd = _compute_dtype(x)
-        xc, a, b = x.to(cd), _as(lora_a, cd), _as(lora_b, cd)
-        return self._cpu_apply(out, cd, scale, lambda s, acc, al, sc: s.add_(xc, a, b, acc, al, sc))
+        return self._cpu_run("add_", out, cd, _as(x, cd, cache=False), _as(lora_a, cd), _as(lora_b, cd), scale)
 
-    def _cpu_apply(self, out: Tensor, cd, scale, run) -> Tensor:
-        """Run a CPU strategy into out (directly when out is in cd, else into a cd buffer rounded once)."""
-        alphas = None if scale is None else _host_list(scale)
-        scale_cd = None if scale is None else _as(scale, cd)
-        strategy = self._strategy(cd)
+    def _cpu_run(self, method: str, out: Tensor, cd, *args) -> Tensor:
+        """Run the CPU strategy's `method`(*args[:-1], acc, scale=args[-1]) into out: directly when out is in
+        cd, else into a cd buffer added to out once (one rounding)."""
+        run = getattr(self._strategy(cd), method)
         if out.dtype == cd:
-            run(strategy, out, alphas, scale_cd)
+            run(*args[:-1], out, args[-1])
             return out
         acc = torch.zeros(out.shape, dtype=cd)
-        run(strategy, acc, alphas, scale_cd)
+        run(*args[:-1], acc, args[-1])
         return out.add_(acc)
 
     # --------------------------------------------------------------------------- registered ops (compile, grad)
@@ -520,9 +545,19 @@ def _runs(seq_ids: list, seq_len: int, num_adapters: int) -> list:
     return runs
 
 
+def _rows_pay(runs: list, seq_len: int) -> bool:
+    """Whether per-sequence routing should take the rows strategy: a matmul pair per run costs ~10 us at decode
+    sizes, the dense strategy ~55 us for up to 16 tokens (bench/runtime_strategies.py, "names" regimes), so rows
+    wins up to 4 runs, and always once runs are long (prefill: rows 0.09x base vs grouped 0.13x)."""
+    return len(runs) <= 4 or seq_len >= 8
+
+
 def _distinct_pairs(topk_ids: Tensor, num_adapters: int) -> int:
+    """The number of distinct routed (token, adapter) pairs (duplicate slots count once)."""
     ids = topk_ids.long()
     valid = (ids >= 0) & (ids < num_adapters)
+    if ids.shape[0] * ids.shape[1] > 64:  # only small counts matter to choose_strategy
+        return int(valid.sum())
     if ids.numel() == 0:
         return 0
     key = torch.where(valid, torch.arange(ids.shape[0]).unsqueeze(1) * num_adapters + ids, -1)

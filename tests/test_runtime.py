@@ -132,8 +132,9 @@ def test_for_sequences_rows(case, dtype):
     seq, seq_len = case
     n, r, h_in, h_out = 5, 4, 37, 19
     seq_ids = torch.tensor(seq)
-    batch = RoutedBatch.for_sequences(seq_ids, seq_len, n, backend="torch")
-    assert batch.strategy == "rows" and batch.num_tokens == len(seq) * seq_len and batch.top_k == 1
+    chosen = RoutedBatch.for_sequences(seq_ids, seq_len, n, backend="torch")
+    assert chosen.num_tokens == len(seq) * seq_len and chosen.top_k == 1
+    batch = chosen._with_strategy("rows")
     ids = seq_ids.repeat_interleave(seq_len)[:, None]
     p = make_problem(ids.shape[0], 1, n, r, h_in, h_out, dtype)
     p.topk_ids, p.topk_weights = ids, torch.ones(ids.shape)
@@ -143,8 +144,10 @@ def test_for_sequences_rows(case, dtype):
         got = batch.add_(p.x, p.lora_a, p.lora_b, base.clone(), scale=p.scaling)
         h = batch.shrink(p.x, a_cat)
         got_split = batch.expand_(h, p.lora_b, base.clone(), rank_slice=slice(0, r), scale=p.scaling)
+        got_chosen = chosen.add_(p.x, p.lora_a, p.lora_b, base.clone(), scale=p.scaling)
     assert_parity(got, *_expected(p, base), dtype)
     assert_parity(got_split, *_expected(p, base), dtype, name="shrink + expand_")
+    assert_parity(got_chosen, *_expected(p, base), dtype, name=chosen.strategy)
 
 
 def test_for_sequences_other_strategies_agree():
@@ -369,7 +372,24 @@ def test_build_validates_once():
 
 def test_decision_rule():
     """The regimes the benchmark (bench/runtime_strategies.py) measured."""
-    assert choose_strategy(1, 2, 8, 2, 2) == "per_adapter"  # decode batch 1, top-2
-    assert choose_strategy(8, 2, 8, 8, 16) == "dense"  # decode batch 8, most adapters active
-    assert choose_strategy(1024, 2, 8, 8, 2048) == "grouped"  # prefill
-    assert choose_strategy(0, 2, 8, 0, 0) == "per_adapter"  # nothing to do
+    assert choose_strategy(1, 8, 2, 2) == "per_adapter"  # decode batch 1, top-2
+    assert choose_strategy(8, 8, 8, 16) == "dense"  # decode batch 8, most adapters active
+    assert choose_strategy(32, 8, 2, 64) == "grouped"  # decode batch 32, few adapters active
+    assert choose_strategy(1024, 8, 8, 2048) == "grouped"  # prefill
+    assert choose_strategy(0, 8, 0, 0) == "per_adapter"  # nothing to do
+
+
+@pytest.mark.parametrize("seq,seq_len,expected", (
+    ([3], 1, "rows"), ([1, 1, 6, 6], 1, "rows"), (list(range(8)), 1, "dense"), (list(range(8)), 64, "rows"),
+))
+def test_for_sequences_strategy(seq, seq_len, expected):
+    assert RoutedBatch.for_sequences(torch.tensor(seq), seq_len, 8, backend="torch").strategy == expected
+
+
+def test_build_picks_by_regime():
+    def pick(ids):
+        return RoutedBatch.build(torch.tensor(ids), torch.rand(len(ids), len(ids[0])), 8, backend="torch").strategy
+
+    assert pick([[2, 2]]) == "per_adapter"  # a duplicate slot counts once
+    assert pick([[e, (e + 3) % 8] for e in range(8)]) == "dense"
+    assert pick([[e % 2, -1] for e in range(200)]) == "grouped"
