@@ -1,32 +1,38 @@
 """End-to-end: a random-init Llama-style model with N LoRA adapters on every linear projection.
 
-Variants, each timed on prefill (one forward over the prompt, logits of the last position only) and on one
-KV-cached decode step, at several batch sizes:
+One run times every variant against the same base model, in one process, at every point:
+
+    prefill  one forward over a (batch x seq) prompt writing a static KV cache, logits of the last position
+    decode   one KV-cached step at position `decode_context`, batch 1, 8 and 32
+
+Variants (eager; the ones in COMPILED_VARIANTS also as torch.compile(fullgraph=True, dynamic=False)):
 
     base         the model without adapters
-    ours-topk    molora_ops.patch + mo.routing(adapter_weights=W [B, S, N]): per-token top-k routing
-    ours-names   molora_ops.patch + mo.routing(adapter_names=[...]): one adapter per sequence
-    peft-mixed   PEFT with all N adapters loaded, forward(..., adapter_names=[...]) (PEFT's mixed batch)
+    ours-topk    mo.patch + model(..., adapter_weights=W [B, S, N]): per-token top-k routing given per call
+    ours-router  mo.patch(..., router=TokenRouter(...), top_k=k), no routing argument: the router routes
+    ours-names   mo.patch + model(..., adapter_names=[...]): one adapter per sequence
+    peft-mixed   PEFT with all N adapters loaded, model(..., adapter_names=[...]) (PEFT's mixed batch)
     dense        every adapter computed for every token, then weighted per token (X-LoRA / Arrow), as two
-                 GEMMs per projection over the concatenated adapters
+                 GEMMs per projection over the concatenated adapters, with the same weights W as ours-topk
 
-Before timing, every variant's logits on a small batch are checked against `dense` computed in float32
-(ours-names and peft-mixed against one-hot weights, ours-topk against the same top-k weights): the same
-function, so a variant that disagrees is reported as wrong and not timed.
+Every timed call is one forward with HF's StaticCache followed by `cache.crop(-new_tokens)`, so each call
+sees the same cache length and a compiled decode step does not recompile. Each variant's first call at a
+point is checked against the same function computed densely in float32 (`truth`): a variant that disagrees
+is recorded as "wrong" and not timed there. A compiled variant that cannot be traced with fullgraph=True
+is recorded as "graph_breaks" with dynamo's break count and reasons, never with a time.
 
-Routing contexts are entered inside the timed prefill call (one request = one context = one prefill) and
-outside the timed decode step (a request's context spans all of its decode steps). The adapters are built
-locally with PEFT (init_lora_weights=False, so B is not zero) and saved to a temporary folder.
+Timing interleaves all variants of a point (eager and compiled) round by round, with the point's thread
+count set explicitly (prefill and decode each have their own); each record holds median, p20 and p80 and its
+time over the base model's time in the same mode at the same point.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
-import gc
-import os
+import inspect
 import tempfile
+import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -37,14 +43,20 @@ from torch import nn
 from .env import environment
 from .timing import TimingConfig, time_fn
 
+SCHEMA = 2
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARIANTS = ("base", "ours-topk", "ours-names", "peft-mixed", "dense")
+VARIANTS = ("base", "ours-topk", "ours-router", "ours-names", "peft-mixed", "dense")
+COMPILED_VARIANTS = ("base", "ours-topk", "ours-router", "ours-names")
+MODES = ("eager", "compiled")
 # max |logit diff| / max |logit| against the float32 truth, on top of 3x the base model's own precision error
 VERIFY_TOL = {"float32": 2e-3, "float16": 2e-2, "bfloat16": 5e-2}
+DEFAULT_TIMING = TimingConfig(warmup=1, min_reps=5, max_reps=40, min_time_s=1.0)
 
 
 @dataclass(frozen=True)
 class E2EConfig:
+    """The model, the adapters and the points to time. prefill: (batch, tokens per sequence) shapes."""
+
     hidden: int
     intermediate: int
     layers: int
@@ -54,27 +66,52 @@ class E2EConfig:
     adapters: int = 8
     rank: int = 16
     top_k: int = 2
-    prompt_len: int = 64
-    batches: tuple = (1, 8, 32)
+    prefill: tuple = ((4, 256),)
+    decode_batches: tuple = (1, 8, 32)
+    decode_context: int = 32
+    prefill_threads: int = 2
+    decode_threads: int = 1
+    modes: tuple = MODES
+    compile_backend: str = "inductor"
+    count_graph_breaks: bool = True  # run dynamo's explain (slow) on a variant fullgraph cannot trace
     dtype: str = "float32"
     seed: int = 0
 
     def as_dict(self) -> dict:
         d = asdict(self)
-        d["batches"] = list(self.batches)
+        for key in ("prefill", "decode_batches", "modes"):
+            d[key] = [list(v) if isinstance(v, tuple) else v for v in d[key]]
         return d
 
 
 def grid(name: str) -> E2EConfig:
-    """smoke: a toy for CI; cpu: a small model (~20M parameters); gpu: about 1.1B (TinyLlama's shape)."""
+    """smoke: a toy for CI; cpu: hidden 512, 4 layers (~16M parameters), the issue's CPU model; gpu: about
+    1.1B (TinyLlama's shape), bf16."""
     if name == "smoke":
-        return E2EConfig(64, 128, 2, 4, 2, 256, adapters=3, rank=4, prompt_len=8, batches=(1, 2))
+        return E2EConfig(64, 128, 2, 4, 2, 256, adapters=3, rank=4, prefill=((2, 8),), decode_batches=(1, 2),
+                         decode_context=8)
     if name == "cpu":
-        return E2EConfig(512, 1376, 4, 8, 4, 4096, adapters=8, rank=16, prompt_len=32, batches=(1, 8, 32))
+        return E2EConfig(512, 1376, 4, 8, 4, 4096, prefill=((1, 32), (4, 256)), decode_batches=(1, 8, 32))
     if name == "gpu":
-        return E2EConfig(2048, 5632, 22, 32, 4, 32000, adapters=8, rank=16, prompt_len=512, batches=(1, 8, 32),
-                         dtype="bfloat16")
+        return E2EConfig(2048, 5632, 22, 32, 4, 32000, prefill=((1, 512), (8, 512)), decode_batches=(1, 8, 32),
+                         decode_context=512, dtype="bfloat16")
     raise ValueError(f"unknown e2e grid {name!r}; expected smoke, cpu or gpu")
+
+
+@dataclass(frozen=True)
+class Point:
+    """One timed shape: `seq` new tokens per sequence on top of `past` cached ones, run with `threads`."""
+
+    phase: str
+    batch: int
+    seq: int
+    past: int
+    threads: int
+
+
+def points(cfg: E2EConfig) -> list[Point]:
+    pre = [Point("prefill", b, s, 0, cfg.prefill_threads) for b, s in cfg.prefill]
+    return pre + [Point("decode", b, 1, cfg.decode_context, cfg.decode_threads) for b in cfg.decode_batches]
 
 
 # ------------------------------------------------------------------------------------------ model building
@@ -82,10 +119,11 @@ def build_base(cfg: E2EConfig, device: torch.device) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(cfg.seed)
+    longest = max([s for _, s in cfg.prefill] + [cfg.decode_context + 1])
     config = LlamaConfig(
         hidden_size=cfg.hidden, intermediate_size=cfg.intermediate, num_hidden_layers=cfg.layers,
         num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads, vocab_size=cfg.vocab,
-        max_position_embeddings=max(2048, 2 * cfg.prompt_len), tie_word_embeddings=False,
+        max_position_embeddings=max(2048, 2 * longest), tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
     return model.to(device=device, dtype=getattr(torch, cfg.dtype)).eval()
@@ -107,7 +145,8 @@ def build_peft(base: nn.Module, cfg: E2EConfig, save_dir: str):
 
 
 class DenseMixLinear(nn.Module):
-    """base(x) + sum_n W[..., n] * s_n * B_n A_n x over ALL N adapters (two GEMMs), W from `holder`."""
+    """base(x) + sum_n W[b, s, n] * s_n * B_n A_n x[b, s] over ALL N adapters (two GEMMs); W [B, S, N] is read
+    from `holder["weights"]` and must match x's batch and length (None: the base projection alone)."""
 
     def __init__(self, base: nn.Module, a_cat: torch.Tensor, b_cat: torch.Tensor, scale: torch.Tensor, holder: dict):
         super().__init__()
@@ -120,10 +159,10 @@ class DenseMixLinear(nn.Module):
 
     def forward(self, x):
         out = self.base(x)
-        w = self.holder.get("weights")  # [B, S, N] float32
+        w = self.holder.get("weights")
         if w is None:
             return out
-        coef = (w[:, -x.shape[1]:, :] * self.scale).to(x.dtype).repeat_interleave(self.rank, dim=-1)
+        coef = (w * self.scale).to(x.dtype).repeat_interleave(self.rank, dim=-1)
         h = nn.functional.linear(x.to(self.a_cat.dtype), self.a_cat) * coef
         return out + nn.functional.linear(h, self.b_cat).to(out.dtype)
 
@@ -146,153 +185,230 @@ def build_dense(base: nn.Module, peft_model, names: list[str], dtype: torch.dtyp
     return model.eval(), holder
 
 
+# ------------------------------------------------------------------------------------------------ routing
+def routing_weights(cfg: E2EConfig, batch: int, length: int, device) -> torch.Tensor:
+    """[B, L, N] float32 with exactly top_k non-zero probabilities per token (they sum to 1): the first L
+    positions of one fixed draw per batch size, so a call's routing is the prefix of a longer call's."""
+    return _routing_draw(cfg, batch, device)[:, :length]
+
+
 @functools.lru_cache(maxsize=16)
-def routing_weights(cfg: E2EConfig, batch: int, seq: int, device) -> torch.Tensor:
-    """[B, S, N] float32 with exactly top_k non-zero router probabilities per token (they sum to 1).
-    Cached: drawing them is harness work, not part of any variant's cost."""
+def _routing_draw(cfg: E2EConfig, batch: int, device) -> torch.Tensor:
+    """Cached: drawing the weights is harness work, not part of any variant's cost."""
+    longest = max([s for _, s in cfg.prefill] + [cfg.decode_context + 1])
     g = torch.Generator().manual_seed(cfg.seed + 7 + batch)
-    scores = torch.rand(batch, seq, cfg.adapters, generator=g)
+    scores = torch.rand(batch, longest, cfg.adapters, generator=g)
     top, idx = scores.topk(min(cfg.top_k, cfg.adapters), dim=-1)
     w = torch.zeros_like(scores).scatter_(-1, idx, torch.softmax(top, dim=-1))
     return w.to(device)
 
 
-def name_weights(names_per_seq: list[str], names: list[str], seq: int, device) -> torch.Tensor:
-    """One-hot [B, S, N] weights equivalent to adapter_names."""
-    w = torch.zeros(len(names_per_seq), seq, len(names))
-    for i, n in enumerate(names_per_seq):
+def seq_names(names: list[str], batch: int) -> list[str]:
+    """The adapter of each sequence for the names variants: a0, a1, ... cycling."""
+    return [names[i % len(names)] for i in range(batch)]
+
+
+def name_weights(per_seq: list[str], names: list[str], length: int, device) -> torch.Tensor:
+    """One-hot [B, L, N] weights equivalent to adapter_names=per_seq."""
+    w = torch.zeros(len(per_seq), length, len(names))
+    for i, n in enumerate(per_seq):
         w[i, :, names.index(n)] = 1.0
     return w.to(device)
+
+
+def router_weights(router: nn.Module, base: nn.Module, ids: torch.Tensor, top_k: int) -> torch.Tensor:
+    """[B, L, N] weights a layer-0 TokenRouter gives the tokens `ids`: its top-k of softmax(gate(embedding))
+    (a Llama block 0 sees the token embeddings), scattered back to N columns."""
+    probs = router(base.get_input_embeddings()(ids).float())
+    idx, w = router.select(probs, top_k)
+    dense = torch.zeros_like(probs)
+    return dense.scatter_(-1, idx.clamp_min(0).long(), torch.where(idx >= 0, w, torch.zeros_like(w)))
 
 
 # ------------------------------------------------------------------------------------------------ variants
 @dataclass
 class Variant:
+    """A model and how one call of it is routed.
+
+    kind: the routing `truth` reproduces: "none", "topk" (routing_weights), "names" (seq_names) or "router"
+    (the TokenRouter `router`, see router_weights).
+    route(batch, start, length) -> the keyword arguments of a call whose tokens sit at positions
+    start .. start + length - 1 (the dense variant sets its holder instead and returns {})."""
+
     name: str
     model: nn.Module
-    # enter(batch, seq) -> a context manager that routes the forwards run inside it
-    enter: Callable[[int, int], contextlib.AbstractContextManager]
-    kwargs: Callable[[int], dict] = field(default=lambda b: {})
+    kind: str
+    route: Callable[[int, int, int], dict] = field(default=lambda b, start, length: {})
+    router: nn.Module | None = None
 
 
-def _seq_names(names: list[str], batch: int) -> list[str]:
-    return [names[i % len(names)] for i in range(batch)]
+def _dense_route(holder: dict, cfg: E2EConfig, device):
+    def route(b, start, length):
+        holder["weights"] = routing_weights(cfg, b, start + length, device)[:, start:]
+        return {}
+
+    return route
 
 
-def _dense_ctx(holder: dict, weights: torch.Tensor):
-    @contextlib.contextmanager
-    def ctx():
-        holder["weights"] = weights
-        try:
-            yield
-        finally:
-            holder.pop("weights", None)
-
-    return ctx()
-
-
-def make_variant(name: str, base, peft_model, names, cfg, device, adapter_dir: str):
-    """Build one variant's model (a copy of base where it must be changed); adapter_dir holds the saved
-    adapters, one folder per name."""
+def build_variants(wanted: list[str], base, peft_model, names, cfg: E2EConfig, device, adapter_dir: str) -> dict:
+    """{name: Variant or the exception that kept it from being built}. ours-topk and ours-names share one
+    patched copy of base (routing is per call); ours-router patches another copy with a TokenRouter."""
     import molora_ops as mo
 
-    if name == "base":
-        return Variant(name, base, lambda b, s: contextlib.nullcontext())
-    if name == "peft-mixed":
-        return Variant(name, peft_model, lambda b, s: contextlib.nullcontext(),
-                       kwargs=lambda b: {"adapter_names": _seq_names(names, b)})
-    if name == "dense":
-        model, holder = build_dense(base, peft_model, names)
-        return Variant(name, model, lambda b, s: _dense_ctx(holder, routing_weights(cfg, b, s, device)))
-    if name in ("ours-topk", "ours-names"):
-        if not hasattr(mo, "patch"):
-            raise NotImplementedError("molora_ops.patch is not available yet (issue 4)")
-        adapters = {n: os.path.join(adapter_dir, n) for n in names}
-        model = mo.patch(copy.deepcopy(base), adapters=adapters, router=None, top_k=cfg.top_k, backend="auto")
-        if name == "ours-topk":
-            return Variant(name, model, lambda b, s: mo.routing(model, adapter_weights=routing_weights(cfg, b, s, device)))
-        return Variant(name, model, lambda b, s: mo.routing(model, adapter_names=_seq_names(names, b)))
-    raise ValueError(f"unknown variant {name!r}; expected one of {VARIANTS}")
+    built: dict = {}
+    adapters = {n: f"{adapter_dir}/{n}" for n in names}
+    patched: dict = {}
+
+    def ours(router):
+        key = "router" if router is not None else "plain"
+        if key not in patched:
+            patched[key] = mo.patch(copy.deepcopy(base), adapters=adapters, router=router, top_k=cfg.top_k)
+        return patched[key]
+
+    by_names = lambda b, st, ln: {"adapter_names": seq_names(names, b)}  # noqa: E731
+    for name in wanted:
+        try:
+            if name == "base":
+                built[name] = Variant(name, base, "none")
+            elif name == "peft-mixed":
+                built[name] = Variant(name, peft_model, "names", by_names)
+            elif name == "dense":
+                model, holder = build_dense(base, peft_model, names)
+                built[name] = Variant(name, model, "topk", _dense_route(holder, cfg, device))
+            elif name == "ours-topk":
+                built[name] = Variant(name, ours(None), "topk",
+                                      lambda b, st, ln: {"adapter_weights": routing_weights(cfg, b, st + ln, device)})
+            elif name == "ours-names":
+                built[name] = Variant(name, ours(None), "names", by_names)
+            elif name == "ours-router":
+                torch.manual_seed(cfg.seed + 3)
+                router = mo.TokenRouter(cfg.hidden, names, layer=0).to(device).eval()
+                built[name] = Variant(name, ours(router), "router", router=router)
+            else:
+                raise ValueError(f"unknown variant {name!r}; expected one of {VARIANTS}")
+        except Exception as exc:  # recorded per point, so one broken variant does not hide the others
+            built[name] = exc
+    return built
 
 
-
-def _tokens(cfg: E2EConfig, batch: int, seq: int, device, salt: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(cfg.seed + 100 + salt)
+# ------------------------------------------------------------------------------------------------ calls
+def _tokens(cfg: E2EConfig, batch: int, seq: int, device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(cfg.seed + 100 + batch)
     return torch.randint(0, cfg.vocab, (batch, seq), generator=g).to(device)
 
 
-VERIFY_BATCH, VERIFY_SEQ = 2, 16
-
-
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return float((got - want).abs().max()) / max(float(want.abs().max()), 1e-6)
+    return float((got.double() - want).abs().max()) / max(float(want.abs().max()), 1e-6)
+
+
+@functools.lru_cache(maxsize=4)
+def _cache_keyword(model_cls: type) -> str:
+    """transformers >= 5.24 takes the cache as `cache=`, older versions as `past_key_values=`."""
+    return "cache" if "cache" in inspect.signature(model_cls.forward).parameters else "past_key_values"
+
+
+class WrongOutput(Exception):
+    """A variant's logits differ from the float32 dense truth by more than the tolerance."""
+
+
+class GraphBreaks(Exception):
+    """torch.compile(fullgraph=True) could not trace the model called with `kwargs`."""
+
+    def __init__(self, error: str, kwargs: dict):
+        super().__init__(error)
+        self.kwargs = kwargs
 
 
 @torch.inference_mode()
-def _verify(var: Variant, truth_fn, cfg: E2EConfig, device) -> float:
-    """max |logits - truth| / max |truth| on a batch of 2 x min(prompt_len, 16) tokens."""
-    b, s = VERIFY_BATCH, min(cfg.prompt_len, VERIFY_SEQ)
-    ids = _tokens(cfg, b, s, device, salt=1)
-    with var.enter(b, s):
-        got = var.model(input_ids=ids, **var.kwargs(b)).logits.double().cpu()
-    return _rel_err(got, truth_fn(ids, "topk" if var.name in ("ours-topk", "dense") else "names", b, s))
+def _explain(model: nn.Module, kwargs: dict) -> tuple[int | None, list[str]]:
+    """dynamo's graph-break count and distinct reasons (first 5) for one call; (None, [why]) if it fails."""
+    try:
+        ex = torch._dynamo.explain(model)(**kwargs)
+    except Exception as exc:
+        return None, [f"explain failed: {type(exc).__name__}: {str(exc)[:200]}"]
+    reasons = list(dict.fromkeys(str(getattr(r, "reason", r)).splitlines()[0][:200] for r in ex.break_reasons))
+    return ex.graph_break_count, reasons[:5]
 
 
-def _peak_of(fn: Callable[[], object], device) -> int | None:
-    """Peak CUDA memory allocated during one call of fn (weights and cache included); None on CPU, where
-    torch has no allocator statistics."""
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device)
+@dataclass
+class Call:
+    """A prepared, verified call of one variant at one point: `fn()` runs it (forward + cache crop)."""
+
+    fn: Callable[[], torch.Tensor]
+    max_rel_err: float
+    compile_s: float | None = None
 
 
-def _model_bytes(model: nn.Module) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
+def prepare_call(var: Variant, mode: str, pt: Point, cfg: E2EConfig, ckw: str, device,
+                 truth: Callable[[Variant, torch.Tensor], torch.Tensor], tol: float) -> Call:
+    """Fill a StaticCache with the point's `past` tokens (eagerly), build the timed call, run it once (which
+    compiles in compiled mode) and check its logits against `truth`; ckw is the cache keyword
+    (_cache_keyword). Raises GraphBreaks (compiled mode) or WrongOutput."""
+    from transformers import StaticCache
+
+    prompt = _tokens(cfg, pt.batch, pt.past + pt.seq, device)
+    new = prompt[:, pt.past:]
+    cache = StaticCache(config=var.model.config, max_cache_len=pt.past + pt.seq)
+    with torch.inference_mode():
+        if pt.past:
+            var.model(input_ids=prompt[:, :pt.past], use_cache=True, logits_to_keep=1, **{ckw: cache},
+                      **var.route(pt.batch, 0, pt.past))
+    kwargs = dict(input_ids=new, use_cache=True, logits_to_keep=1, **{ckw: cache},
+                  **var.route(pt.batch, pt.past, pt.seq))
+    model = var.model
+    if mode == "compiled":
+        model = torch.compile(var.model, fullgraph=True, dynamic=False, backend=cfg.compile_backend)
+
+    @torch.inference_mode()
+    def fn():
+        out = model(**kwargs).logits
+        cache.crop(-pt.seq)
+        return out
+
+    t0 = time.perf_counter()
+    try:
+        logits = fn()
+    except torch._dynamo.exc.TorchDynamoException as exc:  # anything else is an error, recorded as one
+        if mode != "compiled":
+            raise
+        raise GraphBreaks(f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}", kwargs) from None
+    compile_s = time.perf_counter() - t0 if mode == "compiled" else None
+    err = _rel_err(logits[:, -1].cpu(), truth(var, prompt))
+    if not err <= tol:
+        raise WrongOutput(f"logits differ from the float32 dense truth: max rel err {err:.3g} > tol {tol:.3g}")
+    return Call(fn, err, compile_s)
 
 
-@torch.inference_mode()
-def _measure(var: Variant, cfg: E2EConfig, batch: int, device, timing: TimingConfig) -> dict:
-    from transformers import DynamicCache
+def time_interleaved(fns: dict[str, Callable[[], object]], device, cfg: TimingConfig) -> dict[str, dict]:
+    """Time every callable round by round (the order rotates each round), so that a slow patch of a shared
+    machine hits all of them alike; stops once every callable has min_reps samples and the slowest has spent
+    min_time_s, or after max_reps rounds. Returns {name: {median_ms, p20_ms, p80_ms, n, timer}}."""
+    import statistics
 
-    s = cfg.prompt_len
-    prompt = _tokens(cfg, batch, s, device)
-    kwargs = var.kwargs(batch)
-
-    def prefill():
-        with var.enter(batch, s):
-            return var.model(input_ids=prompt, use_cache=True, logits_to_keep=1, **kwargs)
-
-    t_pre = time_fn(prefill, device, timing)
-    peak_pre = _peak_of(prefill, device)  # one call alone: do_bench's own L2-flush buffer must not count
-
-    nxt = _tokens(cfg, batch, 1, device, salt=2)
-    with var.enter(batch, s):
-        cache = var.model(input_ids=prompt, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1, **kwargs).past_key_values
-
-        def decode():
-            out = var.model(input_ids=nxt, past_key_values=cache, use_cache=True, **kwargs)
-            cache.crop(-1)  # drop the new token: every timed step decodes position s
-            return out
-
-        t_dec = time_fn(decode, device, timing)
-        peak_dec = _peak_of(decode, device)
-    return {
-        "prefill": {"time": t_pre.as_dict(), "tokens_per_s": batch * s / (t_pre.median_ms * 1e-3), "peak_mem_bytes": peak_pre},
-        "decode": {"time": t_dec.as_dict(), "tokens_per_s": batch / (t_dec.median_ms * 1e-3), "peak_mem_bytes": peak_dec},
-    }
+    one = TimingConfig(warmup=0, min_reps=1, max_reps=1, min_time_s=0.0, cuda_rep_ms=cfg.cuda_rep_ms)
+    names = list(fns)
+    for _ in range(cfg.warmup):
+        for n in names:
+            fns[n]()
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    timer = ""
+    for rnd in range(cfg.max_reps):
+        for n in names[rnd % len(names):] + names[:rnd % len(names)]:
+            t = time_fn(fns[n], device, one)
+            samples[n].append(t.median_ms)
+            timer = t.timer
+        done = rnd + 1 >= cfg.min_reps and max(sum(v) for v in samples.values()) >= cfg.min_time_s * 1e3
+        if done:
+            break
+    out = {}
+    for n, v in samples.items():
+        q = statistics.quantiles(v, n=10, method="inclusive") if len(v) > 1 else [v[0]] * 9
+        out[n] = {"median_ms": statistics.median(v), "p20_ms": q[1], "p80_ms": q[7], "n": len(v), "timer": timer}
+    return out
 
 
 def _auto_backend(device: torch.device) -> str | None:
-    """The backend patch(backend="auto") resolves to here."""
+    """The backend patch(backend="auto") resolves to here (None when the runtime does not say)."""
     try:
         from molora_ops import impl
 
@@ -301,81 +417,126 @@ def _auto_backend(device: torch.device) -> str | None:
         return None
 
 
+def _unique_graphs() -> int:
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
+# ------------------------------------------------------------------------------------------------ the run
 def run_e2e(
     cfg: E2EConfig,
     device: torch.device,
     *,
     variants: list[str] | None = None,
-    timing: TimingConfig = TimingConfig(warmup=1, min_reps=3, max_reps=20, min_time_s=0.3),
+    timing: TimingConfig = DEFAULT_TIMING,
     progress: Callable[[str], None] | None = None,
     grid_name: str | None = None,
 ) -> list[dict]:
-    """Verify and time every variant at every batch size; one record per (variant, batch, phase)."""
+    """Verify and time every variant in every mode at every point; one record per (variant, mode, point).
+    The caller's torch thread count is restored afterwards."""
     variants = list(variants or VARIANTS)
-    env = environment(device)
-    run_id = f"{env['timestamp']}-{uuid.uuid4().hex[:6]}"
-    common = {"suite": "e2e", "grid": grid_name, "run_id": run_id, "env": env, "config": cfg.as_dict(),
-              "timing": asdict(timing), "ours_backend": _auto_backend(device)}
+    threads_before = torch.get_num_threads()
     records: list[dict] = []
     base = build_base(cfg, device)
-    n_params = sum(p.numel() for p in base.parameters())
-    with tempfile.TemporaryDirectory(prefix="molora-bench-") as tmp:
-        peft_model, names = build_peft(base, cfg, tmp)
-        truth_model, truth_holder = build_dense(base, peft_model, names, dtype=torch.float32)
-
-        @torch.inference_mode()
-        def truth(ids, kind, b, s):
-            if kind == "none":
-                return truth_model(input_ids=ids).logits.double().cpu()
-            w = routing_weights(cfg, b, s, device) if kind == "topk" else name_weights(_seq_names(names, b), names, s, device)
-            with _dense_ctx(truth_holder, w):
-                return truth_model(input_ids=ids).logits.double().cpu()
-
-        # The base model's own error in cfg.dtype against float32: a low-precision variant may differ from the
-        # float32 truth by a few times this much before it counts as wrong (the flash-attention rule).
-        ids_v = _tokens(cfg, VERIFY_BATCH, min(cfg.prompt_len, VERIFY_SEQ), device, salt=1)
-        with torch.inference_mode():
-            noise = _rel_err(base(input_ids=ids_v).logits.double().cpu(), truth(ids_v, "none", 0, 0))
-        tol = VERIFY_TOL[cfg.dtype] + 3.0 * noise
-
-        base_times: dict[tuple, float] = {}
-        for vname in variants:
-            rec0 = {**common, "variant": vname, "params": n_params}
-            try:
-                var = make_variant(vname, base, peft_model, names, cfg, device, tmp)
-            except Exception as exc:
-                status = "skipped" if isinstance(exc, NotImplementedError) else "error"
-                records += [{**rec0, "batch": b, "phase": ph, "status": status, "reason": f"{type(exc).__name__}: {exc}"}
-                            for b in cfg.batches for ph in ("prefill", "decode")]
-                continue
-            rec0["model_bytes"] = _model_bytes(var.model)
-            if vname != "base":
-                err = _verify(var, truth, cfg, device)
-                rec0.update(max_rel_err=err, tol=tol, base_precision_err=noise)
-                if not err <= tol:
-                    records += [{**rec0, "batch": b, "phase": ph, "status": "wrong",
-                                 "reason": f"logits differ from the float32 dense truth: max rel err {err:.3g}"}
-                                for b in cfg.batches for ph in ("prefill", "decode")]
-                    continue
-            for b in cfg.batches:
+    run_id = f"{environment(device)['timestamp']}-{uuid.uuid4().hex[:6]}"
+    common = {"suite": "e2e", "schema": SCHEMA, "grid": grid_name, "run_id": run_id, "config": cfg.as_dict(),
+              "timing": asdict(timing), "ours_backend": _auto_backend(device),
+              "params": sum(p.numel() for p in base.parameters()), "cache": "static"}
+    try:
+        with tempfile.TemporaryDirectory(prefix="molora-bench-") as tmp:
+            peft_model, names = build_peft(base, cfg, tmp)
+            built = build_variants(variants, base, peft_model, names, cfg, device, tmp)
+            truth = _truth_fn(cfg, base, peft_model, names, device)
+            explained: dict = {}  # variant -> its graph breaks, counted once (dynamo's explain is slow)
+            for pt in points(cfg):
+                torch.set_num_threads(pt.threads)
                 if progress:
-                    progress(f"{vname} batch={b}")
-                try:
-                    m = _measure(var, cfg, b, device, timing)
-                except Exception as exc:
-                    records += [{**rec0, "batch": b, "phase": ph, "status": "error", "reason": f"{type(exc).__name__}: {exc}"}
-                                for ph in ("prefill", "decode")]
-                    continue
-                for ph, res in m.items():
-                    if vname == "base":
-                        base_times[(b, ph)] = res["time"]["median_ms"]
-                    ref = base_times.get((b, ph))
-                    over = res["time"]["median_ms"] / ref - 1.0 if ref else None
-                    records.append({**rec0, "batch": b, "phase": ph, "status": "ok", **res, "overhead_vs_base": over})
-            if var.model is not base and var.model is not peft_model:
-                del var
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-        del truth_model, peft_model
+                    progress(f"{pt.phase} {pt.batch}x{pt.seq}")
+                records += _run_point(pt, built, cfg, device, truth, timing, common, _cache_keyword(type(base)),
+                                      explained)
+                torch._dynamo.reset()  # compiled code of this point's shapes is not needed again
+    finally:
+        torch.set_num_threads(threads_before)
     return records
+
+
+def _truth_fn(cfg: E2EConfig, base, peft_model, names, device):
+    """truth(variant, ids [B, L]) -> float64 logits [B, V] of the last position, computed with every adapter
+    densely in float32 over the whole sequence (no cache), routed as the variant routes."""
+    model, holder = build_dense(base, peft_model, names, dtype=torch.float32)
+
+    @torch.inference_mode()
+    def truth(var: Variant, ids: torch.Tensor) -> torch.Tensor:
+        b, length = ids.shape
+        weights = {"none": lambda: None,
+                   "topk": lambda: routing_weights(cfg, b, length, device),
+                   "names": lambda: name_weights(seq_names(names, b), names, length, device),
+                   "router": lambda: router_weights(var.router, base, ids, cfg.top_k)}[var.kind]()
+        holder["weights"] = weights
+        try:
+            return model(input_ids=ids, logits_to_keep=1).logits[:, -1].double().cpu()
+        finally:
+            holder.pop("weights", None)
+
+    return truth
+
+
+def _run_point(pt: Point, built: dict, cfg: E2EConfig, device, truth, timing: TimingConfig, common: dict,
+               ckw: str, explained: dict) -> list[dict]:
+    """Prepare (verify, compile) every variant and mode at one point, time the good ones interleaved.
+    explained: {variant: (graph breaks, reasons, where counted)}, filled at the first point that needs it."""
+    env = environment(device)
+    where = {**common, "env": env, "phase": pt.phase, "batch": pt.batch, "seq": pt.seq, "past": pt.past,
+             "threads": torch.get_num_threads()}
+    base_var = built.get("base")
+    noise = 0.0
+    if isinstance(base_var, Variant) and cfg.dtype != "float32":
+        ids = _tokens(cfg, pt.batch, pt.past + pt.seq, device)
+        with torch.inference_mode():
+            noise = _rel_err(base_var.model(input_ids=ids, logits_to_keep=1).logits[:, -1].cpu(), truth(base_var, ids))
+    tol = VERIFY_TOL[cfg.dtype] + 3.0 * noise
+
+    calls: dict[tuple, Call] = {}
+    recs: dict[tuple, dict] = {}
+    for mode in cfg.modes:
+        for name, var in built.items():
+            if mode == "compiled" and name not in COMPILED_VARIANTS:
+                continue
+            rec = recs[(name, mode)] = {**where, "variant": name, "mode": mode, "tol": tol}
+            if mode == "compiled":
+                rec["compile_backend"] = cfg.compile_backend
+            if isinstance(var, Exception):
+                rec.update(status="error", reason=f"{type(var).__name__}: {var}")
+                continue
+            try:
+                call = calls[(name, mode)] = prepare_call(var, mode, pt, cfg, ckw, device, truth, tol)
+                rec.update(max_rel_err=call.max_rel_err, compile_s=call.compile_s)
+                if mode == "compiled":
+                    rec["graph_breaks"] = 0
+            except GraphBreaks as gb:
+                if name not in explained and cfg.count_graph_breaks:
+                    explained[name] = (*_explain(var.model, gb.kwargs), f"{pt.phase} {pt.batch}x{pt.seq}")
+                count, reasons, at = explained.get(name, (None, ["not counted (count_graph_breaks off)"], None))
+                rec.update(status="graph_breaks", graph_breaks=count, break_reasons=reasons, breaks_counted_at=at,
+                           reason=str(gb))
+            except WrongOutput as exc:
+                rec.update(status="wrong", reason=str(exc))
+            except Exception as exc:
+                rec.update(status="error", reason=f"{type(exc).__name__}: {str(exc)[:300]}")
+
+    graphs_before = _unique_graphs()
+    times = time_interleaved({key: c.fn for key, c in calls.items()}, device, timing) if calls else {}
+    recompiles = _unique_graphs() - graphs_before
+    tokens = pt.batch * pt.seq
+    for key, t in times.items():
+        rec = recs[key]
+        rec.update(status="ok", time=t, tokens_per_s=tokens / (t["median_ms"] * 1e-3))
+        if key[1] == "compiled":
+            rec["recompiles_while_timing"] = recompiles
+    for (name, mode), rec in recs.items():
+        if rec.get("status") != "ok":
+            continue
+        base_t, eager_t = times.get(("base", mode)), times.get((name, "eager"))
+        rec["vs_base"] = rec["time"]["median_ms"] / base_t["median_ms"] if base_t else None
+        if mode == "compiled" and eager_t:
+            rec["eager_over_compiled"] = eager_t["median_ms"] / rec["time"]["median_ms"]
+    return list(recs.values())

@@ -13,6 +13,7 @@ from collections import OrderedDict, defaultdict
 from pathlib import Path
 
 from .baselines import BASELINES, OURS
+from .e2e_suite import SCHEMA as E2E_SCHEMA
 from .problems import TRAFFIC_PATTERNS
 
 # sweep tag (prefix before '@') -> the config field that varies along it
@@ -22,8 +23,8 @@ PROVIDER_ORDER = list(OURS) + list(BASELINES)
 ORDER = {v: i for i, v in enumerate(TRAFFIC_PATTERNS + ("float32", "float16", "bfloat16"))}
 COLORS = {"torch": "#1f77b4", "triton": "#2ca02c", "cuda": "#d62728", "reference": "#7f7f7f",
           "peft-loop": "#ff7f0e", "dense": "#9467bd", "gather-bmm": "#8c564b", "base GEMM": "#000000"}
-VARIANT_COLORS = {"base": "#000000", "ours-topk": "#1f77b4", "ours-names": "#17becf", "peft-mixed": "#ff7f0e",
-                  "dense": "#9467bd"}
+VARIANT_COLORS = {"base": "#000000", "ours-topk": "#1f77b4", "ours-router": "#2ca02c", "ours-names": "#17becf",
+                  "peft-mixed": "#ff7f0e", "dense": "#9467bd"}
 
 
 # ------------------------------------------------------------------------------------------- selection
@@ -53,7 +54,8 @@ def run_header(run: list[dict]) -> str:
     versions = ", ".join(f"{k} {e[k]}" for k in ("torch", "triton", "transformers", "peft", "python") if e.get(k))
     parts = [f"**Device: {e['device']}**" + (f" (driver {e['driver']})" if e.get("driver") else ""),
              f"run {e['timestamp']}, git `{(e.get('git_sha') or 'unknown')[:12]}`, grid `{r0.get('grid')}`",
-             versions, f"torch threads: {e.get('torch_threads')}, 1-min load average at start: {e.get('loadavg_1m')}"]
+             versions, f"torch threads: {_threads_note(run) if 'threads' in r0 else e.get('torch_threads')}, "
+                       f"1-min load average at start: {e.get('loadavg_1m')}"]
     timers = sorted({r["time"]["timer"] for r in run if r.get("status") == "ok" and "time" in r})
     if timers:
         parts.append(f"timer: {', '.join(timers)}")
@@ -226,30 +228,156 @@ def ops_section(run: list[dict], *, full: bool, image: str | None) -> str:
 
 
 # -------------------------------------------------------------------------------------------- e2e tables
-def e2e_table(run: list[dict]) -> str:
-    variants = [v for v in VARIANT_COLORS if any(r["variant"] == v for r in run)]
-    head = ["phase", "batch"] + variants
+E2E_MODES = ("eager", "compiled")
+OURS_E2E = ("ours-topk", "ours-router", "ours-names")
+RIVALS_E2E = ("peft-mixed", "dense")
+
+
+def e2e_records(records: list[dict]) -> list[dict]:
+    """The e2e records written by the current suite (schema 2); older runs had other points and no modes."""
+    return [r for r in records if r.get("suite") == "e2e" and r.get("schema") == E2E_SCHEMA]
+
+
+def _point_key(r: dict) -> tuple:
+    return (0 if r["phase"] == "prefill" else 1, r["batch"] * r["seq"], r["batch"])
+
+
+def _point_label(r: dict) -> str:
+    return f"prefill {r['batch']}×{r['seq']}" if r["phase"] == "prefill" else f"decode b{r['batch']}"
+
+
+def _e2e_points(run: list[dict]) -> list[tuple]:
+    """[(phase, batch, seq)] in display order: prefill by size, then decode by batch."""
+    keys = {(r["phase"], r["batch"], r["seq"]): _point_key(r) for r in run}
+    return sorted(keys, key=keys.get)
+
+
+def _e2e_cells(run: list[dict]) -> dict:
+    """{(phase, batch, seq, variant, mode): record}"""
+    return {(r["phase"], r["batch"], r["seq"], r["variant"], r.get("mode", "eager")): r for r in run}
+
+
+def _not_timed(r: dict) -> str:
+    if r["status"] == "graph_breaks":
+        n = r.get("graph_breaks")
+        return f"{n} graph breaks" if n is not None else "graph breaks (count n/a)"
+    return {"skipped": "skip", "wrong": "**WRONG**"}.get(r["status"], r["status"])
+
+
+def e2e_table(run: list[dict], mode: str = "eager") -> str:
+    """One mode as a markdown table: a row per point, median ms and (time / base, same mode, same point)."""
+    cells = _e2e_cells(run)
+    variants = [v for v in VARIANT_COLORS if any(r["variant"] == v and r.get("mode", "eager") == mode for r in run)]
+    head = ["point", "threads"] + variants
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    cells = {(r["phase"], r["batch"], r["variant"]): r for r in run}
-    batches = sorted({r["batch"] for r in run})
-    for phase in ("prefill", "decode"):
-        for b in batches:
-            row = [phase, str(b)]
-            for v in variants:
-                r = cells.get((phase, b, v))
-                if r is None:
-                    row.append("–")
-                elif r["status"] != "ok":
-                    row.append({"skipped": "skip", "wrong": "**WRONG**"}.get(r["status"], r["status"]))
-                else:
-                    text = f"{_fmt_ms(r['time']['median_ms'])} ms"
-                    if v != "base" and r.get("overhead_vs_base") is not None:
-                        text += f" ({r['overhead_vs_base']:+.0%})"
-                    if r.get("peak_mem_bytes"):
-                        text += f", {r['peak_mem_bytes'] / 2**30:.2f} GiB"
-                    row.append(text)
-            lines.append("| " + " | ".join(row) + " |")
+    for ph, b, s in _e2e_points(run):
+        recs = [cells.get((ph, b, s, v, mode)) for v in variants]
+        threads = next((r["threads"] for r in recs if r), "–")
+        row = [_point_label({"phase": ph, "batch": b, "seq": s}), str(threads)]
+        for v, r in zip(variants, recs):
+            if r is None:
+                row.append("–")
+            elif r["status"] != "ok":
+                row.append(_not_timed(r))
+            else:
+                text = f"{_fmt_ms(r['time']['median_ms'])} ms"
+                extras = []
+                if v != "base" and r.get("vs_base") is not None:
+                    extras.append(f"{r['vs_base']:.2f}×")
+                if r.get("eager_over_compiled") is not None:
+                    extras.append(f"eager / compiled {r['eager_over_compiled']:.2f}×")
+                row.append(text + (f" ({'; '.join(extras)})" if extras else ""))
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _ratio(cells: dict, pt: tuple, variant: str, mode: str, field: str = "vs_base"):
+    """(value, None) or (None, why it is missing) for one record's ratio field."""
+    r = cells.get((*pt, variant, mode))
+    if r is None:
+        return None, "not run"
+    if r["status"] != "ok":
+        return None, _not_timed(r).strip("*")
+    return r.get(field), None
+
+
+def _check(measure: str, target: str, values: list[tuple], limit: float, below: bool) -> dict:
+    """One target row from [(label, value or None, why missing)]: passes when every value is measured and
+    on the right side of `limit`."""
+    parts, ok = [], True
+    for label, v, why in values:
+        if v is None:
+            parts.append(f"{label}: {why}")
+            ok = False
+        else:
+            parts.append(f"{label} {v:.2f}×")
+            ok = ok and (v <= limit if below else v >= limit)
+    return {"measure": measure, "target": target, "measured": "; ".join(parts) or "not run", "ok": ok and bool(values)}
+
+
+def _faster_than(cells: dict, pts: list[tuple], rival: str) -> dict:
+    """The target row 'ours faster than `rival`' over every eager point and ours variant; `measured` lists
+    the pairs where ours was not faster (or either was not timed)."""
+    pairs, misses = 0, []
+    for p in pts:
+        theirs = cells.get((*p, rival, "eager"))
+        for v in OURS_E2E:
+            mine = cells.get((*p, v, "eager"))
+            if mine is None or theirs is None:
+                continue
+            pairs += 1
+            label = f"{_point_label(mine)} {v}"
+            if mine["status"] != "ok" or theirs["status"] != "ok":
+                misses.append(f"{label}: not timed")
+            elif theirs["time"]["median_ms"] <= mine["time"]["median_ms"]:
+                misses.append(f"{label} {theirs['time']['median_ms'] / mine['time']['median_ms']:.2f}×")
+    measured = f"{pairs - len(misses)} of {pairs} faster" + (f"; not: {'; '.join(misses)}" if misses else "")
+    return {"measure": f"{rival} time / ours, every point and ours variant (eager)", "target": "> 1× (ours faster)",
+            "measured": measured, "ok": pairs > 0 and not misses}
+
+
+def e2e_targets(run: list[dict]) -> list[dict]:
+    """Issue 10's targets evaluated on one run: [{measure, target, measured, ok}]. The prefill targets are
+    read at the largest prefill point, the decode ones at batch 1 and 8."""
+    cells = _e2e_cells(run)
+    pts = _e2e_points(run)
+    pre = [p for p in pts if p[0] == "prefill"][-1:]
+    dec = [p for p in pts if p[0] == "decode"]
+    dec18 = [p for p in dec if p[1] in (1, 8)]
+    lab = lambda p: _point_label({"phase": p[0], "batch": p[1], "seq": p[2]})  # noqa: E731
+    rows = []
+    for p in pre:
+        rows.append(_check(f"{lab(p)}, per-token top-2 (ours-topk) / base", "≤ 1.25×",
+                           [("eager", *_ratio(cells, p, "ours-topk", "eager"))], 1.25, True))
+        rows.append(_check(f"{lab(p)}, adapter_names (ours-names) / base", "≤ 1.12×",
+                           [("eager", *_ratio(cells, p, "ours-names", "eager"))], 1.12, True))
+    for v in OURS_E2E:
+        rows.append(_check(f"decode b1 and b8, {v} / base", "≤ 1.30×",
+                           [(lab(p), *_ratio(cells, p, v, "eager")) for p in dec18], 1.30, True))
+    for rival in RIVALS_E2E:
+        rows.append(_faster_than(cells, pts, rival))
+    for v in OURS_E2E:
+        rows.append(_check(f"decode, {v}: eager time / compiled time", "≥ 1.5×",
+                           [(lab(p), *_ratio(cells, p, v, "compiled", "eager_over_compiled")) for p in dec], 1.5, False))
+        rows.append(_check(f"compiled {v} / compiled base", "≤ 1.25×",
+                           [(lab(p), *_ratio(cells, p, v, "compiled")) for p in pts], 1.25, True))
+    return rows
+
+
+def targets_table(run: list[dict]) -> str:
+    rows = e2e_targets(run)
+    lines = ["| measure | target | measured (same run) | result |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['measure']} | {r['target']} | {r['measured']} | {'pass' if r['ok'] else '**miss**'} |")
+    passed = sum(r["ok"] for r in rows)
+    return "\n".join(lines) + f"\n\n{passed} of {len(rows)} targets met."
+
+
+def _threads_note(run: list[dict]) -> str:
+    by_phase = defaultdict(set)
+    for r in run:
+        by_phase[r["phase"]].add(r["threads"])
+    return ", ".join(f"{ph} {'/'.join(map(str, sorted(t)))}" for ph, t in sorted(by_phase.items(), reverse=True))
 
 
 def e2e_section(run: list[dict], *, image: str | None) -> str:
@@ -258,12 +386,22 @@ def e2e_section(run: list[dict], *, image: str | None) -> str:
     backend = f"; ours ran backend `{r0['ours_backend']}`" if r0.get("ours_backend") else ""
     model = (f"random-init Llama-style model, {r0.get('params', 0) / 1e6:.0f}M parameters ({c['layers']} layers, "
              f"hidden {c['hidden']}, {c['dtype']}), {c['adapters']} adapters of rank {c['rank']} on all 7 linear "
-             f"projections, top-{c['top_k']} routing, prompt {c['prompt_len']} tokens{backend}")
-    out = [run_header(run), "", f"*End to end* ({model}); median latency, (overhead over the base model)"
-           + (", peak memory" if any(r.get("peak_mem_bytes") for r in run) else "") + ":", "", e2e_table(run), ""]
-    bad = [r for r in run if r["status"] in ("wrong", "error", "skipped")]
+             f"projections, top-{c['top_k']} routing, decode at position {c['decode_context']}{backend}")
+    out = [run_header(run), "",
+           f"*End to end* ({model}). Torch threads per phase: {_threads_note(run)} (one thread is timed with "
+           f"thread CPU time, more with wall time). Every call is one forward with HF's static cache; all variants "
+           f"of a point, eager and compiled, were timed interleaved; each was first checked against the same "
+           f"function computed densely in float32. Compiled = `torch.compile(fullgraph=True, dynamic=False, "
+           f"backend=\"{c.get('compile_backend', 'inductor')}\")`; a variant it cannot trace shows its graph breaks "
+           f"instead of a time. Median latency (time / base in the same mode and run):", ""]
+    for mode in E2E_MODES:
+        if any(r.get("mode", "eager") == mode for r in run):
+            out += [f"*{mode}*:", "", e2e_table(run, mode), ""]
+    out += ["*Targets* (issue 10):", "", targets_table(run), ""]
+    bad = [r for r in run if r["status"] in ("wrong", "error", "skipped", "graph_breaks")]
     if bad:
-        out += ["Not timed: " + "; ".join(sorted({f"{r['variant']} ({r['status']}): {r['reason'][:140]}" for r in bad})) + ".", ""]
+        out += ["Not timed: " + "; ".join(sorted({f"{r['variant']} {r.get('mode', 'eager')} ({r['status']}): "
+                                                 f"{r['reason'][:160]}" for r in bad})) + ".", ""]
     if image:
         out += [f"![end to end on {r0['env']['device']}]({image})", ""]
     return "\n".join(out)
@@ -347,25 +485,36 @@ def _save(plt, fig, path: Path) -> Path:
 
 
 def plot_e2e(run: list[dict], path: Path) -> Path:
+    """Time / base per point and variant, one panel per mode; a variant compile could not trace is marked."""
     plt = _plt()
-    variants = [v for v in VARIANT_COLORS if any(r["variant"] == v and r["status"] == "ok" for r in run)]
-    batches = sorted({r["batch"] for r in run})
-    cells = {(r["phase"], r["batch"], r["variant"]): r for r in run if r["status"] == "ok"}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    width = 0.8 / max(len(variants), 1)
-    for ax, phase in zip(axes, ("prefill", "decode")):
+    cells = _e2e_cells(run)
+    pts = _e2e_points(run)
+    modes = [m for m in E2E_MODES if any(r.get("mode", "eager") == m for r in run)]
+    fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 4.4), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        variants = [v for v in VARIANT_COLORS if v != "base" and (pts and any((*p, v, mode) in cells for p in pts))]
+        width = 0.8 / max(len(variants), 1)
         for i, v in enumerate(variants):
-            ys = [cells[(phase, b, v)]["time"]["median_ms"] if (phase, b, v) in cells else float("nan") for b in batches]
-            ax.bar([j + i * width for j in range(len(batches))], ys, width, label=v, color=VARIANT_COLORS[v])
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
-        ax.set_ylabel("median latency (ms)")
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(_plain())
-        ax.yaxis.set_minor_formatter(_plain())
-        ax.set_title(f"{phase} ({'one forward over the prompt' if phase == 'prefill' else 'one KV-cached step'})", fontsize=10)
-        ax.grid(True, axis="y", which="both", alpha=0.25)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"end to end on {run[0]['env']['device']} ({run[0]['env']['timestamp'][:10]})", fontsize=11)
+            xs = [j + i * width for j in range(len(pts))]
+            ys = [cells[(*p, v, mode)].get("vs_base") if (*p, v, mode) in cells and cells[(*p, v, mode)]["status"] == "ok"
+                  else float("nan") for p in pts]
+            ax.bar(xs, ys, width, label=v, color=VARIANT_COLORS[v])
+            for x, p in zip(xs, pts):
+                r = cells.get((*p, v, mode))
+                if r is not None and r["status"] != "ok":
+                    ax.text(x, 0.05, "graph breaks" if r["status"] == "graph_breaks" else r["status"], rotation=90,
+                            fontsize=7, ha="center", va="bottom", color=VARIANT_COLORS[v])
+        ax.axhline(1.0, color="black", lw=1, ls="--", label="base (same mode)")
+        shown = [r["vs_base"] for (*_, m), r in cells.items() if m == mode and r["status"] == "ok" and r.get("vs_base")]
+        ax.set_ylim(0, 1.15 * max(shown + [1.5]))
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(pts))],
+                      [_point_label({"phase": p[0], "batch": p[1], "seq": p[2]}) for p in pts], fontsize=8)
+        ax.set_ylabel("median time / base")
+        ax.set_title(f"{mode}", fontsize=10)
+        ax.grid(True, axis="y", alpha=0.25)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"end to end on {run[0]['env']['device']} ({run[0]['env']['timestamp'][:10]}), threads: "
+                 f"{_threads_note(run)}", fontsize=10)
     return _save(plt, fig, path)
 
 
@@ -382,7 +531,7 @@ def render(records: list[dict], out_dir: Path, *, readme_root: Path | None = Non
     out_dir = Path(out_dir)
     img_dir = out_dir / "performance"
     readme_root = Path(readme_root or Path.cwd())
-    ops_runs, e2e_runs = latest_runs(records, "ops"), latest_runs(records, "e2e")
+    ops_runs, e2e_runs = latest_runs(records, "ops"), latest_runs(e2e_records(records), "e2e")
     images: dict[str, Path] = {}
     if plots:
         for run in ops_runs:

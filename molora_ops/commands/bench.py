@@ -2,6 +2,7 @@
 
     python -m molora_ops bench --suite ops --grid cpu            # kernel sweep, CPU default grid
     python -m molora_ops bench --suite e2e --grid smoke --quick  # end-to-end toy, seconds
+    python -m molora_ops bench --suite e2e --grid cpu            # issue 10's CPU model, eager and compiled
 """
 
 from __future__ import annotations
@@ -14,13 +15,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--providers", default=None,
                         help="ops: comma-separated providers (reference,peft-loop,dense,gather-bmm,torch,triton,cuda); "
-                             "e2e: variants (base,ours-topk,ours-names,peft-mixed,dense)")
+                             "e2e: variants (base,ours-topk,ours-router,ours-names,peft-mixed,dense)")
     parser.add_argument("--out", default=None,
                         help="jsonl file to append to (default: bench/results/<suite>-<device>.jsonl)")
     parser.add_argument("--no-save", action="store_true", help="print the table without writing results")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's own). On a shared, loaded machine 1 thread gives "
-                             "far steadier numbers: multi-threaded ops stall whenever one of their threads is descheduled")
+                        help="ops: torch CPU threads (default: torch's own). On a shared, loaded machine 1 thread gives "
+                             "far steadier numbers: multi-threaded ops stall whenever one of their threads is descheduled. "
+                             "e2e: ignored; the grid sets the threads of each phase (cpu: prefill 2, decode 1)")
+    parser.add_argument("--modes", default=None,
+                        help="e2e: comma-separated modes, eager and/or compiled (default: both)")
+    parser.add_argument("--compile-backend", default=None,
+                        help="e2e: torch.compile backend of the compiled mode (default: inductor; 'eager' traces "
+                             "with dynamo only, for fast checks)")
     parser.add_argument("--quick", action="store_true", help="a few timed calls per point (smoke runs)")
     parser.add_argument("--verify-only", action="store_true", help="ops: check providers against the reference, no timing")
 
@@ -31,10 +38,10 @@ def run(args) -> int:
 
     from molora_ops.benchmarking import results
     from molora_ops.benchmarking.env import device_slug
-    from molora_ops.benchmarking.report import e2e_table, latest_runs, ops_table, run_header, sweep_tags
+    from molora_ops.benchmarking.report import e2e_section, latest_runs, ops_table, run_header, sweep_tags
     from molora_ops.benchmarking.timing import TimingConfig
 
-    if args.threads:
+    if args.threads and args.suite == "ops":
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     grid_name = args.grid or ("gpu" if device.type == "cuda" else "cpu")
@@ -51,11 +58,17 @@ def run(args) -> int:
         records = ops_suite.run_ops(configs, device, providers=names, timing=timing, grid_name=grid_name,
                                     verify_only=args.verify_only, progress=lambda d: (bar.set_postfix_str(d), bar.update(1)))
     else:
+        import dataclasses
+
         from molora_ops.benchmarking import e2e_suite
 
         cfg = e2e_suite.grid(grid_name)
+        if args.modes:
+            cfg = dataclasses.replace(cfg, modes=tuple(m.strip() for m in args.modes.split(",")))
+        if args.compile_backend:
+            cfg = dataclasses.replace(cfg, compile_backend=args.compile_backend)
         variants = names or list(e2e_suite.VARIANTS)
-        bar = tqdm(total=len(variants) * len(cfg.batches), desc="e2e", unit="run")
+        bar = tqdm(total=len(e2e_suite.points(cfg)), desc="e2e", unit="point")
         kwargs = {"timing": TimingConfig.quick()} if args.quick else {}
         records = e2e_suite.run_e2e(cfg, device, variants=variants, grid_name=grid_name,
                                     progress=lambda d: (bar.set_postfix_str(d), bar.update(1)), **kwargs)
@@ -66,8 +79,8 @@ def run(args) -> int:
         n = results.append(out, records)
         print(f"appended {n} records to {out}")
     run_records = latest_runs(records, args.suite)[0]
-    print(run_header(run_records))
     if args.suite == "ops":
+        print(run_header(run_records))
         if args.verify_only:
             for r in run_records:
                 c = r["config"]
@@ -77,8 +90,8 @@ def run(args) -> int:
             for tag in sweep_tags(run_records):
                 print(f"\n{tag} sweep (median ms):\n{ops_table(run_records, tag)}")
     else:
-        print(e2e_table(run_records))
-    bad = [r for r in records if r["status"] in ("wrong", "error")]
+        print(e2e_section(run_records, image=None))
+    bad = [r for r in records if r["status"] in ("wrong", "error")]  # graph breaks are a result, not a failure
     for r in bad:
         who = r.get("provider") or r.get("variant")
         print(f"{r['status'].upper()}: {who}: {r['reason']}")
