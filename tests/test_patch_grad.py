@@ -17,6 +17,7 @@ import torch
 from _hf import ADAPTERS, VOCAB, assert_logits_close, lora_layers, peft_cat, shared_setup
 
 import molora_ops as mo
+from _utils import TOLERANCE, assert_close
 
 ARCHS_GRAD = ("gpt2", "llama")
 
@@ -286,7 +287,10 @@ def test_router_grads_accumulate_through_backward(gpt2):
 
 # ---------------------------------------------------------------------------------- bits and base params
 @pytest.mark.parametrize("spec", ["names", "per_token", "router"])
-def test_logits_bit_identical_with_and_without_grad(setup, spec):
+def test_logits_equal_with_and_without_grad(setup, spec):
+    """Under autograd the layers go through the registered differentiable ops; without it, through the forward's
+    CPU strategy (molora_ops.runtime). Both compute the same float32 sum in a different order: equal to float32
+    rounding, and the tracked path must not change the result otherwise."""
     embeds, _ = _inputs(setup)
     b, s, _ = embeds.shape
     if spec == "router":
@@ -300,11 +304,12 @@ def test_logits_bit_identical_with_and_without_grad(setup, spec):
     e = embeds.clone().requires_grad_(True)
     tracked = model(inputs_embeds=e, **kw).logits
     assert tracked.requires_grad
-    assert torch.equal(tracked.detach(), plain)
+    assert_close(tracked.detach(), plain, **TOLERANCE[torch.float32], name="logits with grad")
     # and the base model's parameters requiring grad (another autograd path into the patched layers)
     for p in model.parameters():
         p.requires_grad_(True)
-    assert torch.equal(model(inputs_embeds=embeds, **kw).logits.detach(), plain)
+    assert_close(model(inputs_embeds=embeds, **kw).logits.detach(), plain, **TOLERANCE[torch.float32],
+                 name="logits with base params requiring grad")
 
 
 def _peft_base_name(name: str) -> str:

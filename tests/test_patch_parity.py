@@ -111,22 +111,27 @@ def test_greedy_generate_matches_peft(setup):
 
 
 @torch.no_grad()
-def test_one_launch_per_fused_group_and_one_plan_per_forward(setup, monkeypatch):
-    """q/k/v (and gate/up) share one routed_lora launch; every launch of a forward reuses the same plan."""
-    import importlib
+def test_one_routing_per_forward_and_one_shrink_per_sibling_group(setup, monkeypatch):
+    """One RoutedBatch per forward serves every layer; q/k/v (and gate/up) share one shrink and each member expands
+    into its own output (no block-diagonal B); other projections make one add_ call."""
+    from molora_ops.runtime import RoutedBatch
 
-    patch_module = importlib.import_module("molora_ops.hf.layers")
     calls = []
-    real = patch_module.routed_lora
+    for method in ("shrink", "expand_", "add_"):
+        real = getattr(RoutedBatch, method)
 
-    def counting(*args, **kwargs):
-        calls.append(kwargs["plan"])
-        return real(*args, **kwargs)
+        def counting(self, *args, _real=real, _name=method, **kwargs):
+            calls.append((_name, self))
+            return _real(self, *args, **kwargs)
 
+        monkeypatch.setattr(RoutedBatch, method, counting)
     model = setup.patched()
-    monkeypatch.setattr(patch_module, "routed_lora", counting)
     with mo.routing(model, adapter_names=["code", "math", "qa"]):
         model(setup.ids)
-    # 4 launches per block on every architecture: q+k+v, o, gate+up, down (GPT-2: c_attn, c_proj, c_fc, c_proj)
-    assert len(calls) == 4 * model.config.num_hidden_layers
-    assert all(p is calls[0] for p in calls)
+    blocks = model.config.num_hidden_layers
+    count = {name: sum(1 for n, _ in calls if n == name) for name in ("shrink", "expand_", "add_")}
+    if setup.arch in ("gpt2", "phi3"):  # fused qkv and gate/up modules (c_attn, qkv_proj, ...) and single ones
+        assert count == {"shrink": 0, "expand_": 0, "add_": 4 * blocks}
+    else:  # q+k+v and gate+up share a shrink; o and down are single
+        assert count == {"shrink": 2 * blocks, "expand_": 5 * blocks, "add_": 2 * blocks}
+    assert all(batch is calls[0][1] for _, batch in calls)

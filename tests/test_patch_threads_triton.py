@@ -43,7 +43,9 @@ def test_threads_never_mix_routing(llama):
                 else:
                     with mo.routing(model, **kw):
                         out = model(llama.ids).logits
-                if not torch.equal(out, expected[key]):
+                # Not bit-equality: a GEMM run from a worker thread may split its work differently (last-bit
+                # differences, ~1e-7 here); another request's routing changes logits by ~1e-1.
+                if not torch.allclose(out, expected[key], rtol=2e-5, atol=2e-5):
                     errors.append(f"thread {key}: routing leaked between threads")
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(f"thread {key}: {exc!r}")

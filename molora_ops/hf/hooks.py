@@ -16,31 +16,11 @@ from typing import Any, Optional
 
 import torch
 
-from ..plan import RoutingPlan, build_plan
+from ..runtime import RoutedBatch
 from .router_state import RouterHistory, attach, history_of
-from .routing import spec_for
+from .routing import RoutingSpec, spec_for
 
-__all__ = ["BackboneHooks", "ForwardState", "ForwardRouting", "tail_routing"]
-
-
-@dataclass
-class ForwardRouting:
-    """The routing of one forward: topk_ids [T, K], topk_weights [T, K] float32 and their shared plan."""
-
-    topk_ids: torch.Tensor
-    topk_weights: torch.Tensor
-    plan: RoutingPlan
-    _moved: dict = field(default_factory=dict)
-
-    def on(self, device: torch.device) -> "ForwardRouting":
-        """This routing on `device` (models split across devices get one copy per device, per forward)."""
-        if self.topk_ids.device == device:
-            return self
-        hit = self._moved.get(device)
-        if hit is None:
-            ids = self.topk_ids.to(device)
-            hit = self._moved[device] = ForwardRouting(ids, self.topk_weights.to(device), self.plan.to(device, ids))
-        return hit
+__all__ = ["BackboneHooks", "ForwardState", "tail_routing"]
 
 
 @dataclass
@@ -58,29 +38,45 @@ class ForwardState:
     input_ids: Optional[torch.Tensor] = None
     attention_mask: Optional[torch.Tensor] = None
     kv_cache: Any = None
-    routing: Optional[ForwardRouting] = None
+    backend: str = "auto"
+    num_adapters: int = 1
+    routing: Optional[RoutedBatch] = None
     router_pending: bool = False
     history: Optional[RouterHistory] = None
-    block_routing: dict = field(default_factory=dict)  # per-layer routers: {block index: ForwardRouting}
-    deltas: dict = field(default_factory=dict)  # fused q/k/v deltas and tail routings of this forward
+    block_routing: dict = field(default_factory=dict)  # per-layer routers: {block index: RoutedBatch}
+    deltas: dict = field(default_factory=dict)  # sibling groups' shared shrinks and tail routings of this forward
     logits_to_keep: Any = None  # the top-level model's logits_to_keep argument (None if not given / unknown)
     token: Any = None
 
-    def set_routing(self, ids: Optional[torch.Tensor], weights: Optional[torch.Tensor], num_adapters: int) -> None:
+    def set_routing(self, ids: Optional[torch.Tensor], weights: Optional[torch.Tensor]) -> None:
+        """Route this forward's tokens by ids/weights [..., K] (batch-major rows; None or K = 0: the base model).
+        The ids come from a validated spec or a router's top-k, so their values are not re-read."""
         if ids is None or ids.shape[-1] == 0:
             self.routing = None
             return
         ids = ids.reshape(-1, ids.shape[-1]).contiguous()
         weights = weights.reshape(-1, weights.shape[-1]).contiguous()
-        self.routing = ForwardRouting(ids, weights, build_plan(ids, num_adapters))
+        self.routing = RoutedBatch.build(ids, weights, self.num_adapters, backend=self.backend, validate=False)
+
+    def set_spec(self, spec: RoutingSpec) -> None:
+        """Route this forward by a user's spec: one adapter per sequence (names) as contiguous row runs, anything
+        else as per-token top-k. ValueError if the forward's batch is not the spec's."""
+        seq_ids = spec.sequence_ids(self.batch)
+        if seq_ids is None:
+            self.set_routing(*spec.resolve(self.batch, self.seq, self.past_len))
+        elif spec.empty:
+            self.routing = None
+        else:
+            self.routing = RoutedBatch.for_sequences(seq_ids, self.seq, self.num_adapters, backend=self.backend)
 
 
-def tail_routing(r: ForwardRouting, batch: int, seq: int, keep: int, num_adapters: int) -> ForwardRouting:
+def tail_routing(r: RoutedBatch, batch: int, seq: int, keep: int) -> RoutedBatch:
     """The routing of the last `keep` of `seq` positions of each of `batch` sequences (rows are batch-major)."""
     dev = r.topk_ids.device
     rows = (torch.arange(batch, device=dev)[:, None] * seq + torch.arange(seq - keep, seq, device=dev)[None]).reshape(-1)
     ids = r.topk_ids.index_select(0, rows).contiguous()
-    return ForwardRouting(ids, r.topk_weights.index_select(0, rows).contiguous(), build_plan(ids, num_adapters))
+    weights = r.topk_weights.index_select(0, rows).contiguous()
+    return RoutedBatch.build(ids, weights, r.num_adapters, backend=r.backend, validate=False)
 
 
 @dataclass
@@ -260,12 +256,11 @@ class BackboneHooks:
         batch, seq = int(ref.shape[0]), int(ref.shape[1])
         cache, past_len = _cache_and_past(bound)
         fs = ForwardState(batch, seq, past_len, input_ids, _new_token_mask(bound.get("attention_mask"), past_len, seq),
-                          kv_cache=cache)
+                          kv_cache=cache, backend=state.backend, num_adapters=len(state.adapter_names))
         top = state.top_var.get()
         fs.logits_to_keep = top.logits_to_keep if top is not None else bound.get("logits_to_keep")
         if spec is not None:
-            ids, w = spec.resolve(batch, seq, past_len)
-            fs.set_routing(ids, w, len(state.adapter_names))
+            fs.set_spec(spec)
         else:
             fs.router_pending = True
         fs.token = state.fwd_var.set(fs)
@@ -293,16 +288,14 @@ class BackboneHooks:
         if fs is None or not fs.router_pending or state.router is None:
             return None
         fs.router_pending = False
-        ids, w = self._route(state.router, fs, args, kwargs)
-        fs.set_routing(ids, w, len(state.adapter_names))
+        fs.set_routing(*self._route(state.router, fs, args, kwargs))
         return None
 
     def layer_router_pre(self, module, args, kwargs, *, index, router):
         fs = self.state.fwd_var.get()
         if fs is None or not fs.router_pending or not isinstance(self.state.router, (list, tuple, torch.nn.ModuleList)):
             return None
-        ids, w = self._route(router, fs, args, kwargs)
-        fs.set_routing(ids, w, len(self.state.adapter_names))
+        fs.set_routing(*self._route(router, fs, args, kwargs))
         fs.block_routing[index], fs.routing = fs.routing, None
         return None
 

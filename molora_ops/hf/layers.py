@@ -15,7 +15,6 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops import routed_lora
 from .bias import add_routed_bias
 from .hooks import tail_routing
 
@@ -65,7 +64,9 @@ def routed_class(cls: type) -> type:
 
 
 class Group:
-    """Sibling modules whose LoRA deltas are computed together in one launch."""
+    """Sibling modules that read the same input (q/k/v, gate/up): one shrink over their concatenated A
+    (stored on the leader, ``molora_lora_a`` [N, R_1 + ... + R_m, H_in]) serves them all; each member keeps its own
+    B and scaling and adds its own delta straight into its own output."""
 
     def __init__(self, leader: nn.Module, names: list[str]):
         self.leader = leader
@@ -76,7 +77,7 @@ class Group:
 class Slot:
     """Per patched module: where its stacked weights live and how to add its delta."""
 
-    def __init__(self, state, name: str, in_f: int, out_f: int, ranks: list[int], group=None, out_slice=None,
+    def __init__(self, state, name: str, in_f: int, out_f: int, ranks: list[int], group=None, rank_slice=None,
                  outside: bool = False):
         self.state = state
         self.outside = outside  # lm_head: runs after the backbone, maybe on the last logits_to_keep positions only
@@ -85,7 +86,7 @@ class Slot:
         self.in_f, self.out_f = in_f, out_f
         self.ranks = ranks
         self.group: Optional[Group] = group
-        self.out_slice = out_slice
+        self.rank_slice = rank_slice  # this member's columns of the group's shared rank space
         self._cast: dict = {}
 
     def describe(self) -> str:
@@ -94,14 +95,15 @@ class Slot:
             text += f", fused={'+'.join(self.group.names)}"
         return text
 
-    def _stacks(self, owner: nn.Module, dtype: torch.dtype):
-        a, b = owner.molora_lora_a, owner.molora_lora_b
-        if a.dtype == dtype:
-            return a, b
-        key = (id(owner), dtype, a.device, a.data_ptr())
+    def _cast_to(self, owner: nn.Module, buffer: str, dtype: torch.dtype) -> torch.Tensor:
+        """owner's stacked weight `buffer` in `dtype` (autocast: the base output's dtype), cast once."""
+        w = getattr(owner, buffer)
+        if w.dtype == dtype:
+            return w
+        key = (id(owner), buffer, dtype, w.device, w.data_ptr())
         hit = self._cast.get(key)
         if hit is None:
-            hit = self._cast[key] = (a.to(dtype), b.to(dtype))
+            hit = self._cast[key] = w.to(dtype)
         return hit
 
     def apply(self, module: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -120,7 +122,7 @@ class Slot:
             r = fs.block_routing.get(self.block)  # per-layer routers
             if r is None:
                 return out
-        r = r.on(x.device)
+        r = r.to(x.device)
         x2 = x.reshape(-1, self.in_f)
         if self.outside:
             r = self._outside_routing(fs, r, x, x2)
@@ -154,7 +156,7 @@ class Slot:
             key = ("tail", keep_n, r.topk_ids.device)
             hit = fs.deltas.get(key)
             if hit is None:
-                hit = fs.deltas[key] = tail_routing(r, b, s, keep_n, len(self.state.adapter_names))
+                hit = fs.deltas[key] = tail_routing(r, b, s, keep_n)
             return hit
         raise RuntimeError(
             f"molora_ops: {self.name} got input {tuple(x.shape)} but this forward was routed for {b} sequences x {s} "
@@ -164,24 +166,20 @@ class Slot:
     def _add(self, module, fs, r, x, x2, out, o2):
         """Add this module's routed LoRA delta (and routed bias delta, if its adapters changed its bias) into
         the base output; returns the output (a new tensor only when autograd needs the bias add out of place)."""
-        be = self.state.backend
+        dtype = x2.dtype
+        lora_b = self._cast_to(module, "molora_lora_b", dtype)
         if self.group is None:
-            a, b = self._stacks(module, x2.dtype)
-            routed_lora(x2, a, b, r.topk_ids, r.topk_weights, scaling=module.molora_scaling, out=o2, backend=be,
-                        plan=r.plan, validate=False)
+            r.add_(x2, self._cast_to(module, "molora_lora_a", dtype), lora_b, o2, scale=module.molora_scaling)
         else:
             hit = fs.deltas.get(self.group.key)
-            if hit is None or hit[0] is not x:
-                a, b = self._stacks(self.group.leader, x2.dtype)
-                delta = routed_lora(x2, a, b, r.topk_ids, r.topk_weights, scaling=None, backend=be, plan=r.plan,
-                                    validate=False)
-                hit = fs.deltas[self.group.key] = (x, delta)
-            o2.add_(hit[1][:, self.out_slice])
+            if hit is None or hit[0] is not x:  # the first member called with this input shrinks for the group
+                lora_a = self._cast_to(self.group.leader, "molora_lora_a", dtype)
+                hit = fs.deltas[self.group.key] = (x, r.shrink(x2, lora_a))
+            r.expand_(hit[1], lora_b, o2, rank_slice=self.rank_slice, scale=module.molora_scaling)
         bias = getattr(module, "molora_bias_delta", None)
         if bias is None:
             return out
         return add_routed_bias(o2, r.topk_ids, r.topk_weights, bias).view(out.shape)
-
 
 
 def block_index(state, module_name: str) -> Optional[int]:

@@ -19,20 +19,20 @@ routers, one per decoder block (None for none), routes each block from its own i
 Without a router either the model computes exactly the base.
 
 How it works. Every module that some adapter targets (``nn.Linear`` or GPT-2's ``Conv1D``) is patched as an
-*instance*: its class is swapped for a subclass ``Routed<Class>`` that runs the original forward and then adds
-the routed LoRA delta into the output in place with ``molora_ops.routed_lora(..., out=base_output,
-plan=shared_plan, validate=False)``. Attribute names are unchanged, the stacked weights are non-persistent
+*instance*: its class is swapped for a subclass ``Routed<Class>`` (:mod:`molora_ops.hf.layers`) that runs the
+original forward and then adds the routed LoRA delta into the output in place through the forward's
+:class:`~molora_ops.runtime.RoutedBatch` (validation, backend, plan and CPU strategy prepared once per forward and
+shared by every layer). Attribute names are unchanged, the stacked weights are non-persistent
 buffers, so ``state_dict()`` keys and loading are unchanged and ``model.to(...)`` moves them; ``print(model)``
 shows ``RoutedLinear(..., adapters=3, r=16)``. ``unpatch`` restores the classes and removes the buffers and hooks.
 
 Per target module the N adapters are stacked as lora_a [N, R, H_in] and lora_b [N, H_out, R], zero-padded to
 the largest rank R (a missing adapter is all zeros), with per-adapter scaling [N]. Sibling projections that read
-the same input (``q_proj``/``k_proj``/``v_proj``, ``gate_proj``/``up_proj``: the table ``SIBLING_GROUPS``) are
-fused: their A's are concatenated along R and their B's placed block-diagonally (each member's scaling folded
-into its B block), so the first member called computes the whole group's delta in ONE routed_lora launch and
-each member adds its column slice. Fused modules (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``/``gate_up_proj``) are one
-module already. The block-diagonal B spends (members - 1)/members of the expand FLOPs on zeros, which is cheap
-at LoRA ranks; launches, not FLOPs, dominate at decode sizes.
+the same input (``q_proj``/``k_proj``/``v_proj``, ``gate_proj``/``up_proj``: the table ``SIBLING_GROUPS``) share
+one shrink: their A's are concatenated along R on the first member, the first member called shrinks for the whole
+group, and each member expands its own columns of that rank space with its own B and scaling straight into its own
+output (no block-diagonal B, no extra adds). Fused modules (GPT-2 ``c_attn``, Phi-3 ``qkv_proj``/``gate_up_proj``)
+are one module already.
 
 Modules outside the backbone. The routing of a forward is computed at the start of the backbone (the module that
 holds the decoder blocks). The one module outside it that may be targeted is the model's output embedding
@@ -357,10 +357,12 @@ def _stack(loaded, names, mod_name, in_f, out_f, dtype, device):
 
 
 def _register(state, mod, slot, a, b, s):
-    mod.register_buffer("molora_lora_a", a, persistent=False)
+    """Stacked weights as non-persistent buffers (state_dict keys unchanged; a is None for group members other than
+    the leader, which holds the group's A), then the class swap."""
+    if a is not None:
+        mod.register_buffer("molora_lora_a", a, persistent=False)
     mod.register_buffer("molora_lora_b", b, persistent=False)
-    if s is not None:
-        mod.register_buffer("molora_scaling", s, persistent=False)
+    mod.register_buffer("molora_scaling", s, persistent=False)
     _install(state, mod, slot)
 
 
@@ -381,35 +383,19 @@ def _patch_single(state, loaded, names, mod_name, mod, weight, outside=False):
 
 
 def _patch_group(state, loaded, names, full, mods, ref_param):
+    """Siblings (same input): the leader holds the concatenated A [N, R_1 + ... + R_m, H_in]; every member its own
+    B [N, H_out_i, R_i], scaling [N] and its columns of the shared rank space."""
     weight = ref_param(mods[0])
     in_f = io_features(mods[0])[0]
-    parts = []
-    for f, m in zip(full, mods):
-        a, b, s, ranks = _stack(loaded, names, f, in_f, io_features(m)[1], torch.float32, weight.device)
-        parts.append((a, b * s[:, None, None], ranks))  # scaling folded into each member's B block
-    n = len(names)
-    r_tot = sum(p[0].shape[1] for p in parts)
-    o_tot = sum(p[1].shape[1] for p in parts)
-    a_cat = torch.cat([p[0] for p in parts], dim=1).to(weight.dtype)
-    b_bd = torch.zeros(n, o_tot, r_tot, dtype=torch.float32, device=weight.device)
-    r_off = o_off = 0
-    slices = []
-    for a, b, _ in parts:
-        r_i, o_i = a.shape[1], b.shape[1]
-        b_bd[:, o_off : o_off + o_i, r_off : r_off + r_i] = b
-        slices.append(slice(o_off, o_off + o_i))
-        r_off += r_i
-        o_off += o_i
-    b_bd = b_bd.to(weight.dtype)
-    leaves = [f.rpartition(".")[2] for f in full]
-    group = Group(mods[0], leaves)
-    for i, (f, m) in enumerate(zip(full, mods)):
+    stacks = [_stack(loaded, names, f, in_f, io_features(m)[1], weight.dtype, weight.device) for f, m in zip(full, mods)]
+    a_cat = torch.cat([a for a, _, _, _ in stacks], dim=1)
+    group = Group(mods[0], [f.rpartition(".")[2] for f in full])
+    offset = 0
+    for i, (f, m, (a, b, s, ranks)) in enumerate(zip(full, mods, stacks)):
         in_i, out_i = io_features(m)
-        slot = Slot(state, f, in_i, out_i, parts[i][2], group=group, out_slice=slices[i])
-        if i == 0:
-            _register(state, m, slot, a_cat, b_bd, None)
-        else:
-            _install(state, m, slot)
+        slot = Slot(state, f, in_i, out_i, ranks, group=group, rank_slice=slice(offset, offset + a.shape[1]))
+        offset += a.shape[1]
+        _register(state, m, slot, a_cat if i == 0 else None, b, s)
 
 
 def _restore(state) -> None:

@@ -87,9 +87,11 @@ class RoutingSpec:
         self.order = list(adapter_names_order)
         if (adapter_names is None) == (adapter_weights is None):
             raise ValueError("routing takes exactly one of adapter_names=... or adapter_weights=...")
+        self.seq_ids = None  # [B]: one adapter per sequence with weight 1 (-1 = base), the names form
         if adapter_names is not None:
             ids, w = self._from_names(adapter_names, device)
             self.kind = "seq"
+            self.seq_ids = ids[:, 0]
         else:
             ids, w, self.kind = self._from_weights(adapter_weights, device)
         self.ids_w = (ids, w)
@@ -147,16 +149,27 @@ class RoutingSpec:
         out.__dict__.update(self.__dict__)
         out.ids_w = tuple(t.repeat_interleave(repeats, dim=0) for t in self.ids_w)
         out.batch = self.batch * repeats
+        if self.seq_ids is not None:
+            out.seq_ids = self.seq_ids.repeat_interleave(repeats, dim=0)
         return out
 
-    def resolve(self, batch: int, seq: int, past_len: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """topk ids/weights [batch * seq, K] for a forward of `seq` new tokens after `past_len` cached ones
-        (None, None when no token gets an adapter). ValueError if the forward's batch is not the routing's."""
+    def _check_batch(self, batch: int) -> None:
         if self.batch is not None and self.batch != batch:
             raise ValueError(
                 f"the routing was given for {self.batch} sequences (adapter_names / adapter_weights rows) but the "
                 f"forward has batch size {batch}"
             )
+
+    def sequence_ids(self, batch: int) -> Optional[torch.Tensor]:
+        """[batch] adapter ids (-1 = base) when every sequence uses one adapter with weight 1 (the names form),
+        else None. ValueError if the forward's batch is not the routing's."""
+        self._check_batch(batch)
+        return self.seq_ids
+
+    def resolve(self, batch: int, seq: int, past_len: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """topk ids/weights [batch * seq, K] for a forward of `seq` new tokens after `past_len` cached ones
+        (None, None when no token gets an adapter). ValueError if the forward's batch is not the routing's."""
+        self._check_batch(batch)
         if self.empty:
             return None, None
         ids, w = self.ids_w
