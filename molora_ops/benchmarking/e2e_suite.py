@@ -50,7 +50,7 @@ COMPILED_VARIANTS = ("base", "ours-topk", "ours-router", "ours-names")
 MODES = ("eager", "compiled")
 # max |logit diff| / max |logit| against the float32 truth, on top of 3x the base model's own precision error
 VERIFY_TOL = {"float32": 2e-3, "float16": 2e-2, "bfloat16": 5e-2}
-DEFAULT_TIMING = TimingConfig(warmup=1, min_reps=5, max_reps=40, min_time_s=1.0)
+DEFAULT_TIMING = TimingConfig(warmup=1, min_reps=7, max_reps=40, min_time_s=2.0)
 
 
 @dataclass(frozen=True)
@@ -341,18 +341,21 @@ class Call:
 
 def prepare_call(var: Variant, mode: str, pt: Point, cfg: E2EConfig, ckw: str, device,
                  truth: Callable[[Variant, torch.Tensor], torch.Tensor], tol: float) -> Call:
-    """Fill a StaticCache with the point's `past` tokens (eagerly), build the timed call, run it once (which
-    compiles in compiled mode) and check its logits against `truth`; ckw is the cache keyword
-    (_cache_keyword). Raises GraphBreaks (compiled mode) or WrongOutput."""
+    """Fill a StaticCache with the point's `past` tokens eagerly (at prefill: initialise it with an eager call
+    that is then cropped away, so that compiling sees the cache as every timed call does), build the timed
+    call, run it once (which compiles in compiled mode) and check its logits against `truth`; ckw is the
+    cache keyword (_cache_keyword). Raises GraphBreaks (compiled mode) or WrongOutput."""
     from transformers import StaticCache
 
     prompt = _tokens(cfg, pt.batch, pt.past + pt.seq, device)
     new = prompt[:, pt.past:]
     cache = StaticCache(config=var.model.config, max_cache_len=pt.past + pt.seq)
+    warm = pt.past or pt.seq
     with torch.inference_mode():
-        if pt.past:
-            var.model(input_ids=prompt[:, :pt.past], use_cache=True, logits_to_keep=1, **{ckw: cache},
-                      **var.route(pt.batch, 0, pt.past))
+        var.model(input_ids=prompt[:, :warm], use_cache=True, logits_to_keep=1, **{ckw: cache},
+                  **var.route(pt.batch, 0, warm))
+    if not pt.past:
+        cache.crop(-warm)
     kwargs = dict(input_ids=new, use_cache=True, logits_to_keep=1, **{ckw: cache},
                   **var.route(pt.batch, pt.past, pt.seq))
     model = var.model

@@ -264,8 +264,9 @@ def _not_timed(r: dict) -> str:
     return {"skipped": "skip", "wrong": "**WRONG**"}.get(r["status"], r["status"])
 
 
-def e2e_table(run: list[dict], mode: str = "eager") -> str:
-    """One mode as a markdown table: a row per point, median ms and (time / base, same mode, same point)."""
+def e2e_table(run: list[dict], mode: str = "eager", *, spread: bool = False) -> str:
+    """One mode as a markdown table: a row per point, median ms ([p20, p80] with spread) and (time / base,
+    same mode, same point)."""
     cells = _e2e_cells(run)
     variants = [v for v in VARIANT_COLORS if any(r["variant"] == v and r.get("mode", "eager") == mode for r in run)]
     head = ["point", "threads"] + variants
@@ -280,7 +281,10 @@ def e2e_table(run: list[dict], mode: str = "eager") -> str:
             elif r["status"] != "ok":
                 row.append(_not_timed(r))
             else:
-                text = f"{_fmt_ms(r['time']['median_ms'])} ms"
+                t = r["time"]
+                text = f"{_fmt_ms(t['median_ms'])} ms"
+                if spread:
+                    text += f" [{_fmt_ms(t['p20_ms'])}, {_fmt_ms(t['p80_ms'])}]"
                 extras = []
                 if v != "base" and r.get("vs_base") is not None:
                     extras.append(f"{r['vs_base']:.2f}×")
@@ -380,7 +384,7 @@ def _threads_note(run: list[dict]) -> str:
     return ", ".join(f"{ph} {'/'.join(map(str, sorted(t)))}" for ph, t in sorted(by_phase.items(), reverse=True))
 
 
-def e2e_section(run: list[dict], *, image: str | None) -> str:
+def e2e_section(run: list[dict], *, image: str | None, spread: bool = False) -> str:
     r0 = run[0]
     c = r0["config"]
     backend = f"; ours ran backend `{r0['ours_backend']}`" if r0.get("ours_backend") else ""
@@ -393,10 +397,11 @@ def e2e_section(run: list[dict], *, image: str | None) -> str:
            f"of a point, eager and compiled, were timed interleaved; each was first checked against the same "
            f"function computed densely in float32. Compiled = `torch.compile(fullgraph=True, dynamic=False, "
            f"backend=\"{c.get('compile_backend', 'inductor')}\")`; a variant it cannot trace shows its graph breaks "
-           f"instead of a time. Median latency (time / base in the same mode and run):", ""]
+           f"instead of a time. Median latency{' [p20, p80]' if spread else ''} (time / base in the same mode and run):",
+           ""]
     for mode in E2E_MODES:
         if any(r.get("mode", "eager") == mode for r in run):
-            out += [f"*{mode}*:", "", e2e_table(run, mode), ""]
+            out += [f"*{mode}*:", "", e2e_table(run, mode, spread=spread), ""]
     out += ["*Targets* (issue 10):", "", targets_table(run), ""]
     bad = [r for r in run if r["status"] in ("wrong", "error", "skipped", "graph_breaks")]
     if bad:
@@ -557,7 +562,8 @@ def render(records: list[dict], out_dir: Path, *, readme_root: Path | None = Non
         sections["readme"] += [f"### Kernel: routed_lora on {run[0]['env']['device']}", "",
                                ops_section(run, full=False, image=rel(run, readme_root))]
     for run in e2e_runs:
-        sections["full"] += [f"## End to end on {run[0]['env']['device']}", "", e2e_section(run, image=rel(run, out_dir))]
+        sections["full"] += [f"## End to end on {run[0]['env']['device']}", "",
+                             e2e_section(run, image=rel(run, out_dir), spread=True)]
         sections["readme"] += [f"### End to end on {run[0]['env']['device']}", "",
                                e2e_section(run, image=rel(run, readme_root))]
     sections["readme"] += [f"All sweeps (N, k, r, hidden sizes, dtypes) with p20/p80: "
