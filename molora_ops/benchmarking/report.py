@@ -512,6 +512,7 @@ def plot_e2e(run: list[dict], path: Path) -> Path:
         ax.axhline(1.0, color="black", lw=1, ls="--", label="base (same mode)")
         shown = [r["vs_base"] for (*_, m), r in cells.items() if m == mode and r["status"] == "ok" and r.get("vs_base")]
         ax.set_ylim(0, 1.15 * max(shown + [1.5]))
+        ax.set_xlim(-width, len(pts) - 0.2)  # also when every bar of the panel is missing
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(pts))],
                       [_point_label({"phase": p[0], "batch": p[1], "seq": p[2]}) for p in pts], fontsize=8)
         ax.set_ylabel("median time / base")
