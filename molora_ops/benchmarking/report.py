@@ -254,7 +254,7 @@ def _e2e_points(run: list[dict]) -> list[tuple]:
 
 def _e2e_cells(run: list[dict]) -> dict:
     """{(phase, batch, seq, variant, mode): record}"""
-    return {(r["phase"], r["batch"], r["seq"], r["variant"], r.get("mode", "eager")): r for r in run}
+    return {(r["phase"], r["batch"], r["seq"], r["variant"], r["mode"]): r for r in run}
 
 
 def _not_timed(r: dict) -> str:
@@ -268,7 +268,7 @@ def e2e_table(run: list[dict], mode: str = "eager", *, spread: bool = False) -> 
     """One mode as a markdown table: a row per point, median ms ([p20, p80] with spread) and (time / base,
     same mode, same point)."""
     cells = _e2e_cells(run)
-    variants = [v for v in VARIANT_COLORS if any(r["variant"] == v and r.get("mode", "eager") == mode for r in run)]
+    variants = [v for v in VARIANT_COLORS if any(r["variant"] == v and r["mode"] == mode for r in run)]
     head = ["point", "threads"] + variants
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for ph, b, s in _e2e_points(run):
@@ -396,16 +396,16 @@ def e2e_section(run: list[dict], *, image: str | None, spread: bool = False) -> 
            f"thread CPU time, more with wall time). Every call is one forward with HF's static cache; all variants "
            f"of a point, eager and compiled, were timed interleaved; each was first checked against the same "
            f"function computed densely in float32. Compiled = `torch.compile(fullgraph=True, dynamic=False, "
-           f"backend=\"{c.get('compile_backend', 'inductor')}\")`; a variant it cannot trace shows its graph breaks "
+           f"backend=\"{c['compile_backend']}\")`; a variant it cannot trace shows its graph breaks "
            f"instead of a time. Median latency{' [p20, p80]' if spread else ''} (time / base in the same mode and run):",
            ""]
     for mode in E2E_MODES:
-        if any(r.get("mode", "eager") == mode for r in run):
+        if any(r["mode"] == mode for r in run):
             out += [f"*{mode}*:", "", e2e_table(run, mode, spread=spread), ""]
     out += ["*Targets* (issue 10):", "", targets_table(run), ""]
     bad = [r for r in run if r["status"] in ("wrong", "error", "skipped", "graph_breaks")]
     if bad:
-        out += ["Not timed: " + "; ".join(sorted({f"{r['variant']} {r.get('mode', 'eager')} ({r['status']}): "
+        out += ["Not timed: " + "; ".join(sorted({f"{r['variant']} {r['mode']} ({r['status']}): "
                                                  f"{r['reason'][:160]}" for r in bad})) + ".", ""]
     if image:
         out += [f"![end to end on {r0['env']['device']}]({image})", ""]
@@ -494,7 +494,7 @@ def plot_e2e(run: list[dict], path: Path) -> Path:
     plt = _plt()
     cells = _e2e_cells(run)
     pts = _e2e_points(run)
-    modes = [m for m in E2E_MODES if any(r.get("mode", "eager") == m for r in run)]
+    modes = [m for m in E2E_MODES if any(r["mode"] == m for r in run)]
     fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 4.4), squeeze=False)
     for ax, mode in zip(axes[0], modes):
         variants = [v for v in VARIANT_COLORS if v != "base" and (pts and any((*p, v, mode) in cells for p in pts))]
