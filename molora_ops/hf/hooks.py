@@ -19,6 +19,7 @@ import torch
 from ..runtime import RoutedBatch
 from .router_state import RouterHistory, attach, history_of
 from .routing import RoutingSpec, spec_for
+from .state import tracing
 
 __all__ = ["BackboneHooks", "ForwardState", "tail_routing"]
 
@@ -90,14 +91,17 @@ class _Call:
 
 
 # ------------------------------------------------------------------------------------------------- hooks
-def _cache_and_past(bound: dict):
-    """(the KV cache object or None, cached positions) of a forward, whatever keyword carries the cache."""
+def _cache_and_past(bound: dict, traced: bool):
+    """(the KV cache object or None, cached positions) of a forward, whatever keyword carries the cache. The
+    positions are an int, or while tracing whatever the cache reports (a tensor for a static cache: no host read)."""
     for value in bound.values():
         if value is not None and not isinstance(value, torch.Tensor) and hasattr(value, "get_seq_length"):
-            return value, int(value.get_seq_length())
+            past = value.get_seq_length()
+            return value, past if traced else int(past)
     position = bound.get("cache_position")
     if isinstance(position, torch.Tensor) and position.numel() > 0:
-        return None, int(position.reshape(-1)[0])
+        first = position.reshape(-1)[0]
+        return None, first if traced else int(first)
     return None, 0
 
 
@@ -125,6 +129,16 @@ def _cache_in(output):
     return None
 
 
+def _parameter_names(module: torch.nn.Module) -> Optional[tuple]:
+    """The names of `module.forward`'s positional parameters, in order (None if it has no readable signature)."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in params if p.kind in kinds)
+
+
 class BackboneHooks:
     """The hooks of one patched model: routing kwargs on the top-level model, the forward state on the backbone
     (and on the top-level model when lm_head is routed), and the router's pre-hook on its block."""
@@ -135,7 +149,7 @@ class BackboneHooks:
         top-level model, given when modules outside `backbone` (lm_head) are routed; the forward state then
         lives until the end of its forward."""
         self.state = state
-        self.signature = self._signature(backbone)
+        self.signature = _parameter_names(backbone)
         self.handles = [
             model.register_forward_pre_hook(self.kw_pre, with_kwargs=True),
             model.register_forward_hook(self.kw_post, always_call=True),
@@ -144,7 +158,7 @@ class BackboneHooks:
         ]
         self.top_signature = None
         if top is not None and top is not backbone:
-            self.top_signature = self._signature(top)
+            self.top_signature = _parameter_names(top)
             self.handles += [
                 top.register_forward_pre_hook(self.top_pre, with_kwargs=True),
                 top.register_forward_hook(self.top_post, always_call=True),
@@ -178,32 +192,21 @@ class BackboneHooks:
         self.set_router_block(None)
         self.set_layer_routers([], [])
 
-    @staticmethod
-    def _signature(module):
-        try:
-            return inspect.signature(module.forward)
-        except (TypeError, ValueError):
-            return None
-
-    def _bind(self, args, kwargs, signature=False) -> dict:
-        signature = self.signature if signature is False else signature
-        if signature is not None:
-            try:
-                bound = signature.bind_partial(*args, **kwargs).arguments
-                extra = bound.pop("kwargs", None)  # **kwargs collected by name
-                bound = dict(bound)
-                if isinstance(extra, dict):
-                    for k, v in extra.items():
-                        bound.setdefault(k, v)
-                return bound
-            except TypeError:
-                pass
+    def _bind(self, args, kwargs, names=False) -> dict:
+        """{parameter name: value} of a forward call: positional args named by the forward's signature (read at
+        patch time; plain Python, so torch.compile traces it), keyword args as given."""
+        names = self.signature if names is False else names
         bound = dict(kwargs)
-        if args:
-            bound.setdefault("input_ids", args[0])
+        for name, value in zip(names or ("input_ids",), args):
+            bound.setdefault(name, value)
         return bound
 
     # --- routing kwargs on the top-level call: model(..., adapter_names=[...])
+    # These two run eagerly even inside torch.compile: turning names into ids is host work, and traced it would
+    # make the compiled code guard on every name (one recompile per distinct list). The top-level model's hooks
+    # run outside its compiled forward's frame, so this costs no graph break; the forward reads the spec from the
+    # per-model copy (hf/state.py), guarded on tensor metadata only.
+    @torch.compiler.disable
     def kw_pre(self, module, args, kwargs):
         state = self.state
         names, weights = kwargs.pop("adapter_names", None), kwargs.pop("adapter_weights", None)
@@ -213,6 +216,7 @@ class BackboneHooks:
         call.token = state.kw_var.set(call)
         return args, kwargs
 
+    @torch.compiler.disable
     def kw_post(self, module, args, output):
         state = self.state
         call = state.kw_var.get()
@@ -253,10 +257,12 @@ class BackboneHooks:
         ref = input_ids if input_ids is not None else embeds
         if ref is None:
             return None
-        batch, seq = int(ref.shape[0]), int(ref.shape[1])
-        cache, past_len = _cache_and_past(bound)
-        fs = ForwardState(batch, seq, past_len, input_ids, _new_token_mask(bound.get("attention_mask"), past_len, seq),
-                          kv_cache=cache, backend=state.backend, num_adapters=len(state.adapter_names))
+        batch, seq = ref.shape[0], ref.shape[1]
+        traced = tracing()
+        cache, past_len = _cache_and_past(bound, traced)
+        mask = None if traced else _new_token_mask(bound.get("attention_mask"), past_len, seq)  # for stateful routers
+        fs = ForwardState(batch, seq, past_len, input_ids, mask, kv_cache=cache, backend=state.backend,
+                          num_adapters=len(state.adapter_names))
         top = state.top_var.get()
         fs.logits_to_keep = top.logits_to_keep if top is not None else bound.get("logits_to_keep")
         if spec is not None:
@@ -301,12 +307,22 @@ class BackboneHooks:
 
     def _route(self, router, fs, args, kwargs):
         """Run `router` on the hidden states entering its block. Under grad mode the routing weights keep their
-        graph (the router trains through the patched model); the per-position state is stored detached."""
-        if fs.history is None:
-            cached = history_of(fs.kv_cache) if fs.past_len > 0 else None
-            fs.history = cached if cached is not None else RouterHistory()
+        graph (the router trains through the patched model); a stateful router's per-position state is stored
+        detached beside the cache."""
+        state = None
+        if getattr(router, "stateful", False):
+            if tracing():
+                raise NotImplementedError(
+                    f"molora_ops: {type(router).__name__} keeps per-position state beside the KV cache in Python "
+                    "objects, which torch.compile and CUDA-graph capture cannot follow; run it eagerly, or route "
+                    "with a TokenRouter or a routing() context in compiled or captured models"
+                )
+            if fs.history is None:
+                cached = history_of(fs.kv_cache) if fs.past_len > 0 else None
+                fs.history = cached if cached is not None else RouterHistory()
+            state = fs.history.view(fs.past_len, fs.batch)
         hidden = args[0] if args else kwargs.get("hidden_states")
         probs = router(hidden, input_ids=fs.input_ids, attention_mask=fs.attention_mask, past_len=fs.past_len,
-                       state=fs.history.view(fs.past_len, fs.batch))
+                       state=state)
         return router.select(probs, self.state.top_k)
 

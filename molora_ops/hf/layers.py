@@ -100,6 +100,8 @@ class Slot:
         w = getattr(owner, buffer)
         if w.dtype == dtype:
             return w
+        if torch.compiler.is_compiling():
+            return w.to(dtype)  # a graph op; the compiler hoists or fuses it
         key = (id(owner), buffer, dtype, w.device, w.data_ptr())
         hit = self._cast.get(key)
         if hit is None:

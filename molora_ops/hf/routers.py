@@ -50,6 +50,7 @@ class Router(nn.Module):
     """Base class. Subclasses implement :meth:`forward` -> probabilities [B, S, N]."""
 
     kind = "router"
+    stateful = False  # True: its decision at a position depends on earlier positions, kept beside the KV cache
 
     def __init__(self, adapter_names: Sequence[str], *, layer: int = 0, temperature: float = 1.0):
         super().__init__()
@@ -139,6 +140,7 @@ class ContextRouter(TokenRouter):
     With a KV cache the running sum and count after each position are kept in `state` across decode steps."""
 
     kind = "context"
+    stateful = True  # its running mean continues across cached decode steps (molora_ops.hf.router_state)
 
     def running_mean(self, hidden_states, attention_mask=None, past_len=0, state=None):
         h = self._features(hidden_states)  # [B, S, H]
@@ -173,6 +175,7 @@ class KeywordRouter(Router):
     probabilities are the normalised scores (** 1/T). E.g. {"code": {"def": 0.5}, "math": {"sum": 0.4}}."""
 
     kind = "keyword"
+    stateful = True  # its keyword counts continue across cached decode steps (molora_ops.hf.router_state)
 
     def __init__(self, keywords: Mapping[str, object], tokenizer=None, *, adapter_names=None, layer: int = 0,
                  temperature: float = 1.0):

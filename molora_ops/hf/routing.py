@@ -52,7 +52,7 @@ from typing import Optional
 
 import torch
 
-from .state import state_of
+from .state import state_of, tracing
 
 __all__ = ["routing", "RoutingSpec", "dense_to_topk", "BASE", "spec_for"]
 
@@ -75,28 +75,48 @@ def dense_to_topk(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, torch.where(ids >= 0, w, torch.zeros_like(w))
 
 
+def dense_slots(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., N] dense weights -> ([..., N] int64 ids: n where weights[..., n] != 0, else -1; [..., N] float32
+    weights). The traced form of :func:`dense_to_topk`: K = N slots, no host read, so it can run inside a compiled
+    graph or a captured CUDA graph and follow in-place changes of `weights`; empty slots cost the kernels nothing."""
+    n = weights.shape[-1]
+    ids = torch.arange(n, device=weights.device).expand(weights.shape)
+    live = weights != 0
+    ids = torch.where(live, ids, torch.full_like(ids, -1))
+    return ids, torch.where(live, weights, torch.zeros((), dtype=weights.dtype, device=weights.device)).float()
+
 
 class RoutingSpec:
     """A user's routing request, validated against the patched model's adapters and turned into per-forward
     top-k ids/weights by :meth:`resolve`.
 
     kind "all": one routing for every token (ids [K]); "seq": one per sequence (ids [B, K]); "token": one per
-    token (ids [B, S, K]). `batch` is B (None for "all"); `empty` means no token gets an adapter."""
+    token (ids [B, S, K]). `batch` is B (None for "all"); `empty` means no token gets an adapter.
+
+    Eager forwards use the top-k ids/weights computed once here (K = the most non-zero weights of any token, one
+    host read). Traced forwards (torch.compile, CUDA-graph capture) derive N slots from the weight tensor itself
+    inside the forward (:func:`dense_slots`), so a float32 ``adapter_weights`` tensor on the model's device is used
+    by reference: a captured graph replayed after ``W.copy_(new)`` routes by the new weights. A spec created while
+    tracing (kwargs of a compiled call) skips the host-side checks (finiteness, emptiness)."""
 
     def __init__(self, adapter_names_order: list[str], *, adapter_names=None, adapter_weights=None, device=None):
         self.order = list(adapter_names_order)
         if (adapter_names is None) == (adapter_weights is None):
             raise ValueError("routing takes exactly one of adapter_names=... or adapter_weights=...")
         self.seq_ids = None  # [B]: one adapter per sequence with weight 1 (-1 = base), the names form
+        self.dense = None  # the adapter_weights tensor [N], [B, N] or [B, S, N]
+        self.ids_w = None  # eager top-k ids and weights (None when created while tracing)
         if adapter_names is not None:
-            ids, w = self._from_names(adapter_names, device)
-            self.kind = "seq"
-            self.seq_ids = ids[:, 0]
+            ids, w, self.empty = self._from_names(adapter_names, device)
+            self.kind, self.ids_w, self.seq_ids, self.batch = "seq", (ids, w), ids[:, 0], int(ids.shape[0])
         else:
-            ids, w, self.kind = self._from_weights(adapter_weights, device)
-        self.ids_w = (ids, w)
-        self.batch = None if self.kind == "all" else int(ids.shape[0])
-        self.empty = ids.shape[-1] == 0 or not bool((ids >= 0).any())
+            self.dense = self._from_weights(adapter_weights, device)
+            self.kind = {1: "all", 2: "seq", 3: "token"}[self.dense.dim()]
+            self.batch = None if self.kind == "all" else int(self.dense.shape[0])
+            self.empty = False
+            if not tracing():
+                self.ids_w = dense_to_topk(self.dense)
+                self.empty = self.ids_w[0].shape[-1] == 0
 
     def _from_names(self, adapter_names, device):
         if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
@@ -113,7 +133,7 @@ class RoutingSpec:
             else:
                 raise ValueError(f"adapter_names: unknown adapter {name!r}; known: {self.order + [BASE]}")
         ids_t = torch.tensor(ids, dtype=torch.int64, device=device).reshape(len(ids), 1)  # [B, 1]
-        return ids_t, (ids_t >= 0).to(torch.float32)
+        return ids_t, (ids_t >= 0).to(torch.float32), all(i < 0 for i in ids)
 
     def _from_weights(self, w, device):
         n = len(self.order)
@@ -133,12 +153,9 @@ class RoutingSpec:
                 f"adapter_weights must be [N], [B, N] or [B, S, N] with N = {n} adapters ({self.order}); "
                 f"got shape {tuple(w.shape)}"
             )
-        if not bool(torch.isfinite(w).all()):
+        if not tracing() and not bool(torch.isfinite(w).all()):
             raise ValueError("adapter_weights has NaN or infinite entries")
-        if device is not None:
-            w = w.to(device)
-        ids, tw = dense_to_topk(w)
-        return ids, tw, {1: "all", 2: "seq", 3: "token"}[w.dim()]
+        return w if device is None else w.to(device)
 
     def expanded(self, repeats: int) -> "RoutingSpec":
         """This routing with every sequence's row repeated `repeats` times in a row (generate's beams and
@@ -147,10 +164,13 @@ class RoutingSpec:
             return self
         out = object.__new__(RoutingSpec)
         out.__dict__.update(self.__dict__)
-        out.ids_w = tuple(t.repeat_interleave(repeats, dim=0) for t in self.ids_w)
+        for name in ("ids_w", "seq_ids", "dense"):
+            value = getattr(self, name)
+            if isinstance(value, tuple):
+                setattr(out, name, tuple(t.repeat_interleave(repeats, dim=0) for t in value))
+            elif value is not None:
+                setattr(out, name, value.repeat_interleave(repeats, dim=0))
         out.batch = self.batch * repeats
-        if self.seq_ids is not None:
-            out.seq_ids = self.seq_ids.repeat_interleave(repeats, dim=0)
         return out
 
     def _check_batch(self, batch: int) -> None:
@@ -166,20 +186,26 @@ class RoutingSpec:
         self._check_batch(batch)
         return self.seq_ids
 
-    def resolve(self, batch: int, seq: int, past_len: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """topk ids/weights [batch * seq, K] for a forward of `seq` new tokens after `past_len` cached ones
-        (None, None when no token gets an adapter). ValueError if the forward's batch is not the routing's."""
+    def resolve(self, batch: int, seq: int, past_len) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """topk ids/weights [batch * seq, K] for a forward of `seq` new tokens after `past_len` (an int, or a 0-dim
+        tensor while tracing) cached ones (None, None when no token gets an adapter). ValueError if the forward's
+        batch is not the routing's."""
         self._check_batch(batch)
         if self.empty:
             return None, None
-        ids, w = self.ids_w
+        traced = self.dense is not None and (self.ids_w is None or tracing())
+        ids, w = dense_slots(self.dense) if traced else self.ids_w
         if self.kind == "all":
             k = ids.shape[-1]
             return ids.expand(batch * seq, k), w.expand(batch * seq, k)
         if self.kind == "seq":
             return ids.repeat_interleave(seq, dim=0), w.repeat_interleave(seq, dim=0)
         # per token: absolute positions past_len .. past_len + seq - 1, clamped to the rows given
-        pos = torch.arange(past_len, past_len + seq, device=ids.device).clamp_max(ids.shape[1] - 1)
+        if isinstance(past_len, torch.Tensor):
+            pos = past_len.to(ids.device) + torch.arange(seq, device=ids.device)
+        else:
+            pos = torch.arange(past_len, past_len + seq, device=ids.device)
+        pos = pos.clamp_max(ids.shape[1] - 1)
         return ids[:, pos], w[:, pos]
 
 
