@@ -192,8 +192,40 @@ def patch(model, adapters=None, router=None, top_k: int = 2, backend: str = "aut
         router: optional TokenRouter / ContextRouter / KeywordRouter used when no routing() context is active,
             or a list with one router (or None) per decoder block for per-layer routing.
         top_k: adapters per token chosen by the router.
-        backend: "auto" | "torch" | "triton" | "cuda", passed to molora_ops.routed_lora.
+        backend: "auto" | "torch" | "triton" | "cuda" (see molora_ops.routed_lora).
     """
+    _check_arguments(model, backend, top_k)
+    peft_model, root, loaded = _load(model, adapters)
+    names = list(loaded)
+    targets, wrappers = _discover_targets(root, loaded, peft_model is not None)
+    _check_saved_base_weights(loaded, targets)
+    _refuse_instance_forwards(targets)
+    per_layer = isinstance(router, (list, tuple, nn.ModuleList))
+    _check_routers(router if per_layer else [router], names, _hidden_size(root))
+    deltas = bias_deltas(root, loaded, names, targets)
+
+    state = PatchState(names, backend, router, top_k)
+    backbone, blocks, blocks_name = _find_backbone(root, list(targets))
+    outside = _modules_after_backbone(root, backbone, targets, wrappers, loaded)
+    state.blocks = blocks
+    state.blocks_prefix = None if blocks_name is None else (blocks_name + "." if blocks_name else "")
+    try:
+        _swap_classes(state, loaded, names, targets, outside, deltas)
+        router_block = _place_routers(router, per_layer, blocks, _device_of(targets))
+        state.hooks = BackboneHooks(state, model, backbone, router_block, top=root if outside else None)
+        if per_layer:
+            state.hooks.set_layer_routers(blocks, router)
+        if peft_model is not None:
+            _disable_peft_layers(state, root)
+        install_generate(model, state)
+    except Exception:
+        _restore(state)
+        raise
+    set_state(model, state)
+    return model
+
+
+def _check_arguments(model, backend, top_k) -> None:
     if is_patched(model):
         raise ValueError("model is already patched; call molora_ops.unpatch(model) first")
     if backend not in ("auto", "torch", "triton", "cuda"):
@@ -201,24 +233,25 @@ def patch(model, adapters=None, router=None, top_k: int = 2, backend: str = "aut
     if not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be a positive int, got {top_k!r}")
 
-    peft_model = None
-    root = model
+
+def _load(model, adapters):
+    """(the PeftModel or None, the transformers model to patch, {name: LoraAdapter}) for patch()'s arguments."""
     if hasattr(model, "peft_config") and hasattr(model, "base_model") and hasattr(model.base_model, "model"):
-        peft_model = model
-        names = None if adapters is None or isinstance(adapters, Mapping) else list(adapters)
         if isinstance(adapters, Mapping):
             raise ValueError("for a PeftModel pass adapters=None (all loaded) or a list of loaded adapter names")
-        root, loaded = adapters_from_peft_model(model, names)
-    else:
-        if adapters is None:
-            raise ValueError("patch() needs adapters={name: PEFT directory or state} (or a PeftModel)")
-        loaded = _resolve_adapters(adapters)
-    names = list(loaded)
-    n = len(names)
+        root, loaded = adapters_from_peft_model(model, None if adapters is None else list(adapters))
+        return model, root, loaded
+    if adapters is None:
+        raise ValueError("patch() needs adapters={name: PEFT directory or state} (or a PeftModel)")
+    return None, model, _resolve_adapters(adapters)
 
-    # Which modules to patch, and their (in, out) features.
+
+def _discover_targets(root, loaded, from_peft: bool):
+    """({module name: the projection to patch}, {module name: the module at that name}) over every adapter's
+    targets; for a PeftModel the projection is the LoRA layer's base layer. AdapterError for a missing module, an
+    unsupported kind, or weights of the wrong size."""
     targets: dict[str, nn.Module] = {}
-    wrappers: dict[str, nn.Module] = {}  # the module at that name (a PEFT LoraLayer for a PeftModel)
+    wrappers: dict[str, nn.Module] = {}
     for adapter in loaded.values():
         for mod_name, w in adapter.modules.items():
             try:
@@ -228,7 +261,7 @@ def patch(model, adapters=None, router=None, top_k: int = 2, backend: str = "aut
                     f"adapter {adapter.name!r} targets module {mod_name!r}, which this model does not have"
                 ) from None
             wrappers[mod_name] = mod
-            if peft_model is not None and hasattr(mod, "base_layer"):
+            if from_peft and hasattr(mod, "base_layer"):
                 mod = mod.get_base_layer()
             io = io_features(mod)
             if io is None:
@@ -243,10 +276,14 @@ def patch(model, adapters=None, router=None, top_k: int = 2, backend: str = "aut
                     f"out={out_f}): lora_A {tuple(w.lora_a.shape)}, lora_B {tuple(w.lora_b.shape)}"
                 )
             targets[mod_name] = mod
+    return targets, wrappers
+
+
+def _check_saved_base_weights(loaded, targets) -> None:
+    """PEFT may save lm_head's full base weight (save_embedding_layers): fine only if it is this model's weight."""
+    for adapter in loaded.values():
         for mod_name, saved in adapter.base_weights.items():
-            # PEFT saved lm_head's full base weight (save_embedding_layers): fine only if it is this model's weight
-            mod = targets.get(mod_name)
-            weight = getattr(mod, "weight", None)
+            weight = getattr(targets.get(mod_name), "weight", None)
             if weight is None or tuple(saved.shape) != tuple(weight.shape) or not torch.equal(
                 saved.to(device=weight.device, dtype=weight.dtype), weight.detach()
             ):
@@ -257,86 +294,82 @@ def patch(model, adapters=None, router=None, top_k: int = 2, backend: str = "aut
                     "save_embedding_layers=False if the base weight was not changed)"
                 )
 
-    _refuse_instance_forwards(targets)
-    per_layer = isinstance(router, (list, tuple, nn.ModuleList))
-    _check_routers(router if per_layer else [router], names, _hidden_size(root))
-    deltas = bias_deltas(root, loaded, names, targets)
-    state = PatchState(names, backend, router, top_k)
-    backbone, blocks, blocks_name = _find_backbone(root, list(targets))
-    # Every target must run inside the backbone's forward, or be the output embedding (lm_head) run after it.
+
+def _modules_after_backbone(root, backbone, targets, wrappers, loaded) -> set[str]:
+    """Names of targets that run after the backbone: only the output embedding (lm_head) may. AdapterError for any
+    other target outside the backbone (routing exists only inside the backbone's forward, and for lm_head after)."""
     outside: set[str] = set()
-    if backbone is not root:
-        bb_name = _module_name(root, backbone)
-        bb_prefix = bb_name + "." if bb_name else ""
-        out_emb = _output_embedding(root)
-        for mod_name in targets:
-            if mod_name.startswith(bb_prefix):
-                continue
-            if out_emb is not None and wrappers[mod_name] is out_emb:
-                outside.add(mod_name)
-                continue
-            users = [a.name for a in loaded.values() if mod_name in a.modules]
-            raise AdapterError(
-                f"adapter(s) {users} target module {mod_name!r}, which lies outside the model's backbone "
-                f"({bb_name or type(backbone).__name__}) and is not its output embedding (lm_head); routing exists "
-                "only inside the backbone's forward (and for lm_head after it), so this module is not supported"
-            )
-    state.blocks = blocks
-    state.blocks_prefix = None if blocks_name is None else (blocks_name + "." if blocks_name else "")
+    if backbone is root:
+        return outside
+    bb_name = _module_name(root, backbone)
+    bb_prefix = bb_name + "." if bb_name else ""
+    out_emb = _output_embedding(root)
+    for mod_name in targets:
+        if mod_name.startswith(bb_prefix):
+            continue
+        if out_emb is not None and wrappers[mod_name] is out_emb:
+            outside.add(mod_name)
+            continue
+        users = [a.name for a in loaded.values() if mod_name in a.modules]
+        raise AdapterError(
+            f"adapter(s) {users} target module {mod_name!r}, which lies outside the model's backbone "
+            f"({bb_name or type(backbone).__name__}) and is not its output embedding (lm_head); routing exists "
+            "only inside the backbone's forward (and for lm_head after it), so this module is not supported"
+        )
+    return outside
 
+
+def _swap_classes(state, loaded, names, targets, outside, deltas) -> None:
+    """Stack every target's adapters into buffers and swap its class (sibling groups together)."""
     grouped = _sibling_groups(targets)
-
-    def ref_param(mod):
-        return mod.weight
-
     done = set()
-    try:
-        for mod_name, mod in targets.items():
-            if mod_name in done:
-                continue
-            if mod_name in grouped:
-                full = grouped[mod_name]
-                _patch_group(state, loaded, names, full, [targets[f] for f in full], ref_param)
-                done.update(full)
-            else:
-                _patch_single(state, loaded, names, mod_name, mod, ref_param(mod), outside=mod_name in outside)
-                done.add(mod_name)
-        for mod_name, delta in deltas.items():
-            targets[mod_name].register_buffer("molora_bias_delta", delta, persistent=False)
+    for mod_name, mod in targets.items():
+        if mod_name in done:
+            continue
+        if mod_name in grouped:
+            full = grouped[mod_name]
+            _patch_group(state, loaded, names, full, [targets[f] for f in full])
+            done.update(full)
+        else:
+            _patch_single(state, loaded, names, mod_name, mod, outside=mod_name in outside)
+            done.add(mod_name)
+    for mod_name, delta in deltas.items():
+        targets[mod_name].register_buffer("molora_bias_delta", delta, persistent=False)
 
-        router_block = None
-        device = ref_param(next(iter(targets.values()))).device
-        if per_layer:
-            if blocks is None or len(router) != len(blocks):
-                raise ValueError(
-                    f"per-layer routing needs one router (or None) per decoder block: {len(router)} routers for "
-                    f"{0 if blocks is None else len(blocks)} blocks"
-                )
-            for r in router:
-                if r is not None:
-                    r.to(device=device)
-        elif router is not None:
-            layer = int(getattr(router, "layer", 0))
-            if blocks is None or not (0 <= layer < len(blocks)):
-                raise ValueError(f"router.layer={layer} is not a block index of this model")
-            router_block = blocks[layer]
-            router.to(device=device)
-        state.hooks = BackboneHooks(state, model, backbone, router_block, top=root if outside else None)
-        if per_layer:
-            state.hooks.set_layer_routers(blocks, router)
-        if peft_model is not None:
-            from peft.tuners.lora import LoraLayer
 
-            for mod in root.modules():
-                if isinstance(mod, LoraLayer):
-                    state.peft_layers.append((mod, mod.disable_adapters))
-                    mod._disable_adapters = True  # PEFT's own LoRA off; our patched base_layer adds it
-        install_generate(model, state)
-    except Exception:
-        _restore(state)
-        raise
-    set_state(model, state)
-    return model
+def _device_of(targets) -> torch.device:
+    return next(iter(targets.values())).weight.device
+
+
+def _place_routers(router, per_layer: bool, blocks, device) -> Optional[nn.Module]:
+    """Move the router(s) to the model's device; returns the block whose input a single router reads."""
+    if per_layer:
+        if blocks is None or len(router) != len(blocks):
+            raise ValueError(
+                f"per-layer routing needs one router (or None) per decoder block: {len(router)} routers for "
+                f"{0 if blocks is None else len(blocks)} blocks"
+            )
+        for r in router:
+            if r is not None:
+                r.to(device=device)
+        return None
+    if router is None:
+        return None
+    layer = int(getattr(router, "layer", 0))
+    if blocks is None or not (0 <= layer < len(blocks)):
+        raise ValueError(f"router.layer={layer} is not a block index of this model")
+    router.to(device=device)
+    return blocks[layer]
+
+
+def _disable_peft_layers(state, root) -> None:
+    """A PeftModel's own LoRA layers are switched off (our patched base layers add the adapters instead)."""
+    from peft.tuners.lora import LoraLayer
+
+    for mod in root.modules():
+        if isinstance(mod, LoraLayer):
+            state.peft_layers.append((mod, mod.disable_adapters))
+            mod._disable_adapters = True
 
 
 def _stack(loaded, names, mod_name, in_f, out_f, dtype, device):
@@ -376,16 +409,16 @@ def _install(state, mod, slot):
         state.first_module = mod
 
 
-def _patch_single(state, loaded, names, mod_name, mod, weight, outside=False):
+def _patch_single(state, loaded, names, mod_name, mod, outside=False):
     in_f, out_f = io_features(mod)
-    a, b, s, ranks = _stack(loaded, names, mod_name, in_f, out_f, weight.dtype, weight.device)
+    a, b, s, ranks = _stack(loaded, names, mod_name, in_f, out_f, mod.weight.dtype, mod.weight.device)
     _register(state, mod, Slot(state, mod_name, in_f, out_f, ranks, outside=outside), a, b, s)
 
 
-def _patch_group(state, loaded, names, full, mods, ref_param):
+def _patch_group(state, loaded, names, full, mods):
     """Siblings (same input): the leader holds the concatenated A [N, R_1 + ... + R_m, H_in]; every member its own
     B [N, H_out_i, R_i], scaling [N] and its columns of the shared rank space."""
-    weight = ref_param(mods[0])
+    weight = mods[0].weight
     in_f = io_features(mods[0])[0]
     stacks = [_stack(loaded, names, f, in_f, io_features(m)[1], weight.dtype, weight.device) for f, m in zip(full, mods)]
     a_cat = torch.cat([a for a, _, _, _ in stacks], dim=1)

@@ -191,9 +191,9 @@ class RoutingSpec:
         tensor while tracing) cached ones (None, None when no token gets an adapter). ValueError if the forward's
         batch is not the routing's."""
         self._check_batch(batch)
-        if self.empty:
-            return None, None
         traced = self.dense is not None and (self.ids_w is None or tracing())
+        if self.empty and not traced:  # traced: W is read inside the forward, it may be non-zero by replay time
+            return None, None
         ids, w = dense_slots(self.dense) if traced else self.ids_w
         if self.kind == "all":
             k = ids.shape[-1]
