@@ -1,8 +1,10 @@
 """molora_ops: fast, exact kernels for routed multi-LoRA inference.
 
 One frozen base model, N LoRA adapters and a router that gives each token its top-k adapters with
-probabilities. `routed_lora` adds sum_k p[t,k] * s[e] * B[e] A[e] x[t] into the base projection's output,
-grouped by adapter, with float32 accumulation; `reference` holds the plain-PyTorch oracle.
+probabilities. `routed_lora` adds each token's weighted mixture of its adapters' LoRA deltas into the base
+projection's output, grouped by adapter, with float32 accumulation; `reference` states the semantics once and
+is the plain-PyTorch oracle. Layers: ops.py / reference.py / plan.py / runtime.py (the op layer), impl/
+(backends), hf/ (the transformers integration, which imports the op layer, never the reverse).
 """
 
 from . import reference

@@ -1,6 +1,4 @@
-"""Benchmark providers: every one computes routed_lora's exact semantics,
-
-    out[t] = sum_k topk_weights[t,k] * scaling[e] * lora_b[e] @ (lora_a[e] @ x[t]),  e = topk_ids[t,k] (-1: none)
+"""Benchmark providers: every one computes routed_lora's exact semantics (molora_ops/reference.py)
 
 the way today's alternatives do it (DESIGN.md section 5):
 

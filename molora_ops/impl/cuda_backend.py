@@ -7,11 +7,11 @@ loaded and registered its kernels, and why not.
 
 Ops (namespace ``molora``; all write into preallocated outputs and return nothing):
     cuda_shrink(x, lora_a, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, h!, path)
-        h [T, K, R] float32 = w * scale[e] * lora_a[e] @ x[t]; zeros for empty slots.
+        h [T, K, R] float32: lora_shrink's semantics (molora_ops/reference.py).
         path 1: one block per (pair, rank tile), BGMV-style, for decode sizes;
         path 2: segmented by adapter with the routing plan (SGMV-style), for prefill sizes.
     cuda_expand(h, lora_b, topk_ids, out!, accumulate)
-        out[t] (+)= sum_k lora_b[e] @ h[t, k]; reduced over k inside one thread (deterministic).
+        lora_expand's semantics; reduced over k inside one thread (deterministic).
     cuda_routed_lora_fused(x, lora_a, lora_b, topk_ids, topk_weights, scale, out!, accumulate)
         shrink and expand in one launch (decode sizes, K * R small).
 
@@ -222,7 +222,7 @@ def shrink(x, lora_a, topk_ids, topk_weights, scale, plan: RoutingPlan) -> torch
 
 
 def expand(h, lora_b, topk_ids, plan: RoutingPlan, out: torch.Tensor, accumulate: bool) -> None:
-    """out[t] (+)= sum_k lora_b[e] @ h[t, k] over non-empty slots, formed in float32, rounded once into out."""
+    """lora_expand into `out` (see molora_ops/reference.py), formed in float32, rounded once into out."""
     if _float64(h, lora_b):
         return _torch_backend().expand(h, lora_b, topk_ids, plan, out, accumulate)
     h = h.float().contiguous()
@@ -232,7 +232,7 @@ def expand(h, lora_b, topk_ids, plan: RoutingPlan, out: torch.Tensor, accumulate
 
 
 def routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale, plan: RoutingPlan, out, accumulate: bool) -> None:
-    """out (+)= sum_k w * scale[e] * lora_b[e] @ (lora_a[e] @ x): one fused launch at decode sizes, else a
+    """routed_lora into `out` (see molora_ops/reference.py): one fused launch at decode sizes, else a
     shrink into a float32 [T, K, R] workspace followed by expand."""
     if _float64(x, scale):
         return _torch_backend().routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale, plan, out, accumulate)

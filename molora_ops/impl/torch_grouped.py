@@ -61,7 +61,7 @@ def shrink(x, lora_a, topk_ids, topk_weights, scale, plan: RoutingPlan) -> torch
 
 
 def expand(h, lora_b, topk_ids, plan: RoutingPlan, out: torch.Tensor, accumulate: bool) -> None:
-    """out[t] (+)= sum_k lora_b[e] @ h[t, k] over non-empty slots, formed in float32, rounded once into out."""
+    """lora_expand into `out` (see molora_ops/reference.py), formed in float32, rounded once into out."""
     del topk_ids
     cd = _compute_dtype(h, lora_b)
     h_flat = h.reshape(-1, h.shape[-1])

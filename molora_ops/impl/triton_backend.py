@@ -1,12 +1,7 @@
 """The `triton` backend: adapter-segmented shrink, token-major expand, and a fused decode path.
 
-Semantics (inputs already validated by the op layer; `scale` is [N] float32/float64; `plan` a RoutingPlan):
-    shrink(x [T, H_in], lora_a [N, R, H_in], topk_ids [T, K], topk_weights [T, K], scale [N], plan)
-        -> h [T, K, R] float32:  h[t, k] = w[t, k] * scale[e] * lora_a[e] @ x[t], zeros for empty slots
-    expand(h [T, K, R], lora_b [N, H_out, R], topk_ids, plan, out [T, H_out], accumulate) -> None:
-        out[t] = (out[t] if accumulate else 0) + sum_k lora_b[e] @ h[t, k] over non-empty slots
-    routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale, plan, out, accumulate) -> None:
-        out[t] = (out[t] if accumulate else 0) + sum_k w[t, k] * scale[e] * lora_b[e] @ (lora_a[e] @ x[t])
+The three device functions of the backend contract (molora_ops/impl/__init__.py; semantics stated once in
+molora_ops/reference.py), inputs already validated by the op layer. With accumulate=False out is overwritten.
 Slots whose id is outside [0, N) (empty, or out of range when validation is off) add nothing and are never
 dereferenced. float32 accumulation throughout; one rounding into out.
 The plan is checked, not trusted: the public ops refuse a plan not built from these topk_ids (molora_ops.plan),
