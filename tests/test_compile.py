@@ -113,8 +113,16 @@ def test_new_names_and_weights_do_not_recompile(setup):
     _assert_no_breaks()
 
 
+def _cache_kw(cache) -> dict:
+    """The KV cache as the installed transformers takes it: ``cache=`` from 5.24, ``past_key_values=`` before."""
+    import inspect
+
+    params = inspect.signature(transformers.LlamaModel.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache, "use_cache": True}
+
+
 def _prefill(model, ids, cache):
-    return model(ids, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    return model(ids, **_cache_kw(cache)).logits[:, -1:].argmax(-1)
 
 
 @torch.no_grad()
@@ -134,11 +142,12 @@ def test_static_cache_decode_does_not_recompile_and_equals_eager(setup, form):
         assert torch.equal(token, _prefill(model, ids, cache_e))
         graphs = None
         for step in range(4):
-            got = compiled(token, cache=cache_c, use_cache=True).logits
-            expected = model(token, cache=cache_e, use_cache=True).logits
+            got = compiled(token, **_cache_kw(cache_c)).logits
+            expected = model(token, **_cache_kw(cache_e)).logits
             assert_logits_close(got, expected, name=f"decode step {step}")
             graphs = _graphs() if graphs is None else graphs
             assert _graphs() == graphs, f"decode step {step} recompiled"
+            assert int(cache_c.get_seq_length()) == ids.shape[1] + step + 1  # the cache really was used
             token = expected[:, -1:].argmax(-1)
     _assert_no_breaks()
 
@@ -220,8 +229,8 @@ def test_inductor_decode_equals_eager_without_recompiles(setup):
         token = _prefill(model, ids, cache_c)
         _prefill(model, ids, cache_e)
         for step in range(3):
-            got = compiled(token, cache=cache_c, use_cache=True).logits
-            expected = model(token, cache=cache_e, use_cache=True).logits
+            got = compiled(token, **_cache_kw(cache_c)).logits
+            expected = model(token, **_cache_kw(cache_e)).logits
             assert_logits_close(got, expected, name=f"inductor decode step {step}", rel=1e-4)
             token = expected[:, -1:].argmax(-1)
     assert _graphs() == 1
