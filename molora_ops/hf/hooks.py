@@ -260,7 +260,8 @@ class BackboneHooks:
         batch, seq = ref.shape[0], ref.shape[1]
         traced = tracing()
         cache, past_len = _cache_and_past(bound, traced)
-        mask = None if traced else _new_token_mask(bound.get("attention_mask"), past_len, seq)  # for stateful routers
+        # the new tokens' padding mask is read only by stateful routers, which never run traced or under a spec
+        mask = None if traced or spec is not None else _new_token_mask(bound.get("attention_mask"), past_len, seq)
         fs = ForwardState(batch, seq, past_len, input_ids, mask, kv_cache=cache, backend=state.backend,
                           num_adapters=len(state.adapter_names))
         top = state.top_var.get()
