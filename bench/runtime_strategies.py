@@ -23,7 +23,7 @@ import time
 import torch
 
 import molora_ops as mo
-from molora_ops.runtime import STRATEGIES, RoutedBatch
+from molora_ops.runtime import STRATEGIES, TRACED_STRATEGIES, RoutedBatch, choose_traced_strategy
 
 
 def _ids(num_tokens: int, top_k: int, num_adapters: int, active: int, gen) -> torch.Tensor:
@@ -127,15 +127,75 @@ def measure_group(T, K, *, h=512, r=16, n=8, repeats=15, gen=None):
     return batch.strategy, {k: statistics.median(v) for k, v in samples.items()}
 
 
+def _routed_layers(strategy: str, layers: int):
+    """A function that builds the routing once and adds `layers` projections' deltas, with `strategy` forced."""
+
+    def fn(x, a, b, out, ids, weights, scale):
+        batch = RoutedBatch.build(ids, weights, a.shape[1], backend="torch", validate=False)._with_strategy(strategy)
+        for i in range(layers):
+            batch.add_(x, a[i], b[i], out[i], scale=scale)
+        return out
+
+    return fn
+
+
+def measure_traced(T, K, *, h=512, r=16, n=8, layers=4, repeats=15, gen=None):
+    """Compiled (inductor, static shapes) us per projection: the routing built once inside the graph, then
+    `layers` add_ calls with distinct weights; the traced strategies, the registered ops ("ops") and the
+    compiled base projection x @ W.T."""
+    x = torch.randn(T, h, generator=gen)
+    a = torch.randn(layers, n, r, h, generator=gen) / h**0.5
+    b = torch.randn(layers, n, h, r, generator=gen) / r**0.5
+    w_base = torch.randn(layers, h, h, generator=gen) / h**0.5
+    ids = _ids(T, K, n, n, gen)
+    weights, scale = torch.rand(T, K, generator=gen), torch.rand(n, generator=gen) + 0.5
+    out = torch.zeros(layers, T, h)
+    torch._dynamo.reset()  # the providers share one code object: a fresh cache per point (no recompile limit)
+
+    def base(x, w):
+        return [x @ w[i].t() for i in range(layers)]
+
+    providers = {"base": lambda f=torch.compile(base, dynamic=False, fullgraph=True): f(x, w_base)}
+    for strategy in TRACED_STRATEGIES + ("ops",):
+        compiled = torch.compile(_routed_layers(strategy, layers), dynamic=False, fullgraph=True)
+        providers[strategy] = lambda f=compiled: f(x, a, b, out, ids, weights, scale)
+    inner = max(1, int(400 / max(T, 1) ** 0.5))
+    samples = {k: [] for k in providers}
+    with torch.no_grad():
+        for fn in providers.values():  # compile and warm up
+            fn()
+            fn()
+        for _ in range(repeats):
+            for key, fn in providers.items():
+                samples[key].append(_time(fn, inner) / layers)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--json", help="append one JSON line per regime to this file")
+    parser.add_argument("--traced-only", action="store_true", help="only the compiled (traced) strategies")
     args = parser.parse_args()
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
     env = {"torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "threads": 1}
     print(f"# {env}; H=512 R=16 N=8 float32; us per add_ call, median of {args.repeats} interleaved repeats")
+    if not args.traced_only:
+        eager_tables(args, gen, env)
+    print("\n# torch.compile (inductor, static shapes), K=2: us per projection (routing built once per 4)")
+    cols = ("base",) + TRACED_STRATEGIES + ("ops",)
+    print(f"{'T':>6s} " + " ".join(f"{c:>14s}" for c in cols) + "  chosen")
+    for T in (1, 8, 32, 1024):
+        us = measure_traced(T, 2, repeats=args.repeats, gen=gen)
+        print(f"{T:6d} " + " ".join(f"{us[c]:14.1f}" for c in cols) + f"  {choose_traced_strategy(T, 2, 8)}")
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps({"regime": f"compiled T={T} top2", "T": T, "K": 2, "us": us, "env": env}) + "\n")
+
+
+def eager_tables(args, gen, env) -> None:
+    """The eager strategies per regime, and the sibling-group comparison."""
     cols = ("base", "op") + STRATEGIES
     print(f"{'regime':28s} " + " ".join(f"{c:>11s}" for c in cols) + "  chosen      /base")
     for regime in regimes():

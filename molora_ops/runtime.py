@@ -8,11 +8,16 @@ with float32 accumulation (float64 for float64 inputs) rounded once into `out`; 
 [0, N) when validation is off) add nothing, whatever x, the adapters or the slot's weight hold.
 
 A :class:`RoutedBatch` is built once per forward. It validates the routing, resolves the backend and builds the
-routing plan once, and on CPU with the torch backend it picks a strategy and precomputes that strategy's index
-tensors and coefficients. A layer's call then takes one of three paths, chosen per call:
-  * ``ops``: while torch.compile traces, or when autograd must see the call (grad mode on and an input or
-    ``out`` requires grad): the registered ``torch.ops.molora.*`` ops with the plan tensors (differentiable,
-    traceable without graph breaks; under autograd the functional form with ``base=out``, then ``out.copy_``).
+routing plan once (lazily while compiling), and on CPU with the torch backend it picks a strategy and precomputes
+that strategy's index tensors and coefficients. A layer's call then takes one of four paths, chosen per call:
+  * ``ops``: when autograd must see the call (grad mode on and an input or ``out`` requires grad), or while
+    torch.compile traces off the CPU torch path: the registered ``torch.ops.molora.*`` ops with the plan tensors
+    (differentiable, traceable without graph breaks; under autograd the functional form with ``base=out``, then
+    ``out.copy_``).
+  * a traced strategy (built while torch.compile traces, torch backend on CPU, no grad needed): plain torch ops
+    with static shapes that inductor fuses, no plan, no host reads; ``traced_gather`` (per (token, slot) weight
+    gather) for few pairs, else ``traced_dense`` (every adapter, one GEMM each side); the rule is
+    :func:`choose_traced_strategy`.
   * ``backend``: eager, no grad, tensors not on CPU (or a non-torch backend): the backend module's device
     functions (molora_ops/impl) called directly with the prepared plan and scale; no validation, no dispatch,
     no host sync (the torch backend on a GPU syncs in its own segment listing; use triton or cuda there).
@@ -43,10 +48,11 @@ from . import impl as _backends
 from ._validation import _check_routing
 from .plan import RoutingPlan, build_plan
 
-__all__ = ["RoutedBatch", "RankSpace", "choose_strategy"]
+__all__ = ["RoutedBatch", "RankSpace", "choose_strategy", "choose_traced_strategy"]
 
 Tensor = torch.Tensor
 STRATEGIES = ("rows", "per_adapter", "grouped", "dense")
+TRACED_STRATEGIES = ("traced_gather", "traced_dense")
 
 
 # ------------------------------------------------------------------------------------------- weight cache
@@ -79,9 +85,12 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def _as(t: Tensor, dtype: torch.dtype, cache: bool = True) -> Tensor:
-    """t in `dtype`; the cast of a weight (cache=True) is made once per tensor version, not per call."""
+    """t in `dtype`; the cast of a weight (cache=True) is made once per tensor version, not per call (while
+    torch.compile traces, a graph op)."""
     if t.dtype == dtype:
         return t
+    if torch.compiler.is_compiling():
+        return t.to(dtype)
     return _CACHE.get(t, f"as-{dtype}", lambda: t.to(dtype)) if cache else t.to(dtype)
 
 
@@ -297,17 +306,104 @@ def choose_strategy(num_tokens: int, num_adapters: int, num_active: int, num_pai
     return "grouped"
 
 
+# ------------------------------------------------------------------------------------------ traced strategies
+# Plain torch ops with static shapes (no host reads, no data-dependent shapes) that inductor can fuse: the CPU
+# torch path while torch.compile traces. Built from the routing inside the graph; compute dtype cd as above.
+def _routing_tensors(topk_ids: Tensor, topk_weights: Tensor, num_adapters: int, cd: torch.dtype):
+    """(valid [T, K] bool, ids [T, K] int64 with 0 in empty slots, w [T, K] cd with 0 in empty slots)."""
+    ids = topk_ids.long()
+    valid = (ids >= 0) & (ids < num_adapters)
+    zero = torch.zeros((), dtype=cd, device=ids.device)
+    return valid, torch.where(valid, ids, 0), torch.where(valid, topk_weights.detach().to(cd), zero)
+
+
+class _TracedGather:
+    """Per (token, slot) weight gather: h [T, K, R] = coef * A[ids] @ x, out += sum_k scale[e] * B[ids] @ h.
+
+    Gathers T * K copies of A and B (cheap only while T * K is small against N). Empty slots read adapter 0 and
+    are dropped by selection (torch.where) after the expand, so a non-finite x row, weight, A or B reaches only
+    the tokens that route to it (h of an empty slot is undefined; only expand_ reads it)."""
+
+    def __init__(self, topk_ids: Tensor, topk_weights: Tensor, num_adapters: int, cd: torch.dtype):
+        valid, self.ids, w = _routing_tensors(topk_ids, topk_weights, num_adapters, cd)
+        self.valid, self.coef = valid.unsqueeze(2), w.unsqueeze(2)  # [T, K, 1]
+
+    def shrink(self, x, a):
+        return (a[self.ids] @ x[:, None, :, None])[..., 0] * self.coef  # [T, K, R, H_in] @ [T, 1, H_in, 1]
+
+    def expand_(self, h, b, acc, scale):
+        if scale is not None:
+            h = h * scale.to(h.dtype)[self.ids].unsqueeze(2)
+        y = (b[self.ids] @ h.unsqueeze(3))[..., 0]  # [T, K, H_out, R_i] @ [T, K, R_i, 1] -> [T, K, H_out]
+        acc.add_(torch.where(self.valid, y, torch.zeros((), dtype=y.dtype)).sum(1))
+
+    def add_(self, x, a, b, acc, scale):
+        self.expand_(self.shrink(x, a), b, acc, scale)
+
+
+class _TracedDense:
+    """Every adapter for every token: h [T, N, R] = (x @ A.view(N * R, H_in).T) selected where token t routes to
+    adapter e and weighted by coef [T, N, 1] (the slot weights, duplicates summed); out += one GEMM of h (times
+    scale) with B laid out [N * R, H_out] (transposed inside the graph).
+
+    A non-finite x row or A of an unrouted (token, adapter) pair adds nothing (selection). A non-finite entry of B
+    of an adapter is NOT isolated: 0 * NaN in the expand GEMM reaches every token. Patching must refuse
+    non-finite adapter weights; callers with such weights must run eagerly or use the gather strategy."""
+
+    def __init__(self, topk_ids: Tensor, topk_weights: Tensor, num_adapters: int, cd: torch.dtype):
+        valid, ids, w = _routing_tensors(topk_ids, topk_weights, num_adapters, cd)
+        t = topk_ids.shape[0]
+        self.coef = torch.zeros(t, num_adapters, dtype=cd, device=ids.device).scatter_add(1, ids, w).unsqueeze(2)
+        hits = torch.zeros(t, num_adapters, dtype=torch.int32, device=ids.device).scatter_add(1, ids, valid.int())
+        self.routed = (hits > 0).unsqueeze(2)  # [T, N, 1]
+
+    def shrink(self, x, a):
+        n, r = a.shape[0], a.shape[1]
+        h = (x @ a.reshape(n * r, -1).t()).view(x.shape[0], n, r)
+        return torch.where(self.routed, h * self.coef, torch.zeros((), dtype=h.dtype))
+
+    def expand_(self, h, b, acc, scale):
+        if scale is not None:
+            h = h * scale.to(h.dtype).view(1, -1, 1)
+        flat_b = b.transpose(1, 2).reshape(-1, b.shape[1])  # [N * R_i, H_out]
+        acc.add_(h.reshape(h.shape[0], h.shape[1] * h.shape[2]) @ flat_b)
+
+    def add_(self, x, a, b, acc, scale):
+        self.expand_(self.shrink(x, a), b, acc, scale)
+
+
+_TRACED = {"traced_gather": _TracedGather, "traced_dense": _TracedDense}
+
+
+def choose_traced_strategy(num_tokens: int, top_k: int, num_adapters: int) -> str:
+    """The strategy while torch.compile traces the CPU torch path, from static shapes only.
+
+    Measured by bench/runtime_strategies.py (inductor, static shapes; H 512, R 16, N 8, K 2, float32, 1 thread,
+    2-core shared x86_64, torch 2.13; us per projection, the routing built once per 4 projections; "ops" is the
+    registered-op path, the compiled base projection x @ W.T beside it):
+        T=1:     gather 15    dense 45    ops 250    base 37
+        T=8:     gather 50    dense 77    ops 541    base 95
+        T=32:    gather 156   dense 157   ops 637    base 230
+        T=1024:  gather 6409  dense 4228  ops 4572   base 5974
+    Gather costs ~3 us per (token, slot) pair (it copies K adapters' weights per token), dense a fixed ~40 us
+    (every adapter's weights read once) plus ~4 us per token; they tie at T * K = 64 = 8 * N. Gather is taken
+    while T * K <= 4 * N, safely inside its winning range.
+    """
+    return "traced_gather" if num_tokens * top_k <= 4 * num_adapters else "traced_dense"
+
+
 # ------------------------------------------------------------------------------------------- the batch
 class RoutedBatch:
     """The routing of one forward, prepared once and shared by every patched layer (see the module docstring).
 
-    Attributes: num_tokens (T), top_k (K), num_adapters (N), backend (resolved name), strategy ("ops" when
-    built while compiling, "backend" off the CPU torch path, else one of STRATEGIES), topk_ids [T, K],
-    topk_weights [T, K], plan (a RoutingPlan).
+    Attributes: num_tokens (T), top_k (K), num_adapters (N), backend (resolved name), strategy (one of
+    TRACED_STRATEGIES when built while compiling on the CPU torch path, "ops" when built while compiling
+    elsewhere, "backend" off the CPU torch path, else one of STRATEGIES), topk_ids [T, K], topk_weights [T, K],
+    plan (a RoutingPlan, built on first use: the traced strategies never need it).
     """
 
     def __init__(self, topk_ids, topk_weights, num_adapters, backend, requested, plan, strategy, seq, runs):
-        self.topk_ids, self.topk_weights, self.plan = topk_ids, topk_weights, plan
+        self.topk_ids, self.topk_weights, self._plan = topk_ids, topk_weights, plan
         self.num_tokens, self.top_k = topk_ids.shape[0], topk_ids.shape[1]
         self.num_adapters, self.backend, self.strategy = num_adapters, backend, strategy
         self._requested, self._seq, self._runs = requested, seq, runs
@@ -317,8 +413,14 @@ class RoutedBatch:
         self._slot_ids = torch.where(self._slot_valid[:, :, 0], ids, 0)  # [T, K], 0 in empty slots
         self._prepared: dict = {}
         self._moved: dict = {}
-        if strategy in STRATEGIES:
+        if strategy in STRATEGIES or strategy in TRACED_STRATEGIES:
             self._prepared[torch.float32] = self._prepare(torch.float32)
+
+    @property
+    def plan(self) -> RoutingPlan:
+        if self._plan is None:
+            self._plan = build_plan(self.topk_ids, self.num_adapters)
+        return self._plan
 
     # ------------------------------------------------------------------------------------- construction
     @classmethod
@@ -354,11 +456,13 @@ class RoutedBatch:
     @classmethod
     def _make(cls, topk_ids, topk_weights, num_adapters, requested, seq_ids, seq_len, plan=None) -> "RoutedBatch":
         name = _backends.resolve(requested, topk_ids.device)
-        plan = build_plan(topk_ids, num_adapters) if plan is None else plan
+        cpu_torch = name == "torch" and topk_ids.device.type == "cpu"
         runs = None
-        if torch.compiler.is_compiling():
-            strategy = "ops"
-        elif name != "torch" or topk_ids.device.type != "cpu":
+        if torch.compiler.is_compiling():  # the plan is built by the "ops" path if a call needs it
+            strategy = choose_traced_strategy(*topk_ids.shape, num_adapters) if cpu_torch else "ops"
+            return cls(topk_ids, topk_weights, num_adapters, name, requested, plan, strategy, (seq_ids, seq_len), runs)
+        plan = build_plan(topk_ids, num_adapters) if plan is None else plan
+        if not cpu_torch:
             strategy = "backend"
         elif seq_ids is not None and _rows_pay(runs := _runs(seq_ids.tolist(), seq_len, num_adapters), seq_len):
             strategy = "rows"
@@ -375,7 +479,7 @@ class RoutedBatch:
         moved = self._moved.get(device)
         if moved is None:
             ids = self.topk_ids.to(device)
-            plan = self.plan.to(device, ids)
+            plan = None if self._plan is None else self._plan.to(device, ids)
             seq_ids, seq_len = self._seq
             moved = RoutedBatch._make(ids, self.topk_weights.to(device), self.num_adapters, self._requested,
                                       None if seq_ids is None else seq_ids.to(device), seq_len, plan)
@@ -387,6 +491,8 @@ class RoutedBatch:
         with torch.no_grad():
             if self.strategy == "rows":
                 return _Rows(self._runs, self.num_tokens)
+            if self.strategy in TRACED_STRATEGIES:
+                return _TRACED[self.strategy](self.topk_ids, self.topk_weights, self.num_adapters, cd)
             ids = self.topk_ids.long()
             valid = (ids >= 0) & (ids < self.num_adapters)
             w = torch.where(valid, self.topk_weights.detach().to(cd), torch.zeros((), dtype=cd))
@@ -412,10 +518,11 @@ class RoutedBatch:
 
     # ------------------------------------------------------------------------------------------ per layer
     def _fast(self, *tensors) -> bool:
-        """Whether this call may skip the registered ops: eager and nothing needs a gradient."""
-        return not torch.compiler.is_compiling() and self.strategy != "ops" and not _grad_needed(
-            self.topk_weights, *tensors
-        )
+        """Whether this call may skip the registered ops: nothing needs a gradient, and either a traced strategy
+        (plain torch ops) or eager (the other strategies read host values)."""
+        if self.strategy == "ops" or _grad_needed(self.topk_weights, *tensors):
+            return False
+        return self.strategy in TRACED_STRATEGIES or not torch.compiler.is_compiling()
 
     def _scale(self, scale: Optional[Tensor]) -> Tensor:
         return self._ones if scale is None else scale
@@ -512,11 +619,13 @@ class RoutedBatch:
         return out
 
     def _with_strategy(self, strategy: str) -> "RoutedBatch":
-        """This routing with the CPU strategy forced (tests and benchmarks); "rows" needs a for_sequences batch."""
-        if strategy not in STRATEGIES or (strategy == "rows" and self._runs is None):
+        """This routing with the strategy forced (tests and benchmarks): one of STRATEGIES ("rows" needs a
+        for_sequences batch), TRACED_STRATEGIES or "ops"."""
+        known = strategy in STRATEGIES or strategy in TRACED_STRATEGIES or strategy == "ops"
+        if not known or (strategy == "rows" and self._runs is None):
             raise ValueError(f"cannot force strategy {strategy!r} on {self!r}")
         return RoutedBatch(self.topk_ids, self.topk_weights, self.num_adapters, self.backend, self._requested,
-                           self.plan, strategy, self._seq, self._runs)
+                           self._plan, strategy, self._seq, self._runs)
 
     def __repr__(self) -> str:
         return (f"RoutedBatch(T={self.num_tokens}, K={self.top_k}, N={self.num_adapters}, backend={self.backend!r}, "
