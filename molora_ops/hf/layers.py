@@ -66,7 +66,7 @@ def routed_class(cls: type) -> type:
 class Group:
     """Sibling modules that read the same input (q/k/v, gate/up): one shrink over their concatenated A
     (stored on the leader, ``molora_lora_a`` [N, R_1 + ... + R_m, H_in]) serves them all; each member keeps its own
-    B and scaling and adds its own delta straight into its own output."""
+    B (its scaling folded in) and adds its own delta straight into its own output."""
 
     def __init__(self, leader: nn.Module, names: list[str]):
         self.leader = leader
@@ -177,7 +177,7 @@ class Slot:
             if hit is None or hit[0] is not x:  # the first member called with this input shrinks for the group
                 lora_a = self._cast_to(self.group.leader, "molora_lora_a", dtype)
                 hit = fs.deltas[self.group.key] = (x, r.shrink(x2, lora_a))
-            r.expand_(hit[1], lora_b, o2, rank_slice=self.rank_slice, scale=module.molora_scaling)
+            r.expand_(hit[1], lora_b, o2, rank_slice=self.rank_slice)  # scaling folded into B
         bias = getattr(module, "molora_bias_delta", None)
         if bias is None:
             return out

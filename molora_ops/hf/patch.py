@@ -391,11 +391,12 @@ def _stack(loaded, names, mod_name, in_f, out_f, dtype, device):
 
 def _register(state, mod, slot, a, b, s):
     """Stacked weights as non-persistent buffers (state_dict keys unchanged; a is None for group members other than
-    the leader, which holds the group's A), then the class swap."""
+    the leader, which holds the group's A; s is None when folded into b), then the class swap."""
     if a is not None:
         mod.register_buffer("molora_lora_a", a, persistent=False)
     mod.register_buffer("molora_lora_b", b, persistent=False)
-    mod.register_buffer("molora_scaling", s, persistent=False)
+    if s is not None:  # None: folded into b (sibling group members)
+        mod.register_buffer("molora_scaling", s, persistent=False)
     _install(state, mod, slot)
 
 
@@ -417,18 +418,19 @@ def _patch_single(state, loaded, names, mod_name, mod, outside=False):
 
 def _patch_group(state, loaded, names, full, mods):
     """Siblings (same input): the leader holds the concatenated A [N, R_1 + ... + R_m, H_in]; every member its own
-    B [N, H_out_i, R_i], scaling [N] and its columns of the shared rank space."""
+    B [N, H_out_i, R_i], with its per-adapter scaling folded in (in float32, before the cast: the shared shrink is
+    unscaled, and a per-member scale would cost every expand extra work), and its columns of the shared rank space."""
     weight = mods[0].weight
     in_f = io_features(mods[0])[0]
-    stacks = [_stack(loaded, names, f, in_f, io_features(m)[1], weight.dtype, weight.device) for f, m in zip(full, mods)]
-    a_cat = torch.cat([a for a, _, _, _ in stacks], dim=1)
+    stacks = [_stack(loaded, names, f, in_f, io_features(m)[1], torch.float32, weight.device) for f, m in zip(full, mods)]
+    a_cat = torch.cat([a for a, _, _, _ in stacks], dim=1).to(weight.dtype)
     group = Group(mods[0], [f.rpartition(".")[2] for f in full])
     offset = 0
     for i, (f, m, (a, b, s, ranks)) in enumerate(zip(full, mods, stacks)):
         in_i, out_i = io_features(m)
         slot = Slot(state, f, in_i, out_i, ranks, group=group, rank_slice=slice(offset, offset + a.shape[1]))
         offset += a.shape[1]
-        _register(state, m, slot, a_cat if i == 0 else None, b, s)
+        _register(state, m, slot, a_cat if i == 0 else None, (b * s[:, None, None]).to(weight.dtype), None)
 
 
 def _restore(state) -> None:
