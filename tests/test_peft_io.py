@@ -246,6 +246,28 @@ def test_two_tensors_for_one_module_name_both_keys(other_prefix, other_infix):
         load_adapter("x", (CFG, state))
 
 
+@pytest.mark.parametrize("what", ["lora_A", "lora_B"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_name_the_key(what, bad):
+    """A NaN/Inf adapter weight is refused at load: a compiled patched model's dense path could not keep it from
+    reaching tokens routed elsewhere (0 * NaN in one GEMM over all adapters)."""
+    state = _state()
+    key = f"base_model.model.model.layers.0.self_attn.q_proj.{what}.weight"
+    state[key] = state[key].clone()
+    state[key][0, 1] = bad
+    with pytest.raises(AdapterError, match=rf"'{key}' has NaN or infinite values"):
+        load_adapter("x", (CFG, state))
+
+
+def test_non_finite_weights_in_a_peft_model_name_the_module(llama):
+    pm = copy.deepcopy(llama.pm)
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.lora_B["code"].weight[0, 0] = float("nan")
+    with pytest.raises(AdapterError, match=r"adapter 'code': module '.*q_proj' has NaN or infinite lora_B values"):
+        mo.patch(pm)
+
+
 def test_keys_of_several_adapters_are_refused():
     state = {**_state(infix=".code"), **_state(infix=".math", module="model.layers.1.self_attn.q_proj")}
     with pytest.raises(AdapterError, match=r"several adapters \('.*q_proj\.lora_A\.code\.weight' and '.*lora_A\.math"):

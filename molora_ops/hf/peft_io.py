@@ -337,6 +337,8 @@ def _build(name: str, cfg: dict, state: Any, cfg_where: str, weights_where: str)
             raise AdapterError(f"{where}: {key!r} is not a tensor")
         if not tensor.is_floating_point():
             raise AdapterError(f"{where}: {key!r} is a {tensor.dtype} tensor; expected floating point weights")
+        if what != "base weight" and not bool(torch.isfinite(tensor).all()):
+            raise AdapterError(f"{where}: {key!r} has NaN or infinite values; a routed adapter must be finite")
         if what == "base weight":
             base_weights[module] = tensor  # checked against the model's weight by patch()
         elif what == "bias":
@@ -442,6 +444,9 @@ def adapters_from_peft_model(peft_model, names=None) -> tuple[Any, dict[str, Lor
                 raise AdapterError(f"adapter {name!r}: module {mod_name!r} is not a Linear/Conv1D LoRA layer")
             b_bias = getattr(mod.lora_B[name], "bias", None)
             b_bias = None if b_bias is None else b_bias.detach()
+            for what, t in (("lora_A", a), ("lora_B", b), ("lora_B bias", b_bias)):
+                if t is not None and not bool(torch.isfinite(t).all()):
+                    raise AdapterError(f"adapter {name!r}: module {mod_name!r} has NaN or infinite {what} values")
             adapter.modules[mod_name] = LoraModuleWeights(a, b, float(mod.scaling[name]), b_bias)
         if not adapter.modules:
             raise AdapterError(f"adapter {name!r} has no LoRA layers in the PeftModel")
