@@ -235,3 +235,32 @@ def test_inductor_decode_equals_eager_without_recompiles(setup):
             token = expected[:, -1:].argmax(-1)
     assert _graphs() == 1
     _assert_no_breaks()
+
+
+@torch.no_grad()
+def test_per_call_weights_trace_with_their_top_k_and_a_block_with_n_slots(setup, monkeypatch):
+    """Per-call adapter_weights cannot change before their forward, so the compiled forward routes their top-k
+    (K = 2 slots here, not N); a routing() block's tensor is read in place, so it gets N slots."""
+    from molora_ops.runtime import RoutedBatch
+
+    slots = []
+    real = RoutedBatch.build.__func__
+
+    def recording(cls, topk_ids, *args, **kwargs):
+        slots.append(int(topk_ids.shape[1]))
+        return real(cls, topk_ids, *args, **kwargs)
+
+    monkeypatch.setattr(RoutedBatch, "build", classmethod(recording))
+    model = setup.patched()
+    ids = setup.ids
+    w = torch.rand(ids.shape[0], ids.shape[1], N)
+    w[..., 0] = 0.0  # two non-zero weights per token
+    compiled = _compiled(model)
+    assert_logits_close(compiled(ids, adapter_weights=w).logits, model(ids, adapter_weights=w).logits)
+    assert slots and set(slots) == {2}, slots
+    slots.clear()
+    dynamo.reset()
+    with mo.routing(model, adapter_weights=w):
+        compiled = _compiled(model)
+        compiled(ids)
+    assert slots and set(slots) == {N}, slots

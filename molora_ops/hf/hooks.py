@@ -212,7 +212,7 @@ class BackboneHooks:
         names, weights = kwargs.pop("adapter_names", None), kwargs.pop("adapter_weights", None)
         call = _Call()
         if names is not None or weights is not None:
-            call.spec_token = state.spec_var.set(spec_for(state, names, weights))
+            call.spec_token = state.spec_var.set(spec_for(state, names, weights, by_reference=False))
         call.token = state.kw_var.set(call)
         return args, kwargs
 

@@ -94,13 +94,17 @@ class RoutingSpec:
     token (ids [B, S, K]). `batch` is B (None for "all"); `empty` means no token gets an adapter.
 
     Eager forwards use the top-k ids/weights computed once here (K = the most non-zero weights of any token, one
-    host read). Traced forwards (torch.compile, CUDA-graph capture) derive N slots from the weight tensor itself
-    inside the forward (:func:`dense_slots`), so a float32 ``adapter_weights`` tensor on the model's device is used
-    by reference: a captured graph replayed after ``W.copy_(new)`` routes by the new weights. A spec created while
-    tracing (kwargs of a compiled call) skips the host-side checks (finiteness, emptiness)."""
+    host read). Traced forwards (torch.compile, CUDA-graph capture) of a `by_reference` spec (a ``routing()``
+    block) derive N slots from the weight tensor itself inside the forward (:func:`dense_slots`), so a float32
+    ``adapter_weights`` tensor on the model's device is used by reference: a compiled call or a captured graph
+    replayed after ``W.copy_(new)`` routes by the new weights. A per-call spec (kwargs) cannot change before its
+    forward, so traced forwards use its top-k too (K slots, not N: the faster compiled form). A spec created while
+    tracing or capturing skips the host-side work (finiteness check, top-k, emptiness)."""
 
-    def __init__(self, adapter_names_order: list[str], *, adapter_names=None, adapter_weights=None, device=None):
+    def __init__(self, adapter_names_order: list[str], *, adapter_names=None, adapter_weights=None, device=None,
+                 by_reference: bool = True):
         self.order = list(adapter_names_order)
+        self.by_reference = by_reference
         if (adapter_names is None) == (adapter_weights is None):
             raise ValueError("routing takes exactly one of adapter_names=... or adapter_weights=...")
         self.seq_ids = None  # [B]: one adapter per sequence with weight 1 (-1 = base), the names form
@@ -191,7 +195,7 @@ class RoutingSpec:
         tensor while tracing) cached ones (None, None when no token gets an adapter). ValueError if the forward's
         batch is not the routing's."""
         self._check_batch(batch)
-        traced = self.dense is not None and (self.ids_w is None or tracing())
+        traced = self.dense is not None and (self.ids_w is None or (self.by_reference and tracing()))
         if self.empty and not traced:  # traced: W is read inside the forward, it may be non-zero by replay time
             return None, None
         ids, w = dense_slots(self.dense) if traced else self.ids_w
@@ -209,10 +213,12 @@ class RoutingSpec:
         return ids[:, pos], w[:, pos]
 
 
-def spec_for(state, adapter_names=None, adapter_weights=None) -> RoutingSpec:
-    """The RoutingSpec of `adapter_names` / `adapter_weights` for the patched model whose PatchState is `state`."""
+def spec_for(state, adapter_names=None, adapter_weights=None, *, by_reference: bool = True) -> RoutingSpec:
+    """The RoutingSpec of `adapter_names` / `adapter_weights` for the patched model whose PatchState is `state`
+    (`by_reference`: a routing() block, whose weight tensor traced forwards read in place; False for per-call
+    kwargs)."""
     return RoutingSpec(state.adapter_names, adapter_names=adapter_names, adapter_weights=adapter_weights,
-                       device=state.device())
+                       device=state.device(), by_reference=by_reference)
 
 
 @contextmanager
@@ -254,7 +260,8 @@ def routed_generate(model, *args, **kwargs):
     sequences. Installed on the instance by ``patch`` (the original is called underneath)."""
     state = state_of(model)
     names, weights = kwargs.pop("adapter_names", None), kwargs.pop("adapter_weights", None)
-    spec = spec_for(state, names, weights) if names is not None or weights is not None else state.spec_var.get()
+    given = names is not None or weights is not None
+    spec = spec_for(state, names, weights, by_reference=False) if given else state.spec_var.get()
     if spec is None:
         return state.generate(*args, **kwargs)
     token = state.spec_var.set(spec.expanded(_generate_expansion(model, kwargs)))
