@@ -39,6 +39,7 @@ served stale; inference tensors have no version and are not cached), then rounde
 
 from __future__ import annotations
 
+import array
 import weakref
 from typing import Callable, Optional
 
@@ -98,6 +99,12 @@ def _all_finite(t: Tensor) -> bool:
     return _CACHE.get(t, "finite", lambda: bool(torch.isfinite(t).all()))
 
 
+def _dense_a(a: Tensor) -> Tensor:
+    """lora_a [N, R, H_in] as the [H_in, N * R] operand of one shrink GEMM over every adapter (a view of a
+    detached alias when a is contiguous); cached per weight tensor."""
+    return _CACHE.get(a, "dense-a", lambda: a.detach().reshape(a.shape[0] * a.shape[1], a.shape[2]).t())
+
+
 def _dense_b(b: Tensor) -> Optional[Tensor]:
     """lora_b [N, H_out, R] laid out [N * R, H_out] (contiguous), or None when b holds a non-finite value;
     cached per weight tensor."""
@@ -110,6 +117,18 @@ def _dense_b(b: Tensor) -> Optional[Tensor]:
 
 def _host_list(t: Tensor) -> list:
     return _CACHE.get(t, "list", t.tolist)
+
+
+def _a_views(a: Tensor) -> list:
+    """lora_a [N, R, H_in] as N views A[e].T [H_in, R] (an mm operand as is: no per-call select/transpose ops);
+    cached per weight tensor. Taken from a detached alias, so the cache never keeps `a` itself alive."""
+    return _CACHE.get(a, "a-views", lambda: [m.t() for m in a.detach().unbind(0)])
+
+
+def _b_views(b: Tensor) -> list:
+    """lora_b [N, H_out, R] as N contiguous B[e].T [R, H_out] (faster than the transposed view as the second
+    operand of a 1-8 row addmm); cached per weight tensor."""
+    return _CACHE.get(b, "b-views", lambda: list(b.detach().transpose(1, 2).contiguous().unbind(0)))
 
 
 def _grad_needed(*tensors) -> bool:
@@ -162,58 +181,49 @@ class _Rows:
         self.whole = len(runs) == 1 and runs[0][1] == 0 and runs[0][2] == num_tokens
 
     def shrink(self, x, a):
+        at = _a_views(a)
         if self.whole:
-            return x @ a[self.runs[0][0]].t()
+            return torch.mm(x, at[self.runs[0][0]])
         h = x.new_empty(x.shape[0], a.shape[1])
         for e, lo, hi in self.runs:
-            torch.mm(x[lo:hi], a[e].t(), out=h[lo:hi])
+            torch.mm(x[lo:hi], at[e], out=h[lo:hi])
         return h
 
     def expand_(self, h, b, acc, scale):
-        alphas = _alphas(scale)
+        alphas, bt = _alphas(scale), _b_views(b)
         if self.whole:
             e = self.runs[0][0]
-            acc.addmm_(h, b[e].t(), alpha=alphas[e] if alphas else 1.0)
+            acc.addmm_(h, bt[e], alpha=alphas[e] if alphas else 1.0)
             return
         for e, lo, hi in self.runs:
-            acc[lo:hi].addmm_(h[lo:hi], b[e].t(), alpha=alphas[e] if alphas else 1.0)
+            acc[lo:hi].addmm_(h[lo:hi], bt[e], alpha=alphas[e] if alphas else 1.0)
 
     def add_(self, x, a, b, acc, scale):
-        alphas = _alphas(scale)
-        if self.whole:
-            e = self.runs[0][0]
-            acc.addmm_(x @ a[e].t(), b[e].t(), alpha=alphas[e] if alphas else 1.0)
-            return
-        for e, lo, hi in self.runs:
-            acc[lo:hi].addmm_(x[lo:hi] @ a[e].t(), b[e].t(), alpha=alphas[e] if alphas else 1.0)
+        self.expand_(self.shrink(x, a), b, acc, scale)
 
 
 class _PerAdapter:
-    """Pairs (e, t, c): token t uses adapter e with coefficient c (a host float; duplicate slots summed).
-    With one token (decode batch 1) x and out are used whole, without per-pair row views."""
+    """Pairs (e, t, c): token t uses adapter e with coefficient c (a host float; duplicate slots summed), one
+    matmul pair per pair with c (times scale[e]) as the expand's alpha. With one token (decode batch 1) x and
+    out are used whole, without per-pair row views."""
 
     def __init__(self, pairs: list, num_tokens: int):
         self.pairs, self.single = pairs, num_tokens == 1
 
     def shrink(self, x, a):
+        at = _a_views(a)
         if self.single:
-            return [x @ a[e].t() for e, _, _ in self.pairs]
-        return [x[t : t + 1] @ a[e].t() for e, t, _ in self.pairs]
+            return [torch.mm(x, at[e]) for e, _, _ in self.pairs]
+        return [torch.mm(x[t : t + 1], at[e]) for e, t, _ in self.pairs]
 
     def expand_(self, h, b, acc, scale):
-        alphas = _alphas(scale)
+        alphas, bt = _alphas(scale), _b_views(b)
         for (e, t, c), hp in zip(self.pairs, h):
             row = acc if self.single else acc[t : t + 1]
-            row.addmm_(hp, b[e].t(), alpha=c * alphas[e] if alphas else c)
+            row.addmm_(hp, bt[e], alpha=c * alphas[e] if alphas else c)
 
     def add_(self, x, a, b, acc, scale):
-        alphas = _alphas(scale)
-        if self.single:
-            for e, _, c in self.pairs:
-                acc.addmm_(x @ a[e].t(), b[e].t(), alpha=c * alphas[e] if alphas else c)
-            return
-        for e, t, c in self.pairs:
-            acc[t : t + 1].addmm_(x[t : t + 1] @ a[e].t(), b[e].t(), alpha=c * alphas[e] if alphas else c)
+        self.expand_(self.shrink(x, a), b, acc, scale)
 
 
 class _Grouped:
@@ -223,20 +233,21 @@ class _Grouped:
         self.tokens, self.coef, self.segments = tokens, coef, segments
 
     def shrink(self, x, a):
+        at = _a_views(a)
         xg = x.index_select(0, self.tokens)
         h = xg.new_empty(xg.shape[0], a.shape[1])
         for e, lo, hi in self.segments:
-            torch.mm(xg[lo:hi], a[e].t(), out=h[lo:hi])
+            torch.mm(xg[lo:hi], at[e], out=h[lo:hi])
         return h.mul_(self.coef)
 
     def expand_(self, h, b, acc, scale):
-        alphas = _alphas(scale)
+        alphas, bt = _alphas(scale), _b_views(b)
         y = h.new_empty(h.shape[0], b.shape[1])
         for e, lo, hi in self.segments:
             if alphas:
-                torch.addmm(y[lo:hi], h[lo:hi], b[e].t(), beta=0, alpha=alphas[e], out=y[lo:hi])
+                torch.addmm(y[lo:hi], h[lo:hi], bt[e], beta=0, alpha=alphas[e], out=y[lo:hi])
             else:
-                torch.mm(h[lo:hi], b[e].t(), out=y[lo:hi])
+                torch.mm(h[lo:hi], bt[e], out=y[lo:hi])
         acc.index_add_(0, self.tokens, y)
 
     def add_(self, x, a, b, acc, scale):
@@ -255,15 +266,16 @@ class _Dense:
         self._fallback = None
 
     def shrink(self, x, a):
-        n, r = a.shape[0], a.shape[1]
-        h = (x @ a.reshape(n * r, -1).t()).view(x.shape[0], n, r)
+        h = torch.mm(x, _dense_a(a)).view(x.shape[0], a.shape[0], a.shape[1])
         if self.select or not _all_finite(a):
             return torch.where(self.routed, h * self.coef, torch.zeros((), dtype=h.dtype))
         return h.mul_(self.coef)
 
-    def expand_(self, h, b, acc, scale):
+    def expand_(self, h, b, acc, scale, own_h: bool = False):
+        """own_h: h is this call's own (add_), so scale may multiply it in place."""
         if scale is not None:
-            h = h * _as(scale, h.dtype).view(1, -1, 1)
+            s = _as(scale, h.dtype).view(1, -1, 1)
+            h = h.mul_(s) if own_h else h * s
         flat = _dense_b(b)
         if flat is not None:
             acc.addmm_(h.reshape(h.shape[0], h.shape[1] * h.shape[2]), flat)
@@ -272,7 +284,7 @@ class _Dense:
             acc.index_add_(0, rows, h[rows, e] @ b[e].t())
 
     def add_(self, x, a, b, acc, scale):
-        self.expand_(self.shrink(x, a), b, acc, scale)
+        self.expand_(self.shrink(x, a), b, acc, scale, own_h=True)
 
     def _rows_per_adapter(self) -> list:
         if self._fallback is None:
@@ -402,19 +414,33 @@ class RoutedBatch:
     plan (a RoutingPlan, built on first use: the traced strategies never need it).
     """
 
-    def __init__(self, topk_ids, topk_weights, num_adapters, backend, requested, plan, strategy, seq, runs):
+    def __init__(self, topk_ids, topk_weights, num_adapters, backend, requested, plan, strategy, seq, runs,
+                 pairs=None):
         self.topk_ids, self.topk_weights, self._plan = topk_ids, topk_weights, plan
         self.num_tokens, self.top_k = topk_ids.shape[0], topk_ids.shape[1]
         self.num_adapters, self.backend, self.strategy = num_adapters, backend, strategy
-        self._requested, self._seq, self._runs = requested, seq, runs
-        self._ones = torch.ones(num_adapters, dtype=torch.float32, device=topk_ids.device)
-        ids = topk_ids.long()
-        self._slot_valid = ((ids >= 0) & (ids < num_adapters)).unsqueeze(2)  # [T, K, 1]
-        self._slot_ids = torch.where(self._slot_valid[:, :, 0], ids, 0)  # [T, K], 0 in empty slots
+        self._requested, self._seq, self._runs, self._pairs = requested, seq, runs, pairs
+        self._slots = None
         self._prepared: dict = {}
         self._moved: dict = {}
-        if strategy in STRATEGIES or strategy in TRACED_STRATEGIES:
+        if strategy not in STRATEGIES:  # every call of these paths reads them (and a CUDA graph must not make them)
+            self._slot_tensors()
+        if strategy in TRACED_STRATEGIES:
             self._prepared[torch.float32] = self._prepare(torch.float32)
+
+    def _slot_tensors(self) -> tuple:
+        """(ones [N] float32, valid [T, K, 1] bool, ids [T, K] int64 with 0 in empty slots), made on first use:
+        the CPU strategies never need them unless a call takes the registered ops (autograd)."""
+        if self._slots is None:
+            ids = self.topk_ids.long()
+            valid = ((ids >= 0) & (ids < self.num_adapters)).unsqueeze(2)
+            ones = torch.ones(self.num_adapters, dtype=torch.float32, device=ids.device)
+            self._slots = (ones, valid, torch.where(valid[:, :, 0], ids, 0))
+        return self._slots
+
+    @property
+    def _ones(self) -> Tensor:
+        return self._slot_tensors()[0]
 
     @property
     def plan(self) -> RoutingPlan:
@@ -450,26 +476,37 @@ class RoutedBatch:
             raise ValueError(f"num_adapters must be a positive int, got {num_adapters!r}")
         topk_ids = seq_ids.repeat_interleave(seq_len).unsqueeze(1)
         topk_weights = torch.ones(topk_ids.shape, dtype=torch.float32, device=seq_ids.device)
-        _check_routing(topk_ids, topk_weights, topk_ids.shape[0], num_adapters, _can_read_ids(True, seq_ids))
-        return cls._make(topk_ids, topk_weights, num_adapters, backend, seq_ids, seq_len)
+        if seq_ids.device.type == "cpu" and not torch.compiler.is_compiling():
+            seq_list = seq_ids.tolist()  # read once: validation and the row runs
+            if seq_list and not -1 <= min(seq_list) <= max(seq_list) < num_adapters:
+                raise ValueError(f"topk_ids must lie in [-1, {num_adapters}) (N = {num_adapters} adapters, -1 = "
+                                 f"empty slot), got sequence ids in [{min(seq_list)}, {max(seq_list)}]")
+        else:
+            seq_list = None
+            _check_routing(topk_ids, topk_weights, topk_ids.shape[0], num_adapters, _can_read_ids(True, seq_ids))
+        return cls._make(topk_ids, topk_weights, num_adapters, backend, seq_ids, seq_len, seq_list=seq_list)
 
     @classmethod
-    def _make(cls, topk_ids, topk_weights, num_adapters, requested, seq_ids, seq_len, plan=None) -> "RoutedBatch":
+    def _make(cls, topk_ids, topk_weights, num_adapters, requested, seq_ids, seq_len, plan=None,
+              seq_list=None) -> "RoutedBatch":
+        """Resolve the backend and pick the strategy, doing only what that strategy needs: the plan is built here
+        for a backend (device) path only; the CPU strategies read the routing on the host once."""
         name = _backends.resolve(requested, topk_ids.device)
         cpu_torch = name == "torch" and topk_ids.device.type == "cpu"
-        runs = None
+        seq, runs, pairs = (seq_ids, seq_len), None, None
         if torch.compiler.is_compiling():  # the plan is built by the "ops" path if a call needs it
             strategy = choose_traced_strategy(*topk_ids.shape, num_adapters) if cpu_torch else "ops"
-            return cls(topk_ids, topk_weights, num_adapters, name, requested, plan, strategy, (seq_ids, seq_len), runs)
-        plan = build_plan(topk_ids, num_adapters) if plan is None else plan
+            return cls(topk_ids, topk_weights, num_adapters, name, requested, plan, strategy, seq, runs)
         if not cpu_torch:
-            strategy = "backend"
-        elif seq_ids is not None and _rows_pay(runs := _runs(seq_ids.tolist(), seq_len, num_adapters), seq_len):
-            strategy = "rows"
-        else:
-            active = int((plan.seg_offsets[1:] > plan.seg_offsets[:-1]).sum())
-            strategy = choose_strategy(topk_ids.shape[0], num_adapters, active, _distinct_pairs(topk_ids, num_adapters))
-        return cls(topk_ids, topk_weights, num_adapters, name, requested, plan, strategy, (seq_ids, seq_len), runs)
+            plan = build_plan(topk_ids, num_adapters) if plan is None else plan
+            return cls(topk_ids, topk_weights, num_adapters, name, requested, plan, "backend", seq, runs)
+        if seq_ids is not None:
+            runs = _runs(seq_ids.tolist() if seq_list is None else seq_list, seq_len, num_adapters)
+            if _rows_pay(runs, seq_len):
+                return cls(topk_ids, topk_weights, num_adapters, name, requested, plan, "rows", seq, runs)
+        num_active, num_pairs, pairs = _summary(topk_ids, topk_weights, num_adapters)
+        strategy = choose_strategy(topk_ids.shape[0], num_adapters, num_active, num_pairs)
+        return cls(topk_ids, topk_weights, num_adapters, name, requested, plan, strategy, seq, runs, pairs)
 
     def to(self, device) -> "RoutedBatch":
         """The same routing on `device` (a model split across devices); cached per device."""
@@ -493,18 +530,15 @@ class RoutedBatch:
                 return _Rows(self._runs, self.num_tokens)
             if self.strategy in TRACED_STRATEGIES:
                 return _TRACED[self.strategy](self.topk_ids, self.topk_weights, self.num_adapters, cd)
+            if self.strategy in ("per_adapter", "dense"):
+                if self._pairs is None:
+                    self._pairs = _merged_pairs(self.topk_ids, self.topk_weights, self.num_adapters)
+                if self.strategy == "per_adapter":
+                    return _PerAdapter(self._pairs, self.num_tokens)
+                return _dense_from_pairs(self._pairs, self.num_tokens, self.num_adapters, cd)
             ids = self.topk_ids.long()
             valid = (ids >= 0) & (ids < self.num_adapters)
             w = torch.where(valid, self.topk_weights.detach().to(cd), torch.zeros((), dtype=cd))
-            if self.strategy == "per_adapter":
-                return _PerAdapter(_merged_pairs(ids, valid, w), self.num_tokens)
-            if self.strategy == "dense":
-                coef = torch.zeros(self.num_tokens, self.num_adapters, dtype=cd)
-                coef.scatter_add_(1, torch.where(valid, ids, 0), w)
-                hits = torch.zeros(self.num_tokens, self.num_adapters, dtype=torch.int32)
-                routed = hits.scatter_add_(1, torch.where(valid, ids, 0), valid.int()) > 0
-                select = bool((~valid.any(1)).any())
-                return _Dense(coef.unsqueeze(2), routed.unsqueeze(2), select)
             offsets = self.plan.seg_offsets.tolist()
             pairs = self.plan.sorted_pairs[: offsets[-1]].long()
             segments = [(e, offsets[e], offsets[e + 1]) for e in range(self.num_adapters) if offsets[e + 1] > offsets[e]]
@@ -591,7 +625,8 @@ class RoutedBatch:
         """scale[e] per slot as [T, K, 1] of `dtype` (0 in empty slots); cast first, so its gradient sums in dtype."""
         scale = scale.to(dtype)
         zero = torch.zeros((), dtype=scale.dtype, device=scale.device)
-        return torch.where(self._slot_valid, scale[self._slot_ids].unsqueeze(2), zero)
+        _, valid, ids = self._slot_tensors()
+        return torch.where(valid, scale[ids].unsqueeze(2), zero)
 
     def _ops_expand_(self, h: RankSpace, lora_b, out, rank_slice, scale):
         data = h.data if h.layout in ("ops", "backend") else self._ops_shrink(h.x, h.lora_a)
@@ -625,7 +660,7 @@ class RoutedBatch:
         if not known or (strategy == "rows" and self._runs is None):
             raise ValueError(f"cannot force strategy {strategy!r} on {self!r}")
         return RoutedBatch(self.topk_ids, self.topk_weights, self.num_adapters, self.backend, self._requested,
-                           self._plan, strategy, self._seq, self._runs)
+                           self._plan, strategy, self._seq, self._runs, self._pairs)
 
     def __repr__(self) -> str:
         return (f"RoutedBatch(T={self.num_tokens}, K={self.top_k}, N={self.num_adapters}, backend={self.backend!r}, "
@@ -661,23 +696,49 @@ def _rows_pay(runs: list, seq_len: int) -> bool:
     return len(runs) <= 4 or seq_len >= 8
 
 
-def _distinct_pairs(topk_ids: Tensor, num_adapters: int) -> int:
-    """The number of distinct routed (token, adapter) pairs (duplicate slots count once)."""
-    ids = topk_ids.long()
-    valid = (ids >= 0) & (ids < num_adapters)
-    if ids.shape[0] * ids.shape[1] > 64:  # only small counts matter to choose_strategy
-        return int(valid.sum())
-    if ids.numel() == 0:
-        return 0
-    key = torch.where(valid, torch.arange(ids.shape[0]).unsqueeze(1) * num_adapters + ids, -1)
-    return int(torch.unique(key).numel() - (~valid).any().int())
+_HOST_SLOTS = 256  # routings with at most this many (token, slot) entries are read on the host as lists
 
 
-def _merged_pairs(ids: Tensor, valid: Tensor, w: Tensor) -> list:
-    """[(e, t, coefficient)] with a token's duplicate slots of one adapter summed, in (t, e) order."""
+def _summary(topk_ids: Tensor, topk_weights: Tensor, num_adapters: int) -> tuple:
+    """(active adapters, routed (token, adapter) pairs, the merged pairs or None) for choose_strategy. Small
+    routings are read as host lists once (exact pair count, duplicate slots once; the pairs are kept for the
+    per_adapter and dense strategies); large ones are counted by one bincount (a duplicate slot counts twice,
+    which only matters to choose_strategy below 4 pairs)."""
+    if topk_ids.numel() <= _HOST_SLOTS:
+        pairs = _merged_pairs(topk_ids, topk_weights, num_adapters)
+        return len({e for e, _, _ in pairs}), len(pairs), pairs
+    ids = topk_ids.reshape(-1).long()
+    counts = torch.bincount(ids[(ids >= 0) & (ids < num_adapters)], minlength=num_adapters)
+    active, routed = torch.stack([(counts > 0).sum(), counts.sum()]).tolist()
+    return active, routed, None
+
+
+def _merged_pairs(topk_ids: Tensor, topk_weights: Tensor, num_adapters: int) -> list:
+    """[(e, t, coefficient)] of the routed slots, a token's duplicate slots of one adapter summed (as host
+    floats), in (t, e) order."""
+    if topk_ids.numel() <= _HOST_SLOTS:
+        slots = ((t, e, c) for t, (row_ids, row_w) in enumerate(zip(topk_ids.tolist(), topk_weights.tolist()))
+                 for e, c in zip(row_ids, row_w))
+    else:  # few routed slots among many empty ones (per_adapter) or a large K (dense): read only the routed ones
+        rows, cols = ((topk_ids >= 0) & (topk_ids < num_adapters)).nonzero(as_tuple=True)
+        slots = zip(rows.tolist(), topk_ids[rows, cols].tolist(), topk_weights[rows, cols].tolist())
     merged: dict = {}
-    for t, (row_ids, row_valid, row_w) in enumerate(zip(ids.tolist(), valid.tolist(), w.tolist())):
-        for e, ok, c in zip(row_ids, row_valid, row_w):
-            if ok:
-                merged[(t, e)] = merged.get((t, e), 0.0) + c
+    for t, e, c in slots:
+        if 0 <= e < num_adapters:
+            merged[(t, e)] = merged.get((t, e), 0.0) + c
     return [(e, t, c) for (t, e), c in sorted(merged.items())]
+
+
+def _dense_from_pairs(pairs: list, num_tokens: int, num_adapters: int, cd: torch.dtype) -> "_Dense":
+    """The dense strategy's [T, N, 1] coefficients and routed mask from the merged pairs (built on the host)."""
+    size = num_tokens * num_adapters
+    coef = array.array("d" if cd == torch.float64 else "f", bytes(size * (8 if cd == torch.float64 else 4)))
+    routed = array.array("b", bytes(size))
+    for e, t, c in pairs:
+        coef[t * num_adapters + e], routed[t * num_adapters + e] = c, 1
+    shape = (num_tokens, num_adapters, 1)
+    select = len({t for _, t, _ in pairs}) < num_tokens  # some token has no routed slot
+    # frombuffer: no per-element conversion (torch.tensor(list) costs ~0.2 us per element)
+    coef_t = torch.frombuffer(coef, dtype=cd) if size else torch.zeros(0, dtype=cd)
+    routed_t = torch.frombuffer(routed, dtype=torch.bool) if size else torch.zeros(0, dtype=torch.bool)
+    return _Dense(coef_t.view(shape), routed_t.view(shape), select)
