@@ -242,6 +242,51 @@ def test_changed_weights_are_not_served_stale():
         assert_close(second.float(), -2 * first.float(), atol=2 * TOLERANCE[dtype]["atol"], rtol=TOLERANCE[dtype]["rtol"])
 
 
+def test_weight_cache_does_not_keep_weights_alive():
+    """The cached per-weight operands (A[e].T views, B[e].T copies, dense layouts, float32 copies) go with their
+    weight: a freed adapter is not held by the cache."""
+    import gc
+    import weakref
+
+    for strategy, dtype in (("per_adapter", torch.float32), ("dense", torch.float32), ("grouped", torch.bfloat16)):
+        p = _problem((6, 2, 4, 4, 16, 10), dtype)
+        batch = _batch(p, strategy)
+        with torch.no_grad():
+            batch.add_(p.x, p.lora_a, p.lora_b, torch.zeros(6, 10, dtype=dtype), scale=p.scaling)
+        refs = [weakref.ref(p.lora_a), weakref.ref(p.lora_b)]
+        del p
+        gc.collect()
+        assert all(r() is None for r in refs), strategy
+
+
+# ------------------------------------------------------------------------- large routings read on the host
+@pytest.mark.parametrize("case", ("few_pairs_among_empty_slots", "dense_with_large_k"))
+def test_large_routing_summaries_match_reference(case):
+    """Routings with more than 256 (token, slot) entries are counted on the tensor side and read only at their
+    routed slots: 300 tokens with 3 routed slots (two of them one token's duplicate pair) take per_adapter; 40 tokens with
+    K = 9 over N = 8 (duplicates, empty slots) take dense. Both equal the reference."""
+    if case == "few_pairs_among_empty_slots":
+        T, K, N = 300, 1, 8
+        p = make_problem(T, K, N, 4, 23, 17, torch.float32)
+        p.topk_ids[:] = -1
+        p.topk_ids[5, 0], p.topk_ids[250, 0] = 3, 6
+        second = torch.full((T, 1), -1)
+        second[5, 0] = 3  # token 5 routes to adapter 3 twice
+        p = type(p)(p.x, p.lora_a, p.lora_b, torch.cat([p.topk_ids, second], 1),
+                    torch.cat([p.topk_weights, torch.rand(T, 1)], 1), p.scaling)
+        expected_strategy = "per_adapter"
+    else:
+        T, K, N = 40, 9, 8
+        p = make_problem(T, K, N, 4, 23, 17, torch.float32, empty_frac=0.3, duplicate_frac=0.5)
+        expected_strategy = "dense"
+    batch = RoutedBatch.build(p.topk_ids, p.topk_weights, N, backend="torch")
+    assert batch.strategy == expected_strategy
+    base = torch.randn(T, 17)
+    with torch.no_grad():
+        got = batch.add_(p.x, p.lora_a, p.lora_b, base.clone(), scale=p.scaling)
+    assert_parity(got, *_expected(p, base), torch.float32)
+
+
 # ---------------------------------------------------------------------------------------------- autograd
 def _leaf(t):
     return t.detach().clone().requires_grad_()

@@ -1,0 +1,141 @@
+"""Whole-model eager timing of the routing runtime on CPU: a random Llama (molora_ops.benchmarking.e2e_suite's
+"cpu" grid: hidden 512, 4 layers, 8 adapters of r = 16 on all 7 projections), base vs patched, interleaved in one
+process (each round runs every provider once, in turn), medians over rounds.
+
+    python bench/runtime_model.py decode [--batch 1 8] [--strategies dense grouped]   # 1 thread
+    python bench/runtime_model.py prefill [--batch 4 --seq 256]                         # 2 threads
+
+decode: one KV-cached step (context 32) per call; providers base, names (one adapter per sequence), topk
+(adapter_weights, per-token top-2) and, with --strategies, topk with the CPU strategy forced (to re-check
+choose_strategy in the model, where cache effects differ from bench/runtime_strategies.py).
+prefill: one forward of batch x seq tokens; providers base, names, topk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+
+import torch
+from transformers import DynamicCache
+
+import molora_ops as mo
+from molora_ops import runtime
+from molora_ops.benchmarking import e2e_suite as E
+
+
+def _models():
+    cfg = E.grid("cpu")
+    base = E.build_base(cfg, torch.device("cpu"))
+    tmp = tempfile.mkdtemp()
+    _, names = E.build_peft(base, cfg, tmp)
+    ours = mo.patch(copy.deepcopy(base), adapters={n: os.path.join(tmp, n) for n in names}, backend="torch")
+    return cfg, base, ours, names
+
+
+def _top2(cfg, batch: int, length: int, gen) -> torch.Tensor:
+    """[batch, length, N] weights with two non-zero entries per token (one draw per sequence)."""
+    w = torch.rand(batch, 1, cfg.adapters, generator=gen)
+    idx = w.topk(2, -1).indices
+    return torch.zeros_like(w).scatter_(-1, idx, w.gather(-1, idx)).expand(batch, length, -1).contiguous()
+
+
+def _forced(strategy: str | None, fn):
+    """fn run with runtime.choose_strategy forced to `strategy` (None: the rule)."""
+    if strategy is None:
+        return fn
+
+    def run():
+        rule = runtime.choose_strategy
+        runtime.choose_strategy = lambda *a: strategy
+        try:
+            return fn()
+        finally:
+            runtime.choose_strategy = rule
+
+    return run
+
+
+def decode_fns(cfg, base, ours, names, batch: int, strategies, gen) -> dict:
+    def step(model, kw):
+        ids = torch.randint(0, cfg.vocab, (batch, 32), generator=gen)
+        cache = DynamicCache()
+        with torch.no_grad():
+            model(ids, cache=cache, use_cache=True, **kw)
+        tok = torch.randint(0, cfg.vocab, (batch, 1), generator=gen)
+
+        def run():
+            with torch.no_grad():
+                model(tok, cache=cache, use_cache=True, **kw)
+            cache.crop(-1)
+
+        return run
+
+    topk = dict(adapter_weights=_top2(cfg, batch, 40, gen))
+    fns = {"base": step(base, {}), "names": step(ours, dict(adapter_names=[names[i % len(names)] for i in range(batch)])),
+           "topk": step(ours, topk)}
+    for s in strategies:
+        fns[f"topk[{s}]"] = _forced(s, step(ours, topk))
+    return fns
+
+
+def prefill_fns(cfg, base, ours, names, batch: int, seq: int, gen) -> dict:
+    ids = torch.randint(0, cfg.vocab, (batch, seq), generator=gen)
+    kws = {"base": (base, {}), "names": (ours, dict(adapter_names=[names[i % len(names)] for i in range(batch)])),
+           "topk": (ours, dict(adapter_weights=_top2(cfg, batch, seq, gen)))}
+
+    def call(model, kw):
+        def run():
+            with torch.no_grad():
+                model(ids, use_cache=False, **kw)
+        return run
+
+    return {k: call(m, kw) for k, (m, kw) in kws.items()}
+
+
+def interleaved(fns: dict, rounds: int, warmup: int = 3) -> dict:
+    times = {k: [] for k in fns}
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    for _ in range(rounds):
+        for k, f in fns.items():
+            start = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - start)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=("decode", "prefill"))
+    ap.add_argument("--batch", type=int, nargs="+")
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--rounds", type=int)
+    ap.add_argument("--strategies", nargs="*", default=[])
+    args = ap.parse_args()
+    torch.set_num_threads(1 if args.mode == "decode" else 2)
+    gen = torch.Generator().manual_seed(0)
+    cfg, base, ours, names = _models()
+    print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+          f"thread(s), load average {os.getloadavg()[0]:.2f}")
+    for b in args.batch or ((1, 8) if args.mode == "decode" else (4,)):
+        if args.mode == "decode":
+            fns, rounds = decode_fns(cfg, base, ours, names, b, args.strategies, gen), args.rounds or 30
+        else:
+            fns, rounds = prefill_fns(cfg, base, ours, names, b, args.seq, gen), args.rounds or 9
+        med = interleaved(fns, rounds)
+        label = f"decode b={b}" if args.mode == "decode" else f"prefill {b}x{args.seq}"
+        print(label, " ".join(f"{k}={v:.2f}ms({v / med['base']:.2f}x)" for k, v in med.items()))
+    print(f"# load average after {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
