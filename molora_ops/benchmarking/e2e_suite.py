@@ -86,7 +86,8 @@ class E2EConfig:
 
 def grid(name: str) -> E2EConfig:
     """smoke: a toy for CI; cpu: hidden 512, 4 layers (~16M parameters), the issue's CPU model; gpu: about
-    1.1B (TinyLlama's shape), bf16."""
+    1.1B (TinyLlama's shape), bf16; gpu-quick: 2 layers of Llama-8B's shape, bf16, eager, prefill 8x512 and
+    decode at batch 1 and 8 (the vocabulary cut to 32000 so that lm_head does not dwarf two layers)."""
     if name == "smoke":
         return E2EConfig(64, 128, 2, 4, 2, 256, adapters=3, rank=4, prefill=((2, 8),), decode_batches=(1, 2),
                          decode_context=8)
@@ -95,7 +96,10 @@ def grid(name: str) -> E2EConfig:
     if name == "gpu":
         return E2EConfig(2048, 5632, 22, 32, 4, 32000, prefill=((1, 512), (8, 512)), decode_batches=(1, 8, 32),
                          decode_context=512, dtype="bfloat16")
-    raise ValueError(f"unknown e2e grid {name!r}; expected smoke, cpu or gpu")
+    if name == "gpu-quick":
+        return E2EConfig(4096, 14336, 2, 32, 8, 32000, prefill=((8, 512),), decode_batches=(1, 8),
+                         decode_context=512, modes=("eager",), count_graph_breaks=False, dtype="bfloat16")
+    raise ValueError(f"unknown e2e grid {name!r}; expected smoke, cpu, gpu or gpu-quick")
 
 
 @dataclass(frozen=True)
@@ -252,38 +256,44 @@ def _dense_route(holder: dict, cfg: E2EConfig, device):
 
 def build_variants(wanted: list[str], base, peft_model, names, cfg: E2EConfig, device, adapter_dir: str) -> dict:
     """{name: Variant or the exception that kept it from being built}. ours-topk and ours-names share one
-    patched copy of base (routing is per call); ours-router patches another copy with a TokenRouter."""
+    patched copy of base (routing is per call); ours-router patches another copy with a TokenRouter.
+    "ours-...@<backend>" patches with that backend (e.g. ours-topk@triton), else backend "auto"."""
     import molora_ops as mo
 
     built: dict = {}
     adapters = {n: f"{adapter_dir}/{n}" for n in names}
     patched: dict = {}
 
-    def ours(router):
-        key = "router" if router is not None else "plain"
+    def ours(router, backend):
+        key = ("router" if router is not None else "plain", backend)
         if key not in patched:
-            patched[key] = mo.patch(copy.deepcopy(base), adapters=adapters, router=router, top_k=cfg.top_k)
+            patched[key] = mo.patch(copy.deepcopy(base), adapters=adapters, router=router, top_k=cfg.top_k,
+                                    backend=backend)
         return patched[key]
 
     by_names = lambda b, st, ln: {"adapter_names": seq_names(names, b)}  # noqa: E731
     for name in wanted:
+        kind, _, backend = name.partition("@")
+        backend = backend or "auto"
         try:
-            if name == "base":
+            if backend != "auto" and not kind.startswith("ours-"):
+                raise ValueError(f"only ours-* variants take a @backend, got {name!r}")
+            if kind == "base":
                 built[name] = Variant(name, base, "none")
-            elif name == "peft-mixed":
+            elif kind == "peft-mixed":
                 built[name] = Variant(name, peft_model, "names", by_names)
-            elif name == "dense":
+            elif kind == "dense":
                 model, holder = build_dense(base, peft_model, names)
                 built[name] = Variant(name, model, "topk", _dense_route(holder, cfg, device))
-            elif name == "ours-topk":
-                built[name] = Variant(name, ours(None), "topk",
+            elif kind == "ours-topk":
+                built[name] = Variant(name, ours(None, backend), "topk",
                                       lambda b, st, ln: {"adapter_weights": routing_weights(cfg, b, st + ln, device)})
-            elif name == "ours-names":
-                built[name] = Variant(name, ours(None), "names", by_names)
-            elif name == "ours-router":
+            elif kind == "ours-names":
+                built[name] = Variant(name, ours(None, backend), "names", by_names)
+            elif kind == "ours-router":
                 torch.manual_seed(cfg.seed + 3)
                 router = mo.TokenRouter(cfg.hidden, names, layer=0).to(device).eval()
-                built[name] = Variant(name, ours(router), "router", router=router)
+                built[name] = Variant(name, ours(router, backend), "router", router=router)
             else:
                 raise ValueError(f"unknown variant {name!r}; expected one of {VARIANTS}")
         except Exception as exc:  # recorded per point, so one broken variant does not hide the others
@@ -502,7 +512,7 @@ def _run_point(pt: Point, built: dict, cfg: E2EConfig, device, truth, timing: Ti
     recs: dict[tuple, dict] = {}
     for mode in cfg.modes:
         for name, var in built.items():
-            if mode == "compiled" and name not in COMPILED_VARIANTS:
+            if mode == "compiled" and name.partition("@")[0] not in COMPILED_VARIANTS:
                 continue
             rec = recs[(name, mode)] = {**where, "variant": name, "mode": mode, "tol": tol}
             if mode == "compiled":

@@ -9,6 +9,7 @@ ceiling) and the cheapest launch (the latency floor).
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from dataclasses import asdict
 from typing import Callable, Iterable
@@ -51,7 +52,8 @@ def _merge(points: Iterable[OpsConfig]) -> list[OpsConfig]:
 
 def grid(name: str) -> list[OpsConfig]:
     """Named grids. smoke: tiny shapes for CI (with empty slots, duplicates and bf16); cpu: real hidden
-    sizes at CPU-friendly token counts, a few minutes on two cores; gpu: the full sweep of issue 5."""
+    sizes at CPU-friendly token counts, a few minutes on two cores; gpu: the full sweep of issue 5;
+    gpu-quick: the headline shape (bf16) at the key token counts only, for `bench/gpu_check.sh quick`."""
     if name == "smoke":
         base = dict(T=7, N=4, K=2, R=8, H_in=64, H_out=96, dtype="float32", pattern="uniform")
         return _merge(
@@ -83,7 +85,109 @@ def grid(name: str) -> list[OpsConfig]:
             + [c for t in (1, 256, 4096) for c in _sweep({**base, "T": t}, f"hidden@T={t}", H_out=[4096, 14336])]
             + _sweep(base, "dtype", dtype=["bfloat16", "float16", "float32"])
         )
-    raise ValueError(f"unknown grid {name!r}; expected smoke, cpu or gpu")
+    if name == "gpu-quick":
+        return _sweep(dict(HEADLINE, T=256, dtype="bfloat16"), "T", T=[1, 8, 64, 256, 4096])
+    raise ValueError(f"unknown grid {name!r}; expected smoke, cpu, gpu or gpu-quick")
+
+
+# Forced kernel paths, each timed with a plan built outside the timed call: "<backend>+plan" is the shape
+# heuristic, "<backend>:<path>" forces one path (triton: molora_ops.impl.triton_backend.Settings; cuda:
+# MOLORA_CUDA_PATH), so that one GPU run shows what every path costs at every point.
+FORCED = {
+    "triton": {
+        "plan": {},
+        "fused": dict(fused=True),
+        "gather": dict(fused=False, expand="gather"),
+        "dot": dict(fused=False, expand="dot"),
+        "split1": dict(fused=False, split_k=1),
+        "split4": dict(fused=False, split_k=4),
+        "split16": dict(fused=False, split_k=16),
+        "atomic4": dict(fused=False, split_k=4, atomic_split_k=True),
+    },
+    "cuda": {"plan": None, "per_pair": "per_pair", "segmented": "segmented", "fused": "fused"},
+}
+
+
+def forced_name(backend: str, path: str) -> str:
+    return f"{backend}+plan" if path == "plan" else f"{backend}:{path}"
+
+
+def _forcing(backend: str, how):
+    """(apply, restore) callables that switch `backend` to the forced path `how` and back: a few attribute or
+    environment writes, cheap enough to sit inside the timed call (which may be captured in a CUDA graph)."""
+    if backend == "triton":
+        from molora_ops.impl import triton_backend as tb
+
+        old = {k: getattr(tb.settings, k) for k in how}
+
+        def put_settings(values: dict) -> None:
+            for key, value in values.items():
+                setattr(tb.settings, key, value)
+
+        return (lambda: put_settings(how)), (lambda: put_settings(old))
+    old_path = os.environ.get("MOLORA_CUDA_PATH")
+
+    def put_path(value) -> None:
+        if value is None:
+            os.environ.pop("MOLORA_CUDA_PATH", None)
+        else:
+            os.environ["MOLORA_CUDA_PATH"] = value
+
+    return (lambda: put_path(how or old_path)), (lambda: put_path(old_path))
+
+
+def _prepare_forced(backend: str, how):
+    def prepare(p):
+        import molora_ops
+
+        plan = molora_ops.build_plan(p.topk_ids, p.lora_a.shape[0])  # untimed, as a patched model shares one
+        apply, restore = _forcing(backend, how)
+
+        def run():
+            apply()
+            try:
+                return molora_ops.routed_lora(p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights, scaling=p.scaling,
+                                              backend=backend, plan=plan, validate=False)
+            finally:
+                restore()
+
+        return run
+
+    return prepare
+
+
+def forced_providers(available: dict[str, Provider]) -> dict[str, Provider]:
+    """A "+plan" and a ":<path>" provider for each of our GPU backends present in `available`."""
+    out = {}
+    for backend, paths in FORCED.items():
+        if backend in available:
+            base = available[backend]
+            for path, how in paths.items():
+                name = forced_name(backend, path)
+                out[name] = Provider(name, "ours", base.graph_safe, _prepare_forced(backend, how), base.workspace)
+    return out
+
+
+def _forced_backend(name: str) -> str | None:
+    """The backend of a forced-path provider name, None for any other name."""
+    return next((b for b, paths in FORCED.items() if name in {forced_name(b, p) for p in paths}), None)
+
+
+def select_providers(device: torch.device, names: list[str] | None, *, interpreted: bool = False
+                     ) -> tuple[dict[str, Provider], dict[str, str]]:
+    """all_providers, plus the forced-path providers that `names` asks for; and the reason for each left out."""
+    forced = {n: b for n in names or [] if (b := _forced_backend(n))}
+    plain = [n for n in names or [] if n not in forced]
+    chosen, skipped = all_providers(device, sorted(set(plain) | set(forced.values())) if names else None,
+                                    interpreted=interpreted)
+    extra = forced_providers(chosen)
+    for n, backend in forced.items():
+        if n not in extra:
+            skipped[n] = skipped.get(backend, f"backend {backend} is not available")
+    if names:
+        chosen = {n: p for n, p in chosen.items() if n in plain}
+        skipped = {n: r for n, r in skipped.items() if n in names}
+    return {**chosen, **{n: extra[n] for n in forced if n in extra}}, skipped
 
 
 def memory_budget(device: torch.device) -> int:
@@ -138,9 +242,10 @@ def run_ops(
     verify_only: bool = False,
     grid_name: str | None = None,
 ) -> list[dict]:
-    """Verify and time every provider on every config; returns one record per (config, provider)."""
+    """Verify and time every provider on every config; returns one record per (config, provider). `providers`
+    may name forced paths (FORCED). Interrupted (SIGINT), it returns the records finished so far."""
     # Verifying (not timing) may include triton under its CPU interpreter when TRITON_INTERPRET=1 is set.
-    chosen, left_out = all_providers(device, providers, interpreted=verify_only)
+    chosen, left_out = select_providers(device, providers, interpreted=verify_only)
     env = environment(device)
     run_id = f"{env['timestamp']}-{uuid.uuid4().hex[:6]}"
     ceiling = copy_bandwidth(device, timing) if not verify_only else {}
@@ -148,6 +253,15 @@ def run_ops(
     budget = memory_budget(device)
     common = {"suite": "ops", "grid": grid_name, "run_id": run_id, "env": env, "timing": asdict(timing), **ceiling, **floor}
     records = []
+    try:
+        _run_points(configs, chosen, left_out, device, timing, common, progress, verify_only, budget, records)
+    except KeyboardInterrupt:  # a time-limited run (bench/gpu_check.sh quick: SIGINT) keeps the points it finished
+        print(f"interrupted: keeping the {len(records)} records finished so far", file=sys.stderr)
+    return records
+
+
+def _run_points(configs, chosen, left_out, device, timing, common, progress, verify_only, budget, records) -> None:
+    """run_ops' loop: appends one record per (config, provider) to `records` as each finishes."""
     for cfg in configs:
         p = make_problem(cfg, device)
         cost = cost_model(cfg, p.topk_ids)
@@ -167,7 +281,6 @@ def run_ops(
         del p
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return records
 
 
 def _run_provider(prov: Provider, p, cfg, point, rows, expected, device, timing, graph, budget, verify_only) -> dict:

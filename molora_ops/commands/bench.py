@@ -10,12 +10,14 @@ from __future__ import annotations
 
 def add_arguments(parser) -> None:
     parser.add_argument("--suite", choices=("ops", "e2e"), default="ops", help="kernel sweep or end-to-end model")
-    parser.add_argument("--grid", choices=("smoke", "cpu", "gpu"), default=None,
-                        help="named grid (default: gpu on a CUDA device, else cpu)")
+    parser.add_argument("--grid", choices=("smoke", "cpu", "gpu", "gpu-quick"), default=None,
+                        help="named grid (default: gpu on a CUDA device, else cpu; gpu-quick: bench/gpu_check.sh quick)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--providers", default=None,
-                        help="ops: comma-separated providers (reference,peft-loop,dense,gather-bmm,torch,triton,cuda); "
-                             "e2e: variants (base,ours-topk,ours-router,ours-names,peft-mixed,dense)")
+                        help="ops: comma-separated providers (reference,peft-loop,dense,gather-bmm,torch,triton,cuda, and the "
+                             "forced paths of ops_suite.FORCED: triton+plan, triton:fused, cuda:segmented, ...); "
+                             "e2e: variants (base,ours-topk,ours-router,ours-names,peft-mixed,dense; ours-*@<backend> "
+                             "patches with that backend, e.g. ours-topk@triton)")
     parser.add_argument("--out", default=None,
                         help="jsonl file to append to (default: bench/results/<suite>-<device>.jsonl)")
     parser.add_argument("--no-save", action="store_true", help="print the table without writing results")
@@ -49,10 +51,9 @@ def run(args) -> int:
 
     if args.suite == "ops":
         from molora_ops.benchmarking import ops_suite
-        from molora_ops.benchmarking.baselines import all_providers
 
         configs = ops_suite.grid(grid_name)
-        chosen, _ = all_providers(device, names, interpreted=args.verify_only)
+        chosen, _ = ops_suite.select_providers(device, names, interpreted=args.verify_only)
         bar = tqdm(total=len(configs) * len(chosen), desc="ops", unit="run")
         timing = TimingConfig.quick() if args.quick else TimingConfig()
         records = ops_suite.run_ops(configs, device, providers=names, timing=timing, grid_name=grid_name,
