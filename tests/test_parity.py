@@ -31,20 +31,23 @@ SHAPES_FULL = SHAPES_SMOKE + (
 )
 
 
-def _backends():
-    """torch and triton, each skipped where it cannot run, unless MOLORA_REQUIRE_BACKENDS names it (CI sets
-    it, so a backend that silently stopped loading fails the run instead of skipping)."""
-    status = mo.backends()
-    required = os.environ.get("MOLORA_REQUIRE_BACKENDS", "").split(",")
+def _backends(status: dict, required: list[str], interpreting: bool) -> list:
+    """The backends of the CPU-tensor tests: torch, and triton under its interpreter. Each is skipped where it
+    cannot run, unless `required` (MOLORA_REQUIRE_BACKENDS; CI sets it) names it, so a backend that silently
+    stopped loading fails the run instead of skipping. Triton runs CPU tensors only under TRITON_INTERPRET=1:
+    with it off (a CUDA machine, where tests/conftest.py leaves it unset) triton skips here whatever `required`
+    says, and the gpu tests at the end of this file run it on CUDA tensors."""
     params = []
     for name in ("torch", "triton"):
-        runnable = status[name]["available"] or name in required
-        marks = [] if runnable else [pytest.mark.skip(reason=status[name]["reason"])]
-        params.append(pytest.param(name, marks=marks))
+        why = None if status[name]["available"] or name in required else status[name]["reason"]
+        if name == "triton" and not interpreting:
+            why = "CPU tensors run Triton only under TRITON_INTERPRET=1; the gpu tests cover CUDA tensors"
+        params.append(pytest.param(name, marks=[pytest.mark.skip(reason=why)] if why else []))
     return params
 
 
-BACKENDS = _backends()
+BACKENDS = _backends(mo.backends(), os.environ.get("MOLORA_REQUIRE_BACKENDS", "").split(","),
+                     os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _shape_id(shape):
@@ -243,3 +246,19 @@ def test_routed_lora_grid_gpu(backend, dtype, shape):
 def test_traffic_patterns_gpu(pattern, dtype):
     problem = make_problem(1024, 2, 32, 16, 1024, 1024, dtype, pattern=pattern, empty_frac=0.1, device="cuda")
     _check_routed(problem, "triton", dtype)
+
+
+def test_cpu_backend_params_on_a_cuda_machine():
+    """What a CUDA machine collects: triton available but the interpreter off, so the CPU-tensor triton cases
+    skip (even when required) and torch runs; with the interpreter on (CI), a required triton never skips."""
+    up = {"available": True, "reason": "ok"}
+    down = {"available": False, "reason": "no triton"}
+    on_cuda = _backends({"torch": up, "triton": up}, ["triton"], interpreting=False)
+    assert [p.values[0] for p in on_cuda] == ["torch", "triton"]
+    assert on_cuda[0].marks == () or list(on_cuda[0].marks) == []
+    (skip,) = on_cuda[1].marks
+    assert skip.name == "skip" and "TRITON_INTERPRET" in skip.kwargs["reason"]
+    in_ci = _backends({"torch": up, "triton": down}, ["torch", "triton"], interpreting=True)
+    assert all(not p.marks for p in in_ci)
+    unrequired = _backends({"torch": up, "triton": down}, [""], interpreting=True)
+    assert unrequired[1].marks[0].kwargs["reason"] == "no triton"

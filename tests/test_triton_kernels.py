@@ -2,8 +2,11 @@
 off (and the atomic switch), out-of-range ids that must never be dereferenced, bitwise determinism, token
 counts spanning many tiles, and strided / non-contiguous operands.
 
-Without a GPU these run under TRITON_INTERPRET=1 on CPU tensors (tests/conftest.py), so sizes stay small.
-The parity grid over all backends lives in test_parity.py.
+Every kernel test runs on two devices (DEVICES): CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py sets
+it when there is no CUDA device; skipped when it is off, as on a CUDA machine), and CUDA tensors, marked gpu,
+where the kernels are compiled and half-precision inputs take the bf16/fp16 tensor-core dots that the
+interpreter replaces by fp32 ones. Sizes stay small for the interpreter. The parity grid over all backends
+lives in test_parity.py.
 """
 
 import pytest
@@ -20,6 +23,30 @@ compiled, available, reason = tb.status()
 pytestmark = pytest.mark.skipif(not available, reason=reason)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INTERPRETER_OFF = ("CPU tensors run Triton kernels only under TRITON_INTERPRET=1 (tests/conftest.py sets it without "
+                   "a CUDA device); the cuda variant of this test covers this machine")
+
+
+def device_params(interpreting: bool) -> tuple:
+    """The devices a kernel test runs on: "cpu" (the interpreter; skipped unless `interpreting`) and "cuda"
+    (marked gpu, so it is skipped without a CUDA device and selected by `pytest -m gpu`)."""
+    return (
+        pytest.param("cpu", id="interp", marks=pytest.mark.skipif(not interpreting, reason=INTERPRETER_OFF)),
+        pytest.param("cuda", id="cuda", marks=pytest.mark.gpu),
+    )
+
+
+DEVICES = device_params(tb.interpreting())
+
+
+def device_dtypes(dtypes, cuda_only=()) -> list:
+    """(device, dtype) params: `dtypes` on every device, `cuda_only` on CUDA alone (the interpreter's bf16
+    tl.dot is wrong, DESIGN.md section 6)."""
+    return [
+        pytest.param(d.values[0], dt, marks=d.marks, id=f"{d.id}-{str(dt).replace('torch.', '')}")
+        for d in DEVICES for dt in tuple(dtypes) + (tuple(cuda_only) if d.values[0] == "cuda" else ())
+    ]
+
 # The three ways routed_lora can run: one fused launch, or shrink + one of the two expand kernels.
 PATHS = (
     pytest.param(dict(fused=True), id="fused"),
@@ -80,31 +107,33 @@ def test_float64_is_a_type_error():
 
 
 # ---------------------------------------------------------------------------------------------- paths
+@pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(1, 2, 4, 16, 64, 64), (7, 4, 5, 7, 123, 77), (13, 3, 6, 8, 2049, 40)],
                          ids=lambda s: "T{}K{}N{}R{}_{}x{}".format(*s))
-def test_fused_and_unfused_match_reference(path, dtype, shape):
-    p = make_problem(*shape, dtype, empty_frac=0.2, duplicate_frac=0.3)
+def test_fused_and_unfused_match_reference(path, dtype, shape, dev):
+    p = make_problem(*shape, dtype, empty_frac=0.2, duplicate_frac=0.3, device=dev)
     got = _run(p, path)
     assert got.dtype == dtype
     assert_parity(got, p.exact(), naive_lowp(p), dtype)
 
 
-def test_heuristic_picks_fused_at_decode_and_two_launches_for_prefill(monkeypatch):
+@pytest.mark.parametrize("dev", DEVICES)
+def test_heuristic_picks_fused_at_decode_and_two_launches_for_prefill(monkeypatch, dev):
     kernels = tb._kernels()
     calls = []
     for fn in ("launch_fused", "launch_shrink", "launch_expand", "launch_expand_dot"):
         real = getattr(kernels, fn)
         monkeypatch.setattr(kernels, fn, lambda *a, _real=real, _fn=fn, **kw: (calls.append(_fn), _real(*a, **kw))[1])
 
-    decode = make_problem(2, 2, 4, 16, 64, 48, torch.float16)
+    decode = make_problem(2, 2, 4, 16, 64, 48, torch.float16, device=dev)
     assert tb.choose_fused(2, 2, 16, 64, 48)
     assert_parity(_run(decode), decode.exact(), naive_lowp(decode), torch.float16)
     assert calls == ["launch_fused"]
 
     calls.clear()
-    prefill = make_problem(70, 2, 4, 16, 64, 48, torch.float16)
+    prefill = make_problem(70, 2, 4, 16, 64, 48, torch.float16, device=dev)
     assert not tb.choose_fused(70, 2, 16, 64, 48)
     assert_parity(_run(prefill), prefill.exact(), naive_lowp(prefill), torch.float16)
     assert calls == ["launch_shrink", "launch_expand_dot"], "few adapters, fp16 prefill: tensor-core expand"
@@ -143,9 +172,9 @@ def test_dot_expand_adapter_bound_does_not_grow_with_top_k():
 
 # -------------------------------------------------------------------------------------------- split-K
 @pytest.mark.parametrize("split_k", (1, 2, 5))
-@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
-def test_shrink_split_k(split_k, dtype):
-    p = make_problem(9, 3, 4, 7, 1100, 8, dtype, empty_frac=0.25, duplicate_frac=0.3)
+@pytest.mark.parametrize("dev,dtype", device_dtypes((torch.float32, torch.bfloat16), cuda_only=(torch.float16,)))
+def test_shrink_split_k(split_k, dtype, dev):
+    p = make_problem(9, 3, 4, 7, 1100, 8, dtype, empty_frac=0.25, duplicate_frac=0.3, device=dev)
     cfg = tb._shrink_config(27, 4, 7, 1100)
     if split_k > 1:
         assert cfg.with_split(split_k, 1100).SPLIT_K > 1
@@ -170,9 +199,10 @@ def test_heuristic_splits_small_batches_only():
                 assert per * (cfg.SPLIT_K - 1) < max(h_in, 1), "no split may be empty"
 
 
-def test_atomic_split_k_switch_is_off_by_default_and_still_correct():
+@pytest.mark.parametrize("dev,dtype", device_dtypes((torch.float32,), cuda_only=(torch.float16, torch.bfloat16)))
+def test_atomic_split_k_switch_is_off_by_default_and_still_correct(dev, dtype):
     assert tb.settings.atomic_split_k is False or __import__("os").environ.get("MOLORA_TRITON_ATOMIC_SPLITK") == "1"
-    p = make_problem(6, 2, 3, 8, 600, 8, torch.float32, empty_frac=0.3)
+    p = make_problem(6, 2, 3, 8, 600, 8, dtype, empty_frac=0.3, device=dev)
     h = _shrink(p, split_k=4, atomic=True)
     assert_close(h, _exact_shrink(p), atol=1e-5, rtol=1e-5, name="h (atomic split-K)")
     assert bool((h[p.topk_ids < 0] == 0).all())
@@ -183,22 +213,23 @@ def _nan_fenced(p):
     """Copies of lora_a / lora_b living in the middle of NaN-filled buffers: reading adapter -1 or N (or
     any row outside the real weights) turns the result into NaN."""
     n = p.lora_a.shape[0]
-    a = torch.full((n + 2,) + p.lora_a.shape[1:], float("nan"), dtype=p.lora_a.dtype)
-    b = torch.full((n + 2,) + p.lora_b.shape[1:], float("nan"), dtype=p.lora_b.dtype)
+    a = torch.full((n + 2,) + p.lora_a.shape[1:], float("nan"), dtype=p.lora_a.dtype, device=p.lora_a.device)
+    b = torch.full((n + 2,) + p.lora_b.shape[1:], float("nan"), dtype=p.lora_b.dtype, device=p.lora_b.device)
     a[1 : n + 1] = p.lora_a
     b[1 : n + 1] = p.lora_b
     return a[1 : n + 1], b[1 : n + 1]
 
 
+@pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("path", PATHS)
-def test_out_of_range_ids_unvalidated_contribute_nothing(path):
-    p = make_problem(23, 3, 4, 8, 40, 24, torch.float32)
+def test_out_of_range_ids_unvalidated_contribute_nothing(path, dev):
+    p = make_problem(23, 3, 4, 8, 40, 24, torch.float32, device=dev)
     p.lora_a, p.lora_b = _nan_fenced(p)
     bad = p.topk_ids.clone()
     bad[::3, 0] = 4  # == N
     bad[1::4, 2] = 1_000_000
     bad[2::5, 1] = -7
-    bad[5] = torch.tensor([-1, 4, 99])  # a token with no valid slot at all
+    bad[5] = torch.tensor([-1, 4, 99], device=dev)  # a token with no valid slot at all
     cleaned = torch.where((bad >= 0) & (bad < 4), bad, torch.full_like(bad, -1))
     want = reference.routed_lora(p.x, p.lora_a, p.lora_b, cleaned, p.topk_weights, scaling=p.scaling)
 
@@ -206,7 +237,7 @@ def test_out_of_range_ids_unvalidated_contribute_nothing(path):
     assert_close(got, want, atol=2e-5, rtol=2e-5)
     assert bool((got[5] == 0).all())
 
-    base = torch.randn(23, 24)
+    base = torch.randn(23, 24, device=dev)
     out = base.clone()
     _run(p, path, ids=bad, validate=False, out=out)
     assert_close(out, base + want, atol=3e-5, rtol=2e-5, name="out=")
@@ -224,7 +255,7 @@ def _listed_under_own_adapter(plan, ids):
     """ids with -1 wherever the plan does not list the pair in the segment of its own adapter."""
     n, num_pairs = plan.num_adapters, ids.numel()
     bounds = plan.seg_offsets.long().clamp(0, num_pairs)
-    kept = torch.full((num_pairs,), -1, dtype=ids.dtype)
+    kept = torch.full((num_pairs,), -1, dtype=ids.dtype, device=ids.device)
     flat = ids.reshape(-1)
     for e in range(n):
         lo, hi = int(bounds[e]), max(int(bounds[e]), int(bounds[e + 1]))
@@ -240,7 +271,8 @@ def _listed_under_own_adapter(plan, ids):
      (dict(expand="dot"), 3, True)],
     ids=["gather", "dot", "gather-splitk3", "dot-splitk3-atomic"],
 )
-def test_stale_or_inconsistent_plan_never_reads_uninitialised_memory(monkeypatch, path, split_k, atomic):
+@pytest.mark.parametrize("dev", DEVICES)
+def test_stale_or_inconsistent_plan_never_reads_uninitialised_memory(monkeypatch, path, split_k, atomic, dev):
     """The public ops refuse these plans (tests/test_plan.py); the backend, called directly, must still be
     safe: a pair counts only when the plan lists it in its own adapter's segment, every other pair is an empty
     slot. Every torch.empty here starts as NaN, so a row of h (or of the split-K partials) that the shrink
@@ -253,14 +285,15 @@ def test_stale_or_inconsistent_plan_never_reads_uninitialised_memory(monkeypatch
 
     monkeypatch.setattr(torch, "empty", poisoned_empty)
     T, K, N = 23, 3, 4
-    p = make_problem(T, K, N, 8, 300, 24, torch.float32, empty_frac=0.1, duplicate_frac=0.2)
+    p = make_problem(T, K, N, 8, 300, 24, torch.float32, empty_frac=0.1, duplicate_frac=0.2, device=dev)
     other = p.topk_ids.clone()
-    other[::2] = torch.randint(-1, N, (12, K), dtype=other.dtype)
+    other[::2] = torch.randint(-1, N, (12, K), dtype=other.dtype, device=dev)
     plans = {
-        "empty, never updated": mo.RoutingPlan.empty(T, K, N),
+        "empty, never updated": mo.RoutingPlan.empty(T, K, N, device=dev),
         "built for other ids": mo.build_plan(other, N),
         "offsets out of range": mo.RoutingPlan(
-            torch.randperm(T * K, dtype=torch.int32), torch.tensor([-3, 10, 10, 40, T * K + 7], dtype=torch.int32),
+            torch.randperm(T * K, dtype=torch.int32, device=dev),
+            torch.tensor([-3, 10, 10, 40, T * K + 7], dtype=torch.int32, device=dev),
             T, K, N,
         ),
     }
@@ -270,7 +303,7 @@ def test_stale_or_inconsistent_plan_never_reads_uninitialised_memory(monkeypatch
         want = reference.routed_lora(p.x, p.lora_a, p.lora_b, kept, p.topk_weights, scaling=p.scaling)
         with pytest.raises(ValueError, match=r"^plan "):
             mo.routed_lora(p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights, backend="triton", plan=plan)
-        got = torch.empty(T, 24)
+        got = torch.empty(T, 24, device=dev)
         with tb.override(fused=False, split_k=split_k, atomic_split_k=atomic, **path):
             tb.routed_lora(p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights, p.scaling, plan, got, False)
             h = tb.shrink(p.x, p.lora_a, p.topk_ids, p.topk_weights, p.scaling, plan)
@@ -297,69 +330,73 @@ def _assert_isolated(got, exact, lowp, dtype):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
-def test_non_finite_adapter_reaches_only_its_tokens(path, dtype):
+@pytest.mark.parametrize("dev,dtype", device_dtypes((torch.float32, torch.float16), cuda_only=(torch.bfloat16,)))
+def test_non_finite_adapter_reaches_only_its_tokens(path, dtype, dev):
     """A NaN or Inf in one adapter's weights affects the tokens routed to it and no other: the dot expand
     multiplies lora_b[e] by h = 0 in the tile's other rows, and 0 * NaN is NaN (it turned every token of the
     16-token tile non-finite). 70 tokens: several tiles, mixed adapters in each. bf16 runs on GPU only
     (DESIGN.md section 6)."""
-    p = make_problem(70, 2, 5, 8, 40, 24, dtype, empty_frac=0.1, duplicate_frac=0.2)
+    p = make_problem(70, 2, 5, 8, 40, 24, dtype, empty_frac=0.1, duplicate_frac=0.2, device=dev)
     lowp = naive_lowp(p)
     _poison(p)
     _assert_isolated(_run(p, path), p.exact(), lowp, dtype)
-    base = torch.randn(70, 24).to(dtype)
+    base = torch.randn(70, 24, device=dev).to(dtype)
     out = base.clone()
     _run(p, path, out=out)
     _assert_isolated(out, p.exact() + base.double(), lowp + base, dtype)
 
 
-def test_non_finite_adapter_in_fp16_hi_lo_dot_expand():
-    """The GPU form of the tensor-core expand (fp16 hi + lo halves of h), run directly: the same isolation."""
+@pytest.mark.parametrize("dev,dtype", device_dtypes((torch.float16,), cuda_only=(torch.bfloat16,)))
+def test_non_finite_adapter_in_half_hi_lo_dot_expand(dev, dtype):
+    """The GPU form of the tensor-core expand (half-precision hi + lo halves of h), run directly: the same
+    isolation."""
     from molora_ops.kernels import routed_lora as kernels
 
-    p = make_problem(70, 2, 5, 16, 64, 48, torch.float16, empty_frac=0.1, duplicate_frac=0.2)
+    p = make_problem(70, 2, 5, 16, 64, 48, dtype, empty_frac=0.1, duplicate_frac=0.2, device=dev)
     h = _exact_shrink(p).float()
     lowp = reference.lora_expand(h, p.lora_b, p.topk_ids)
     _poison(p)
     exact = reference.lora_expand(h.double(), p.lora_b.double(), p.topk_ids)
-    out = torch.full((70, 48), float("nan"), dtype=torch.float16)
+    out = torch.full((70, 48), float("nan"), dtype=dtype, device=dev)
     cfg = configs.expand_dot_config(70, 16, 48)
     kernels.launch_expand_dot(h, p.lora_b, p.topk_ids, out, cfg=cfg, accumulate=False, upcast=False)
-    _assert_isolated(out, exact, lowp, torch.float16)
+    _assert_isolated(out, exact, lowp, dtype)
 
 
+@pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("split_k", (1, 3))
-def test_non_finite_weight_in_empty_slot_adds_nothing(path, split_k):
+def test_non_finite_weight_in_empty_slot_adds_nothing(path, split_k, dev):
     """An empty slot adds nothing, whatever its weight holds (NaN, Inf): in h, in the split-K reduction and in
     every routed_lora path."""
-    p = make_problem(70, 3, 5, 8, 300, 24, torch.float32, empty_frac=0.3)
+    p = make_problem(70, 3, 5, 8, 300, 24, torch.float32, empty_frac=0.3, device=dev)
     p.topk_ids[0] = -1
     exact, lowp = p.exact(), naive_lowp(p)
     want_h = _exact_shrink(p)
     empty = p.topk_ids < 0
     p.topk_weights[empty] = float("nan")
-    p.topk_weights[empty & (torch.rand(empty.shape) < 0.5)] = float("inf")
+    p.topk_weights[empty & (torch.rand(empty.shape, device=dev) < 0.5)] = float("inf")
     h = _shrink(p, split_k=split_k)
     assert bool((h[empty] == 0).all())
     assert_close(h, want_h, atol=1e-5, rtol=1e-5, name="h")
     assert_parity(_run(p, path, split_k=split_k), exact, lowp, torch.float32)
 
 
+@pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("path", PATHS)
-def test_every_output_element_is_written(path):
+def test_every_output_element_is_written(path, dev):
     """accumulate=False must overwrite out completely, including tokens whose slots are all empty."""
-    p = make_problem(19, 2, 3, 8, 32, 37, torch.float16, empty_frac=0.5)
+    p = make_problem(19, 2, 3, 8, 32, 37, torch.float16, empty_frac=0.5, device=dev)
     p.topk_ids[:4] = -1
     plan = mo.build_plan(p.topk_ids, 3)
-    out = torch.full((19, 37), float("nan"), dtype=torch.float16)
+    out = torch.full((19, 37), float("nan"), dtype=torch.float16, device=dev)
     with tb.override(**path):
         tb.routed_lora(p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights, p.scaling.float(), plan, out, False)
     assert not out.isnan().any()
     assert bool((out[:4] == 0).all())
     assert_parity(out, p.exact(), naive_lowp(p), torch.float16)
 
-    h = torch.full((19, 2, 8), float("nan"))
+    h = torch.full((19, 2, 8), float("nan"), device=dev)
     h[p.topk_ids >= 0] = 0.5  # NaN rows sit exactly in the empty slots: they must never be read
     out.fill_(float("nan"))
     with tb.override(**path):
@@ -367,15 +404,16 @@ def test_every_output_element_is_written(path):
     assert not out.isnan().any() and bool((out[:4] == 0).all())
 
 
-def test_zero_tokens_launch_nothing_and_leave_out_alone():
-    p = make_problem(0, 2, 3, 8, 32, 16, torch.float32)
+@pytest.mark.parametrize("dev", DEVICES)
+def test_zero_tokens_launch_nothing_and_leave_out_alone(dev):
+    p = make_problem(0, 2, 3, 8, 32, 16, torch.float32, device=dev)
     plan = mo.build_plan(p.topk_ids, 3)
     assert tb.shrink(p.x, p.lora_a, p.topk_ids, p.topk_weights, p.scaling, plan).shape == (0, 2, 8)
-    out = torch.empty(0, 16)
+    out = torch.empty(0, 16, device=dev)
     for path in PATHS:
         with tb.override(**path.values[0]):
             tb.routed_lora(p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights, p.scaling, plan, out, True)
-            tb.expand(torch.empty(0, 2, 8), p.lora_b, p.topk_ids, plan, out, False)
+            tb.expand(torch.empty(0, 2, 8, device=dev), p.lora_b, p.topk_ids, plan, out, False)
 
 
 # -------------------------------------------------------------------------------------- determinism
@@ -384,8 +422,10 @@ def test_zero_tokens_launch_nothing_and_leave_out_alone():
     [(dict(fused=True), None), (dict(fused=False, expand="gather"), 1), (dict(fused=False, expand="dot"), 4)],
     ids=["fused", "unfused-gather", "unfused-dot-splitk4"],
 )
-def test_bitwise_deterministic(path, split_k):
-    p = make_problem(21, 3, 5, 16, 260, 40, torch.bfloat16, pattern="skewed", empty_frac=0.1, duplicate_frac=0.3)
+@pytest.mark.parametrize("dev", DEVICES)
+def test_bitwise_deterministic(path, split_k, dev):
+    p = make_problem(21, 3, 5, 16, 260, 40, torch.bfloat16, pattern="skewed", empty_frac=0.1, duplicate_frac=0.3,
+                     device=dev)
     first = _run(p, path, split_k=split_k)
     second = _run(p, path, split_k=split_k)
     assert torch.equal(first, second)
@@ -394,9 +434,11 @@ def test_bitwise_deterministic(path, split_k):
 
 
 # -------------------------------------------------------------------------------------------- tiling
-def test_many_tiles_per_segment():
+@pytest.mark.parametrize("dev", DEVICES)
+def test_many_tiles_per_segment(dev):
     """A hot adapter whose segment spans dozens of BLOCK_M tiles, and tokens spanning many expand tiles."""
-    p = make_problem(611, 2, 3, 8, 40, 48, torch.float16, pattern="skewed", empty_frac=0.05, duplicate_frac=0.1)
+    p = make_problem(611, 2, 3, 8, 40, 48, torch.float16, pattern="skewed", empty_frac=0.05, duplicate_frac=0.1,
+                     device=dev)
     cfg = configs.shrink_config(611 * 2, 3, 8, 40)
     assert configs.cdiv(611 * 2, cfg.BLOCK_M) >= 20
     assert configs.cdiv(611, configs.expand_config(611, 8, 48).BLOCK_M) >= 20
@@ -405,57 +447,61 @@ def test_many_tiles_per_segment():
         assert_parity(got, p.exact(), naive_lowp(p), torch.float16, name=expand)
 
 
-def test_rank_spanning_several_tiles():
+@pytest.mark.parametrize("dev", DEVICES)
+def test_rank_spanning_several_tiles(dev):
     """R = 70 > BLOCK_R: several rank tiles in shrink, several R steps in expand, and a fused tile of 128."""
-    p = make_problem(11, 2, 3, 70, 48, 33, torch.float32, empty_frac=0.2)
+    p = make_problem(11, 2, 3, 70, 48, 33, torch.float32, empty_frac=0.2, device=dev)
     assert configs.shrink_config(22, 3, 70, 48).BLOCK_R < 70
     for path in PATHS:
         assert_parity(_run(p, path.values[0]), p.exact(), naive_lowp(p), torch.float32, name=path.id)
 
 
 # --------------------------------------------------------------------------------------------- strides
+@pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("path", PATHS)
-def test_non_contiguous_and_strided_operands(path):
-    p = make_problem(21, 2, 4, 8, 64, 40, torch.float32, empty_frac=0.15, duplicate_frac=0.2)
-    x = torch.empty(64, 21).t()  # column-major
+def test_non_contiguous_and_strided_operands(path, dev):
+    p = make_problem(21, 2, 4, 8, 64, 40, torch.float32, empty_frac=0.15, duplicate_frac=0.2, device=dev)
+    x = torch.empty(64, 21, device=dev).t()  # column-major
     x.copy_(p.x)
-    a = torch.empty(4, 64, 8).transpose(1, 2)  # H_in fastest stride is not 1
+    a = torch.empty(4, 64, 8, device=dev).transpose(1, 2)  # H_in fastest stride is not 1
     a.copy_(p.lora_a)
-    b = torch.empty(4, 40, 16)[:, :, ::2]  # stride 2 along R
+    b = torch.empty(4, 40, 16, device=dev)[:, :, ::2]  # stride 2 along R
     b.copy_(p.lora_b)
-    ids = torch.empty(2, 21, dtype=torch.int32).t()
+    ids = torch.empty(2, 21, dtype=torch.int32, device=dev).t()
     ids.copy_(p.topk_ids)
     w = p.topk_weights.double().t().contiguous().t()  # float64 weights, column-major
     assert not any(t.is_contiguous() for t in (x, a, b, ids, w))
-    base = torch.randn(40, 21).t()  # out is column-major too
+    base = torch.randn(40, 21, device=dev).t()  # out is column-major too
     out = base.clone()
     with tb.override(**path):
         mo.routed_lora(x, a, b, ids, w, scaling=p.scaling, out=out, backend="triton")
     assert_parity(out, base.double() + p.exact(), base + naive_lowp(p), torch.float32)
 
     h = _shrink(p, split_k=2)
-    h_nc = torch.empty(8, 2, 21).permute(2, 1, 0)
+    h_nc = torch.empty(8, 2, 21, device=dev).permute(2, 1, 0)
     h_nc.copy_(h)
     with tb.override(**path):
         y = mo.lora_expand(h_nc, b, ids, backend="triton")
     assert_close(y, mo.lora_expand(h, p.lora_b, p.topk_ids, backend="torch"), atol=2e-5, rtol=2e-5)
 
 
-def test_dot_expand_hi_lo_split_on_half_weights():
-    """The GPU form of the tensor-core expand (h fed to fp16 dots as hi + lo halves), run directly. Only for
-    fp16: the interpreter's bf16 tl.dot is wrong (DESIGN.md section 6), so bf16 is covered on GPU only."""
+@pytest.mark.parametrize("dev,dtype", device_dtypes((torch.float16,), cuda_only=(torch.bfloat16,)))
+def test_dot_expand_hi_lo_split_on_half_weights(dev, dtype):
+    """The GPU form of the tensor-core expand (h fed to half-precision dots as hi + lo halves), run directly.
+    bf16 on GPU only: the interpreter's bf16 tl.dot is wrong (DESIGN.md section 6)."""
     from molora_ops.kernels import routed_lora as kernels
 
-    p = make_problem(70, 2, 4, 16, 64, 48, torch.float16, empty_frac=0.1, duplicate_frac=0.2)
+    p = make_problem(70, 2, 4, 16, 64, 48, dtype, empty_frac=0.1, duplicate_frac=0.2, device=dev)
     h = _exact_shrink(p).float()
     exact = reference.lora_expand(h.double(), p.lora_b.double(), p.topk_ids)
-    out = torch.full((70, 48), float("nan"), dtype=torch.float16)
+    out = torch.full((70, 48), float("nan"), dtype=dtype, device=dev)
     cfg = configs.expand_dot_config(70, 16, 48)
     kernels.launch_expand_dot(h, p.lora_b, p.topk_ids, out, cfg=cfg, accumulate=False, upcast=False)
-    assert_parity(out, exact, reference.lora_expand(h, p.lora_b, p.topk_ids), torch.float16)
+    assert_parity(out, exact, reference.lora_expand(h, p.lora_b, p.topk_ids), dtype)
 
 
-def test_dot_expand_fp16_hi_lo_split_with_h_beyond_fp16_range():
+@pytest.mark.parametrize("dev", DEVICES)
+def test_dot_expand_fp16_hi_lo_split_with_h_beyond_fp16_range(dev):
     """h is float32 and may exceed fp16's range (65504): the hi half is clamped to it and the lo half carries
     the rest, so the fp16 dots stay finite (an unclamped hi half was inf, and inf + (-inf) gave NaN)."""
     from molora_ops.kernels import routed_lora as kernels
@@ -471,24 +517,41 @@ def test_dot_expand_fp16_hi_lo_split_with_h_beyond_fp16_range():
     h[1::9, 0, 1::4] = -8.0e4
     exact = reference.lora_expand(h.double(), lora_b.double(), ids)
     assert exact.abs().max() < 6e4, "the answer itself fits in fp16"
-    out = torch.full((70, 48), float("nan"), dtype=torch.float16)
+    ids, lora_b, h = ids.to(dev), lora_b.to(dev), h.to(dev)
+    out = torch.full((70, 48), float("nan"), dtype=torch.float16, device=dev)
     cfg = configs.expand_dot_config(70, 16, 48)
     kernels.launch_expand_dot(h, lora_b, ids, out, cfg=cfg, accumulate=False, upcast=False)
     assert bool(out.isfinite().all())
     assert_close(out, exact, **TOLERANCE[torch.float16], name="out (|h| > 65504)")
 
 
-def test_flat_segment_tiles_with_many_adapters():
+@pytest.mark.parametrize("dev", DEVICES)
+def test_flat_segment_tiles_with_many_adapters(dev):
     """The shrink numbers the tiles of all segments back to back and scans the plan's offsets in chunks of
     SCAN_BLOCK adapters: N = 300 spans two chunks, with a hot adapter spanning several tiles, adapters on
     both sides of the chunk boundary, and most adapters empty."""
     assert configs.scan_block(300) < 300
-    p = make_problem(45, 2, 300, 8, 24, 16, torch.float32)
-    hot = torch.tensor([0, 255, 256, 299, 7])
-    p.topk_ids = hot[torch.randint(0, 5, (45, 2))]
-    p.topk_ids[torch.rand(45) < 0.5, 0] = 0
+    p = make_problem(45, 2, 300, 8, 24, 16, torch.float32, device=dev)
+    hot = torch.tensor([0, 255, 256, 299, 7], device=dev)
+    p.topk_ids = hot[torch.randint(0, 5, (45, 2), device=dev)]
+    p.topk_ids[torch.rand(45, device=dev) < 0.5, 0] = 0
     p.topk_ids[3, 1] = -1
     for split_k in (1, 2):
         h = _shrink(p, split_k=split_k)
         assert_close(h, _exact_shrink(p), atol=1e-5, rtol=1e-5, name=f"h split_k={split_k}")
     assert_parity(_run(p, dict(fused=False, expand="gather")), p.exact(), naive_lowp(p), torch.float32)
+
+
+def test_device_params_skip_the_interpreter_cases_when_it_is_off():
+    """What a CUDA machine collects (its conftest leaves TRITON_INTERPRET unset): the interpreter cases skip
+    with a reason and the cuda cases carry the gpu mark; here (no CUDA) the interpreter cases run."""
+    for interpreting in (False, True):
+        cpu, cuda = device_params(interpreting)
+        (skipif,) = cpu.marks
+        assert skipif.name == "skipif" and skipif.args == (not interpreting,)
+        assert "TRITON_INTERPRET" in skipif.kwargs["reason"]
+        assert [m.name for m in cuda.marks] == ["gpu"] and cuda.values == ("cuda",)
+    assert DEVICES[0].marks[0].args == (not tb.interpreting(),)
+    cases = device_dtypes((torch.float16,), cuda_only=(torch.bfloat16,))
+    assert [c.id for c in cases] == ["interp-float16", "cuda-float16", "cuda-bfloat16"]
+    assert all(m.name == "gpu" for c in cases[1:] for m in c.marks)
