@@ -101,3 +101,13 @@ def test_the_checker_sees_a_cycle(tmp_path, monkeypatch):
         assert "molora_ops.sub.a -> molora_ops.sub.b -> molora_ops.sub.a" in str(exc)
     else:
         raise AssertionError("the cycle was not reported")
+
+
+def test_every_subpackage_is_packaged():
+    """pyproject.toml lists every package folder (a wheel or a non-editable install leaves out what it does not)."""
+    import tomllib
+
+    config = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+    listed = set(config["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.parent.relative_to(PACKAGE.parent).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert on_disk <= listed, f"not in pyproject.toml's packages: {sorted(on_disk - listed)}"
