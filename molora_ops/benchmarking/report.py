@@ -20,6 +20,11 @@ from .problems import TRAFFIC_PATTERNS
 SWEEP_AXIS = {"T": "T", "pattern": "pattern", "distinct32": "pattern", "N": "N", "K": "K", "R": "R",
               "hidden": "H_out", "dtype": "dtype", "empty": "empty_frac"}
 PROVIDER_ORDER = list(OURS) + list(BASELINES)
+
+
+def _is_ours(provider: str) -> bool:
+    """Our backends, also as forced-path or prebuilt-plan variants ("triton:dot", "cuda+plan")."""
+    return re.split(r"[:+]", provider, maxsplit=1)[0] in OURS
 ORDER = {v: i for i, v in enumerate(TRAFFIC_PATTERNS + ("float32", "float16", "bfloat16"))}
 COLORS = {"torch": "#1f77b4", "triton": "#2ca02c", "cuda": "#d62728", "reference": "#7f7f7f",
           "peft-loop": "#ff7f0e", "dense": "#9467bd", "gather-bmm": "#8c564b", "base GEMM": "#000000"}
@@ -136,9 +141,9 @@ def ops_table(run: list[dict], tag: str, *, spread: bool = False) -> str:
     """One sweep as a markdown table: median ms per provider, then ours against the baselines."""
     axis = SWEEP_AXIS.get(tag.split("@")[0], tag)
     provs = _providers_in(run)
-    ours = [p for p in provs if p in OURS]
-    baselines = [p for p in provs if p not in OURS and p != "reference"]
-    head = [axis, "base GEMM"] + [f"ours ({p})" if p in OURS else p for p in provs]
+    ours = [p for p in provs if _is_ours(p)]
+    baselines = [p for p in provs if not _is_ours(p) and p != "reference"]
+    head = [axis, "base GEMM"] + [f"ours ({p})" if _is_ours(p) else p for p in provs]
     head += ["ours vs fastest baseline", "ours vs peft-loop", "ours % of copy BW", "ours / base GEMM", "ours / floor"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, by_prov in _points(run, tag).items():
@@ -171,10 +176,10 @@ OPS_LEGEND = ("Columns: median time of one `routed_lora` call in ms (CPU: thread
 def ratio_summary(run: list[dict], tag: str) -> str | None:
     """In words: each baseline's time over ours, lowest and highest along one sweep."""
     provs = _providers_in(run)
-    ours = [p for p in provs if p in OURS]
+    ours = [p for p in provs if _is_ours(p)]
     pts = list(_points(run, tag).values())
     parts = []
-    for b in (p for p in provs if p not in OURS):
+    for b in (p for p in provs if not _is_ours(p)):
         ratios = [v[b]["time"]["median_ms"] / me["time"]["median_ms"]
                   for v in pts if (me := _best(v, ours)) is not None and b in v and v[b]["status"] == "ok"]
         if ratios:
@@ -448,7 +453,7 @@ def plot_ops(run: list[dict], path: Path) -> Path:
             width = 0.8 / max(len(provs), 1)
             for i, p in enumerate(provs):
                 ys = [(v[p]["time"]["median_ms"] if p in v and v[p]["status"] == "ok" else float("nan")) for _, v in pts]
-                ax.bar([j + i * width for j in range(len(xs))], ys, width, label=f"ours ({p})" if p in OURS else p,
+                ax.bar([j + i * width for j in range(len(xs))], ys, width, label=f"ours ({p})" if _is_ours(p) else p,
                        color=COLORS.get(p))
             ax.set_xticks([j + 0.4 - width / 2 for j in range(len(xs))], xs)
             ax.set_yscale("log")
@@ -462,9 +467,9 @@ def plot_ops(run: list[dict], path: Path) -> Path:
                 sel = [(x, v[p]["time"]) for x, (_, v) in zip(xs, pts) if p in v and v[p]["status"] == "ok"]
                 if not sel:
                     continue
-                lw = 2.4 if p in OURS else 1.3
+                lw = 2.4 if _is_ours(p) else 1.3
                 ax.plot([s[0] for s in sel], [s[1]["median_ms"] for s in sel], marker="o", ms=3.5, lw=lw,
-                        label=f"ours ({p})" if p in OURS else p, color=COLORS.get(p))
+                        label=f"ours ({p})" if _is_ours(p) else p, color=COLORS.get(p))
                 ax.fill_between([s[0] for s in sel], [s[1]["p20_ms"] for s in sel], [s[1]["p80_ms"] for s in sel],
                                 color=COLORS.get(p), alpha=0.15, linewidth=0)
             ax.set_xscale("log", base=2)
