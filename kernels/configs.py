@@ -11,6 +11,8 @@ Semantics of the knobs:
                expand: the R loop step; fused: the whole padded rank)
     BLOCK_K    H_in step of the shrink reduction
     BLOCK_N    H_out columns per program (expand, fused)
+    CHUNK_N    H_out columns per launch pair of the grouped expand (bounds its float32 partial workspace)
+    REDUCE_M   tokens per program of the grouped expand's slot reduction
     SPLIT_K    number of programs that share one shrink reduction over H_in (partials reduced in fixed order)
     num_warps  warps per program
 """
@@ -72,6 +74,16 @@ class ShrinkConfig:
         split_k = _clamp(int(split_k), 1, steps)
         per = cdiv(steps, split_k)
         return ShrinkConfig(self.BLOCK_M, self.BLOCK_R, self.BLOCK_K, cdiv(steps, per), self.num_warps)
+
+
+@dataclass(frozen=True)
+class GroupedExpandConfig:
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_R: int
+    CHUNK_N: int
+    REDUCE_M: int
+    num_warps: int
 
 
 @dataclass(frozen=True)
@@ -176,15 +188,22 @@ DOT_EXPAND_MAX_ADAPTERS = 16
 
 
 def expand_variant(num_tokens: int, top_k: int, num_adapters: int, rank: int, half_precision: bool) -> str:
-    """"dot" (tensor cores over the distinct adapters of a token tile) or "gather" (per-row CUDA-core FMA)."""
+    """"dot" (tensor cores over the distinct adapters of a token tile), "grouped" (tensor cores over adapter
+    segments, float32 partials reduced over k) or "gather" (per-row CUDA-core FMA).
+
+    Rule (shapes only; a prediction until the GPU forced-path table sets it): decode sizes and float32 weights
+    take "gather". Half-precision prefill takes "dot" while few adapters can meet in a token tile and the rank
+    fits its single tile; otherwise "grouped", which reads each B[e] tile once per segment tile, where the
+    gather re-reads B for every (token, slot) and the dot kernel pays one masked dot per distinct adapter."""
+    if not half_precision or num_tokens < min(DOT_EXPAND_MIN_TOKENS, GROUPED_EXPAND_MIN_TOKENS):
+        return "gather"
     if (
-        half_precision
-        and num_tokens >= DOT_EXPAND_MIN_TOKENS
+        num_tokens >= DOT_EXPAND_MIN_TOKENS
         and rank <= DOT_EXPAND_MAX_RANK
         and num_adapters <= min(DOT_EXPAND_ADAPTERS_PER_SLOT * top_k, DOT_EXPAND_MAX_ADAPTERS)
     ):
         return "dot"
-    return "gather"
+    return "grouped"
 
 
 def expand_dot_config(num_tokens: int, rank: int, h_out: int) -> GatherConfig:
@@ -194,3 +213,23 @@ def expand_dot_config(num_tokens: int, rank: int, h_out: int) -> GatherConfig:
     block_n = _clamp(128 if block_r <= 32 else 64, 16, max(16, next_pow2(h_out)))
     num_warps = 8 if block_r >= 32 else 4  # 4 warps spilled at BLOCK_R = 32 (see DOT_EXPAND_MAX_RANK)
     return GatherConfig(block_m, block_n, block_r, 0, num_warps)
+
+
+# The adapter-grouped expand (prefill): B[e] read once per segment tile, at the price of float32 per-pair partials
+# reduced over k in a second kernel (see routed_lora.launch_expand_grouped). The workspace per column chunk is
+# bounded so that it stays resident in L2 (60 MB on an H200, 40-50 MB on A100/L40) while it is written and read.
+GROUPED_EXPAND_MIN_TOKENS = 64
+GROUPED_EXPAND_PARTIAL_BYTES = 16 << 20
+
+
+def expand_grouped_config(num_pairs: int, rank: int, h_out: int) -> GroupedExpandConfig:
+    """Tiles for the adapter-grouped expand: segment tiles as in the shrink, R looped in BLOCK_R steps (so any
+    rank stays on tensor cores), and CHUNK_N the widest multiple of BLOCK_N whose [P, CHUNK_N] float32
+    workspace fits GROUPED_EXPAND_PARTIAL_BYTES (at least one BLOCK_N)."""
+    block_m = 16 if num_pairs <= 128 else (32 if num_pairs <= 2048 else 64)
+    block_r = _clamp(next_pow2(rank), 16, 32)
+    block_n = _clamp(64 if block_m == 64 else 128, 16, max(16, next_pow2(h_out)))
+    fit = GROUPED_EXPAND_PARTIAL_BYTES // (4 * max(num_pairs, 1) * block_n)
+    chunk_n = block_n * _clamp(fit, 1, cdiv(max(h_out, 1), block_n))
+    num_warps = 8 if block_m * block_n >= 64 * 64 else 4
+    return GroupedExpandConfig(block_m, block_n, block_r, chunk_n, 16, num_warps)

@@ -33,10 +33,11 @@ UPCAST (constexpr): cast tl.dot operands to float32 and use input_precision="iee
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from .configs import GatherConfig, ShrinkConfig, cdiv, reduce_config, scan_block
+from .configs import GatherConfig, GroupedExpandConfig, ShrinkConfig, cdiv, reduce_config, scan_block
 
 
 # ------------------------------------------------------------------------------------------------ epilogue
@@ -49,6 +50,31 @@ def _store_out_tile(out_ptr, acc, offs_t, offs_n, mask_t, mask_n, stride_ot, str
     if ACCUMULATE:
         acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------- segments
+@triton.jit
+def _segment_tile(tile_id, seg_offsets_ptr, num_pairs, num_adapters, BLOCK_M: tl.constexpr, SCAN_BLOCK: tl.constexpr):
+    """Semantics: the BLOCK_M tiles of all adapter segments of the plan are numbered back to back (adapter 0's
+    cdiv(len_0, BLOCK_M) tiles, then adapter 1's, ...); returns (e, tile) for flat tile `tile_id`, e = -1 past
+    the last tile. Segment bounds are clamped to [0, P]. A prefix sum over the plan's offsets, SCAN_BLOCK
+    adapters at a time: O(N) per program, but it keeps grids at about P / BLOCK_M + N programs instead of
+    N * P / BLOCK_M mostly idle ones."""
+    e = tile_id * 0 - 1
+    tile = tile_id * 0
+    tiles_before = tile_id * 0
+    for c0 in range(0, num_adapters, SCAN_BLOCK):
+        offs_e = c0 + tl.arange(0, SCAN_BLOCK)
+        mask_e = offs_e < num_adapters
+        lo = tl.minimum(tl.maximum(tl.load(seg_offsets_ptr + offs_e, mask=mask_e, other=0), 0), num_pairs)
+        hi = tl.minimum(tl.maximum(tl.load(seg_offsets_ptr + offs_e + 1, mask=mask_e, other=0), lo), num_pairs)
+        n_tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
+        first = tl.cumsum(n_tiles, axis=0) - n_tiles + tiles_before  # first flat tile of each adapter
+        hit = mask_e & (first <= tile_id) & (tile_id < first + n_tiles)
+        e = tl.maximum(e, tl.max(tl.where(hit, offs_e, -1), axis=0))
+        tile = tl.maximum(tile, tl.max(tl.where(hit, tile_id - first, 0), axis=0))
+        tiles_before += tl.sum(n_tiles, axis=0)
+    return e, tile
 
 
 # ------------------------------------------------------------------------------------------------- shrink
@@ -85,25 +111,10 @@ def _shrink_kernel(
     pid_sk = pid_z % SPLIT_K
     pid_r = pid_z // SPLIT_K
 
-    # Which adapter and which tile of its segment: scan the per-adapter tile counts (a prefix sum over the
-    # plan's offsets, SCAN_BLOCK adapters at a time). O(N) per program, but it keeps the grid at about
-    # P / BLOCK_M + N programs instead of N * P / BLOCK_M mostly-idle ones.
-    e = tile_id * 0 - 1
-    tile = tile_id * 0
-    tiles_before = tile_id * 0
-    for c0 in range(0, num_adapters, SCAN_BLOCK):
-        offs_e = c0 + tl.arange(0, SCAN_BLOCK)
-        mask_e = offs_e < num_adapters
-        lo = tl.minimum(tl.maximum(tl.load(seg_offsets_ptr + offs_e, mask=mask_e, other=0), 0), num_pairs)
-        hi = tl.minimum(tl.maximum(tl.load(seg_offsets_ptr + offs_e + 1, mask=mask_e, other=0), lo), num_pairs)
-        n_tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
-        first = tl.cumsum(n_tiles, axis=0) - n_tiles + tiles_before  # first flat tile of each adapter
-        hit = mask_e & (first <= tile_id) & (tile_id < first + n_tiles)
-        e = tl.maximum(e, tl.max(tl.where(hit, offs_e, -1), axis=0))
-        tile = tl.maximum(tile, tl.max(tl.where(hit, tile_id - first, 0), axis=0))
-        tiles_before += tl.sum(n_tiles, axis=0)
+    # Which adapter and which tile of its segment (programs past the last tile of the last segment return).
+    e, tile = _segment_tile(tile_id, seg_offsets_ptr, num_pairs, num_adapters, BLOCK_M, SCAN_BLOCK)
     if e < 0:
-        return  # past the last tile of the last segment
+        return
 
     seg_start = tl.minimum(tl.maximum(tl.load(seg_offsets_ptr + e), 0), num_pairs)
     seg_end = tl.minimum(tl.maximum(tl.load(seg_offsets_ptr + e + 1), seg_start), num_pairs)
@@ -244,6 +255,32 @@ def _expand_kernel(
 
 
 @triton.jit
+def _dot_f32_rows(h, bt, acc, UPCAST: tl.constexpr):
+    """Semantics: acc + h @ bt with h [M, R] float32 and bt [R, N] in the weights' dtype, without rounding h to
+    16 bits: UPCAST takes float32 operands in ieee precision; otherwise h enters half-precision tensor-core dots
+    as hi + lo halves. fp16 cannot hold |h| > 65504: the hi half is clamped to +-65504, the lo half carries the
+    rest, and a tile where that happened (rare) adds a third dot for the lo half's own rounding error, so |h| up
+    to 2 * 65504 keeps about 22 bits (an unclamped hi half was inf, and inf + -inf NaN; bf16 has float32's
+    range)."""
+    if UPCAST:
+        out = tl.dot(h, bt.to(tl.float32), acc, input_precision="ieee")
+    elif bt.dtype == tl.float16:
+        h_hi = tl.minimum(tl.maximum(h, -65504.0), 65504.0).to(tl.float16)
+        h_res = h - h_hi.to(tl.float32)
+        h_lo = h_res.to(tl.float16)
+        out = tl.dot(h_hi, bt, acc)
+        out = tl.dot(h_lo, bt, out)
+        if tl.max(tl.abs(h)) > 65504.0:
+            out = tl.dot((h_res - h_lo.to(tl.float32)).to(tl.float16), bt, out)
+    else:
+        h_hi = h.to(bt.dtype)
+        h_lo = (h - h_hi.to(tl.float32)).to(bt.dtype)
+        out = tl.dot(h_hi, bt, acc)
+        out = tl.dot(h_lo, bt, out)
+    return out
+
+
+@triton.jit
 def _expand_dot_kernel(
     # pointers
     h_ptr, b_ptr, ids_ptr, out_ptr,
@@ -264,11 +301,7 @@ def _expand_dot_kernel(
     and for each adapter e does one tl.dot of hsum_e[m, :] = sum_{k: ids[m, k] == e} h[m, k, :] against
     lora_b[e]'s tile, kept only in the rows routed to e (the others would see 0 * B[e], NaN where B[e] is not
     finite). The walk order is fixed by the ids, so the result is deterministic; every out element is written
-    once. h stays float32: on half-precision weights it enters the dot as hi + lo halves
-    (two dots), so the intermediate is not rounded to 16 bits. fp16 cannot hold |hsum| > 65504: the hi half
-    is clamped to +-65504, the lo half carries the rest and a tile where that happened adds a third dot for
-    the lo half's rounding error, so |hsum| up to 2 * 65504 keeps about 22 bits (beyond that the lo half is
-    inf too; bf16 has float32's range). Needs BLOCK_R >= R (whole rank per tile).
+    once. h stays float32 (_dot_f32_rows). Needs BLOCK_R >= R (whole rank per tile).
     Grid: (cdiv(T, BLOCK_M), cdiv(H_out, BLOCK_N))."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -300,28 +333,100 @@ def _expand_dot_kernel(
             sel = mask_t & (ids_k == e)
             hsum += tl.load(h_rows + k64 * stride_hk, mask=sel[:, None] & mask_r[None, :], other=0.0).to(tl.float32)
         bt = tl.load(b_tile + e * stride_be, mask=mask_bt, other=0.0)
-        if UPCAST:
-            acc_e = tl.dot(hsum, bt.to(tl.float32), acc, input_precision="ieee")
-        elif b_ptr.dtype.element_ty == tl.float16:
-            # fp16 overflows past 65504 (inf hi + -inf lo was NaN): clamp the hi half, and when that happened
-            # in this tile (rare) the lo half is large too, so its own rounding error gets a third dot.
-            h_hi = tl.minimum(tl.maximum(hsum, -65504.0), 65504.0).to(tl.float16)
-            h_res = hsum - h_hi.to(tl.float32)
-            h_lo = h_res.to(tl.float16)
-            acc_e = tl.dot(h_hi, bt, acc)
-            acc_e = tl.dot(h_lo, bt, acc_e)
-            if tl.max(tl.abs(hsum)) > 65504.0:
-                acc_e = tl.dot((h_res - h_lo.to(tl.float32)).to(tl.float16), bt, acc_e)
-        else:
-            h_hi = hsum.to(bt.dtype)
-            h_lo = (hsum - h_hi.to(tl.float32)).to(bt.dtype)
-            acc_e = tl.dot(h_hi, bt, acc)
-            acc_e = tl.dot(h_lo, bt, acc_e)
+        acc_e = _dot_f32_rows(hsum, bt, acc, UPCAST)
         # Rows not routed to e multiplied B[e] by h = 0, and 0 * NaN or 0 * Inf is NaN: they keep acc.
         routed = tl.max(tl.where(ids2 == e, 1, 0), axis=1) > 0
         acc = tl.where(routed[:, None], acc_e, acc)
         e = tl.min(tl.where(ids2 > e, ids2, num_adapters))
 
+    _store_out_tile(out_ptr, acc, offs_t, offs_n, mask_t, mask_n, stride_ot, stride_oo, ACCUMULATE)
+
+
+@triton.jit
+def _expand_grouped_kernel(
+    # pointers
+    h_ptr, b_ptr, ids_ptr, sorted_pairs_ptr, seg_offsets_ptr, part_ptr,
+    # sizes
+    num_pairs, top_k, rank, h_out, num_adapters,
+    # strides
+    stride_ht, stride_hk, stride_hr,
+    stride_be, stride_bo, stride_br,
+    stride_idt, stride_idk,
+    stride_pp, stride_po,
+    # meta-parameters
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SCAN_BLOCK: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Semantics: part[p, o] = sum_r lora_b[e, o, r] * h[t, k, r] for each pair p = t*K + k that the plan lists
+    in the segment of its own adapter e = ids[t, k]; other rows of part are untouched (give a zeroed part).
+    A program owns BLOCK_M pairs of one adapter's segment x BLOCK_N output columns: it loads each lora_b[e]
+    tile once for those pairs and multiplies the gathered float32 h rows on tensor cores (_dot_f32_rows),
+    looping over R in BLOCK_R steps. Grid: (cdiv(P, BLOCK_M) + min(N, P), cdiv(H_out, BLOCK_N)), an upper
+    bound on the segment tiles of any routing (shapes only); programs past the last tile return at once.
+    The plan is not trusted, as in _shrink_kernel: bounds clamped, pairs outside [0, P) or filed under another
+    adapter skipped."""
+    tile_id = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e, tile = _segment_tile(tile_id, seg_offsets_ptr, num_pairs, num_adapters, BLOCK_M, SCAN_BLOCK)
+    if e < 0:
+        return
+
+    seg_start = tl.minimum(tl.maximum(tl.load(seg_offsets_ptr + e), 0), num_pairs)
+    seg_end = tl.minimum(tl.maximum(tl.load(seg_offsets_ptr + e + 1), seg_start), num_pairs)
+    offs_m = seg_start + tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < seg_end
+    pairs = tl.load(sorted_pairs_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+    mask_m = mask_m & (pairs >= 0) & (pairs < num_pairs)
+    tokens = pairs // top_k
+    slots = pairs - tokens * top_k
+    keep = mask_m & (tl.load(ids_ptr + tokens * stride_idt + slots * stride_idk, mask=mask_m, other=-1) == e)
+
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < h_out
+    h_rows = h_ptr + tokens[:, None] * stride_ht + slots[:, None] * stride_hk  # [M, 1]
+    b_tile = b_ptr + e.to(tl.int64) * stride_be + offs_n[None, :] * stride_bo  # [1, N]; lora_b[e] transposed
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, rank, BLOCK_R):
+        offs_r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+        mask_r = offs_r < rank
+        hv = tl.load(h_rows + offs_r[None, :] * stride_hr, mask=keep[:, None] & mask_r[None, :], other=0.0)
+        bt = tl.load(b_tile + offs_r[:, None] * stride_br, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        acc = _dot_f32_rows(hv.to(tl.float32), bt, acc, UPCAST)
+
+    part_ptrs = part_ptr + pairs[:, None] * stride_pp + offs_n[None, :] * stride_po
+    tl.store(part_ptrs, acc, mask=keep[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _expand_reduce_kernel(
+    # pointers
+    part_ptr, ids_ptr, out_ptr,
+    # sizes
+    num_tokens, h_out, num_adapters,
+    # strides
+    stride_pt, stride_pk, stride_po,
+    stride_idt, stride_idk,
+    stride_ot, stride_oo,
+    # meta-parameters
+    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACCUMULATE: tl.constexpr,
+):
+    """Semantics: out[t, o] = (out[t, o] if ACCUMULATE else 0) + sum_{k = 0..K-1: 0 <= ids[t, k] < N} part[t, k, o],
+    summed in slot order in float32 and rounded once into out; partials of empty slots are never read.
+    Grid: (cdiv(T, BLOCK_M), cdiv(H_out, BLOCK_N)). Every element of out is written exactly once."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_t = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_t = offs_t < num_tokens
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < h_out
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        ids = tl.load(ids_ptr + offs_t * stride_idt + k * stride_idk, mask=mask_t, other=-1)
+        valid = mask_t & (ids >= 0) & (ids < num_adapters)
+        acc += tl.load(
+            part_ptr + offs_t[:, None] * stride_pt + k * stride_pk + offs_n[None, :] * stride_po,
+            mask=valid[:, None] & mask_n[None, :], other=0.0,
+        )
     _store_out_tile(out_ptr, acc, offs_t, offs_n, mask_t, mask_n, stride_ot, stride_oo, ACCUMULATE)
 
 
@@ -466,6 +571,50 @@ def launch_expand_dot(h, lora_b, topk_ids, out, *, cfg: GatherConfig, accumulate
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_R=cfg.BLOCK_R,
         ACCUMULATE=accumulate, UPCAST=upcast, num_warps=cfg.num_warps,
     )
+
+
+def launch_expand_grouped(h, lora_b, topk_ids, sorted_pairs, seg_offsets, out, *, cfg: GroupedExpandConfig,
+                          accumulate: bool, upcast: bool) -> None:
+    """The adapter-grouped expand: h [T, K, R] float32 (any strides) into out [T, H_out], in column chunks of
+    cfg.CHUNK_N. Per chunk, _expand_grouped_kernel writes per-pair float32 partials [T, K, CHUNK_N] (one
+    program per segment tile x column tile) and _expand_reduce_kernel sums them over k in slot order into out.
+
+    Trade-off (why partials, and why chunks): the pairs of one token lie in different adapter segments, so a
+    program that reads B[e] once per segment tile cannot own a token's output row; writing partials keeps
+    every element owned by one program and the k sum in a fixed order (deterministic, no atomics), at the
+    cost of 2 x P x H_out x 4 bytes of partial traffic. Chunking H_out bounds that workspace to
+    P x CHUNK_N x 4 bytes (configs.GROUPED_EXPAND_PARTIAL_BYTES, sized to stay resident in L2) whatever H_out is,
+    and B is still read once per segment tile (each chunk reads its own columns); the price is
+    2 x cdiv(H_out, CHUNK_N) launches, a count fixed by shapes (CUDA-graph safe). The workspace is zeroed per
+    chunk so that pairs a stale plan misses read as empty slots, never as stale memory."""
+    num_tokens, top_k, rank = h.shape
+    num_pairs, num_adapters, h_out = num_tokens * top_k, lora_b.shape[0], lora_b.shape[1]
+    chunk = min(cfg.CHUNK_N, h_out)
+    part = torch.empty(num_tokens, top_k, chunk, dtype=torch.float32, device=h.device)
+    part_rows = part.view(num_pairs, chunk)
+    grid_m = cdiv(num_pairs, cfg.BLOCK_M) + min(num_adapters, num_pairs)
+    for n0 in range(0, h_out, chunk):
+        n = min(chunk, h_out - n0)
+        b, o = lora_b[:, n0 : n0 + n], out[:, n0 : n0 + n]
+        part.zero_()
+        _expand_grouped_kernel[(grid_m, cdiv(n, cfg.BLOCK_N))](
+            h, b, topk_ids, sorted_pairs, seg_offsets, part_rows,
+            num_pairs, top_k, rank, n, num_adapters,
+            h.stride(0), h.stride(1), h.stride(2),
+            b.stride(0), b.stride(1), b.stride(2),
+            topk_ids.stride(0), topk_ids.stride(1),
+            part_rows.stride(0), part_rows.stride(1),
+            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_R=cfg.BLOCK_R, SCAN_BLOCK=scan_block(num_adapters),
+            UPCAST=upcast, num_warps=cfg.num_warps,
+        )
+        _expand_reduce_kernel[(cdiv(num_tokens, cfg.REDUCE_M), cdiv(n, cfg.BLOCK_N))](
+            part, topk_ids, o,
+            num_tokens, n, num_adapters,
+            part.stride(0), part.stride(1), part.stride(2),
+            topk_ids.stride(0), topk_ids.stride(1),
+            o.stride(0), o.stride(1),
+            TOP_K=top_k, BLOCK_M=cfg.REDUCE_M, BLOCK_N=cfg.BLOCK_N, ACCUMULATE=accumulate,
+        )
 
 
 def launch_fused(x, lora_a, lora_b, topk_ids, topk_weights, scale, out, *, cfg: GatherConfig, accumulate: bool) -> None:

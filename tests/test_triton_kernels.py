@@ -47,11 +47,12 @@ def device_dtypes(dtypes, cuda_only=()) -> list:
         for d in DEVICES for dt in tuple(dtypes) + (tuple(cuda_only) if d.values[0] == "cuda" else ())
     ]
 
-# The three ways routed_lora can run: one fused launch, or shrink + one of the two expand kernels.
+# The four ways routed_lora can run: one fused launch, or shrink + one of the three expand kernels.
 PATHS = (
     pytest.param(dict(fused=True), id="fused"),
     pytest.param(dict(fused=False, expand="gather"), id="unfused-gather"),
     pytest.param(dict(fused=False, expand="dot"), id="unfused-dot"),
+    pytest.param(dict(fused=False, expand="grouped"), id="unfused-grouped"),
 )
 
 
@@ -123,7 +124,7 @@ def test_fused_and_unfused_match_reference(path, dtype, shape, dev):
 def test_heuristic_picks_fused_at_decode_and_two_launches_for_prefill(monkeypatch, dev):
     kernels = tb._kernels()
     calls = []
-    for fn in ("launch_fused", "launch_shrink", "launch_expand", "launch_expand_dot"):
+    for fn in ("launch_fused", "launch_shrink", "launch_expand", "launch_expand_dot", "launch_expand_grouped"):
         real = getattr(kernels, fn)
         monkeypatch.setattr(kernels, fn, lambda *a, _real=real, _fn=fn, **kw: (calls.append(_fn), _real(*a, **kw))[1])
 
@@ -139,7 +140,12 @@ def test_heuristic_picks_fused_at_decode_and_two_launches_for_prefill(monkeypatc
     assert calls == ["launch_shrink", "launch_expand_dot"], "few adapters, fp16 prefill: tensor-core expand"
     assert not tb.choose_fused(1, 4, 64, 64, 48), "R * K too large for the fused path"
     assert tb.choose_expand(70, 2, 4, 16, torch.float32) == "gather", "fp32 dots are not on tensor cores"
-    assert tb.choose_expand(70, 2, 64, 16, torch.bfloat16) == "gather", "too many adapters per tile"
+    assert tb.choose_expand(70, 2, 64, 16, torch.bfloat16) == "grouped", "too many adapters per tile"
+    assert tb.choose_expand(70, 2, 4, 64, torch.float16) == "grouped", "rank beyond the dot tile"
+    calls.clear()
+    many = make_problem(70, 2, 20, 16, 64, 48, torch.float16, device=dev)
+    assert_parity(_run(many), many.exact(), naive_lowp(many), torch.float16)
+    assert calls == ["launch_shrink", "launch_expand_grouped"], "many adapters, fp16 prefill: grouped expand"
     assert tb.choose_expand(8, 2, 4, 16, torch.bfloat16) == "gather", "decode"
 
 
@@ -152,7 +158,7 @@ def test_dot_expand_rank_bound_and_warps():
         assert configs.expand_dot_config(num_tokens, 32, 4096).num_warps == 8
         assert configs.expand_dot_config(num_tokens, 16, 4096).num_warps == 4
         for rank in (33, 64, 128):
-            assert configs.expand_variant(num_tokens, 2, 4, rank, True) == "gather"
+            assert configs.expand_variant(num_tokens, 2, 4, rank, True) == "grouped"
     with tb.override(expand="dot"):
         assert tb.choose_expand(4096, 2, 4, 32, torch.bfloat16) == "dot"
         assert tb.choose_expand(4096, 2, 4, 64, torch.bfloat16) == "gather", "forced dot falls back past the bound"
@@ -163,11 +169,13 @@ def test_dot_expand_adapter_bound_does_not_grow_with_top_k():
     allowance stops at DOT_EXPAND_MAX_ADAPTERS instead of growing with K."""
     cap = configs.DOT_EXPAND_MAX_ADAPTERS
     assert configs.expand_variant(4096, 1, 8, 16, True) == "dot"
-    assert configs.expand_variant(4096, 1, 9, 16, True) == "gather"
+    assert configs.expand_variant(4096, 1, 9, 16, True) == "grouped"
     for top_k in (2, 4, 8, 16):
         assert configs.expand_variant(4096, top_k, cap, 16, True) == "dot"
-        assert configs.expand_variant(4096, top_k, cap + 1, 16, True) == "gather"
-    assert configs.expand_variant(4096, 8, 64, 16, True) == "gather", "was 'dot' while the bound was 8 * K"
+        assert configs.expand_variant(4096, top_k, cap + 1, 16, True) == "grouped"
+    assert configs.expand_variant(4096, 8, 64, 16, True) == "grouped", "was 'dot' while the bound was 8 * K"
+    assert configs.expand_variant(4096, 8, 64, 16, False) == "gather", "float32 weights stay off tensor cores"
+    assert configs.expand_variant(63, 2, 64, 16, True) == "gather", "decode sizes"
 
 
 # -------------------------------------------------------------------------------------------- split-K
@@ -268,8 +276,8 @@ def _listed_under_own_adapter(plan, ids):
 @pytest.mark.parametrize(
     "path,split_k,atomic",
     [(dict(expand="gather"), 1, False), (dict(expand="dot"), 1, False), (dict(expand="gather"), 3, False),
-     (dict(expand="dot"), 3, True)],
-    ids=["gather", "dot", "gather-splitk3", "dot-splitk3-atomic"],
+     (dict(expand="dot"), 3, True), (dict(expand="grouped"), 1, False)],
+    ids=["gather", "dot", "gather-splitk3", "dot-splitk3-atomic", "grouped"],
 )
 @pytest.mark.parametrize("dev", DEVICES)
 def test_stale_or_inconsistent_plan_never_reads_uninitialised_memory(monkeypatch, path, split_k, atomic, dev):
@@ -419,8 +427,9 @@ def test_zero_tokens_launch_nothing_and_leave_out_alone(dev):
 # -------------------------------------------------------------------------------------- determinism
 @pytest.mark.parametrize(
     "path,split_k",
-    [(dict(fused=True), None), (dict(fused=False, expand="gather"), 1), (dict(fused=False, expand="dot"), 4)],
-    ids=["fused", "unfused-gather", "unfused-dot-splitk4"],
+    [(dict(fused=True), None), (dict(fused=False, expand="gather"), 1), (dict(fused=False, expand="dot"), 4),
+     (dict(fused=False, expand="grouped"), 2)],
+    ids=["fused", "unfused-gather", "unfused-dot-splitk4", "unfused-grouped-splitk2"],
 )
 @pytest.mark.parametrize("dev", DEVICES)
 def test_bitwise_deterministic(path, split_k, dev):
@@ -442,7 +451,7 @@ def test_many_tiles_per_segment(dev):
     cfg = configs.shrink_config(611 * 2, 3, 8, 40)
     assert configs.cdiv(611 * 2, cfg.BLOCK_M) >= 20
     assert configs.cdiv(611, configs.expand_config(611, 8, 48).BLOCK_M) >= 20
-    for expand in ("gather", "dot"):
+    for expand in ("gather", "dot", "grouped"):
         got = _run(p, dict(fused=False, expand=expand))
         assert_parity(got, p.exact(), naive_lowp(p), torch.float16, name=expand)
 
@@ -555,3 +564,99 @@ def test_device_params_skip_the_interpreter_cases_when_it_is_off():
     cases = device_dtypes((torch.float16,), cuda_only=(torch.bfloat16,))
     assert [c.id for c in cases] == ["interp-float16", "cuda-float16", "cuda-bfloat16"]
     assert all(m.name == "gpu" for c in cases[1:] for m in c.marks)
+
+
+# ------------------------------------------------------------------------------------- grouped expand
+GROUPED_TOKENS = (0, 1, 3, 7, 64, 133)
+
+
+def _grouped_problem(num_tokens, dtype, dev):
+    """N = 9 adapters of which only 0, 2, 5 and 8 get tokens (the rest have none), -1 slots, duplicate ids
+    in a token's top-k, odd R, H_out not a multiple of any tile."""
+    p = make_problem(num_tokens, 3, 9, 7, 40, 300, dtype, empty_frac=0.2, duplicate_frac=0.3, device=dev)
+    used = torch.tensor([0, 2, 5, 8], dtype=p.topk_ids.dtype, device=dev)
+    p.topk_ids = torch.where(p.topk_ids >= 0, used[p.topk_ids.clamp(min=0) % 4], p.topk_ids)
+    return p
+
+
+@pytest.mark.parametrize("num_tokens", GROUPED_TOKENS)
+@pytest.mark.parametrize("dev,dtype", device_dtypes((torch.float32, torch.float16), cuda_only=(torch.bfloat16,)))
+def test_grouped_expand_matches_reference(num_tokens, dev, dtype, monkeypatch):
+    """The adapter-grouped expand, forced, over column chunks (the partial workspace bound lowered so that
+    H_out = 300 takes three chunks, the last one ragged): out poisoned with NaN before the kernels write,
+    overwritten (accumulate=False) and added into (accumulate=True); and routed_lora through it."""
+    from molora_ops.kernels import routed_lora as kernels
+
+    monkeypatch.setattr(configs, "GROUPED_EXPAND_PARTIAL_BYTES", 1)  # one BLOCK_N per chunk
+    p = _grouped_problem(num_tokens, dtype, dev)
+    if num_tokens >= 3:
+        p.topk_ids[2] = -1  # a token with every slot empty
+    plan = mo.build_plan(p.topk_ids, 9)
+    h = _exact_shrink(p).float()
+    exact = reference.lora_expand(h.double(), p.lora_b.double(), p.topk_ids)
+    lowp = reference.lora_expand(h, p.lora_b, p.topk_ids)
+    cfg = configs.expand_grouped_config(num_tokens * 3, 7, 300)
+    assert cfg.CHUNK_N < 300
+    upcasts = (True,) if dev == "cpu" and dtype == torch.bfloat16 else (True, False)
+    for upcast in upcasts if dtype != torch.float32 else (True,):
+        out = torch.full((num_tokens, 300), float("nan"), dtype=dtype, device=dev)
+        if num_tokens:
+            kernels.launch_expand_grouped(h, p.lora_b, p.topk_ids, plan.sorted_pairs, plan.seg_offsets, out, cfg=cfg,
+                                          accumulate=False, upcast=upcast)
+        assert_parity(out, exact, lowp, dtype, name=f"grouped expand, upcast={upcast}")
+        if num_tokens >= 3:
+            assert bool((out[2] == 0).all())
+    base = torch.randn(num_tokens, 300, device=dev).to(dtype)
+    out = base.clone()
+    with tb.override(expand="grouped"):
+        tb.expand(h, p.lora_b, p.topk_ids, plan, out, True)
+        assert_parity(out, exact + base.double(), lowp + base, dtype, name="grouped expand, accumulate")
+        assert_parity(_run(p, dict(fused=False)), p.exact(), naive_lowp(p), dtype, name="routed_lora, grouped")
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_grouped_expand_launches_depend_on_shapes_only(dev, monkeypatch):
+    """Kernels, grids and chunk count of the grouped expand are the same for one active token, all tokens
+    active and nothing routed (no routing value sizes a grid), and each result equals the reference."""
+    from molora_ops.kernels import routed_lora as kernels
+
+    monkeypatch.setattr(configs, "GROUPED_EXPAND_PARTIAL_BYTES", 1)  # one BLOCK_N per chunk
+    launches = []
+    for name in ("_expand_grouped_kernel", "_expand_reduce_kernel"):
+        kernel = getattr(kernels, name)
+
+        class Rec:
+            def __getitem__(self, grid, _kernel=kernel, _name=name):
+                launches.append((_name, tuple(grid)))
+                return _kernel[grid]
+
+        monkeypatch.setattr(kernels, name, Rec())
+    p = _grouped_problem(19, torch.float16, dev)
+    seen = []
+    for active in (1, 19, 0):
+        ids = p.topk_ids.clone()
+        ids[active:] = -1
+        plan = mo.build_plan(ids, 9)
+        h = _exact_shrink(p, ids).float()
+        out = torch.full((19, 300), float("nan"), dtype=torch.float16, device=dev)
+        launches.clear()
+        with tb.override(expand="grouped"):
+            tb.expand(h, p.lora_b, ids, plan, out, False)
+        seen.append(list(launches))
+        assert_close(out, reference.lora_expand(h.double(), p.lora_b.double(), ids), atol=2e-3, rtol=2e-3)
+    assert len(seen[0]) >= 4, "several column chunks, two launches each"
+    assert seen[0] == seen[1] == seen[2]
+
+
+def test_grouped_expand_config_bounds_the_workspace():
+    """CHUNK_N is a multiple of BLOCK_N, covers at most H_out rounded up, and keeps the [P, CHUNK_N] float32
+    workspace within GROUPED_EXPAND_PARTIAL_BYTES unless one BLOCK_N alone exceeds it."""
+    for num_pairs in (1, 130, 8192, 65536):
+        for h_out in (1, 77, 4096, 14336):
+            for rank in (1, 16, 64, 128):
+                cfg = configs.expand_grouped_config(num_pairs, rank, h_out)
+                assert min(cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_R) >= 16, "tl.dot needs tiles >= 16"
+                assert cfg.CHUNK_N % cfg.BLOCK_N == 0
+                assert cfg.CHUNK_N < h_out + cfg.BLOCK_N
+                ws = 4 * num_pairs * cfg.CHUNK_N
+                assert ws <= configs.GROUPED_EXPAND_PARTIAL_BYTES or cfg.CHUNK_N == cfg.BLOCK_N

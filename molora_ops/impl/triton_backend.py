@@ -16,11 +16,14 @@ Design (see molora_ops/kernels/routed_lora.py for the kernels):
     reduced in a fixed order by a second kernel (deterministic). fp32 atomics instead of the partial buffer
     are available behind ``override(atomic_split_k=True)`` or MOLORA_TRITON_ATOMIC_SPLITK=1, off by default
     because they are not deterministic.
-  * expand is token-major: each program owns a tile of out and sums the K slots of its tokens itself, so
-    every element is written exactly once, deterministically, including tokens whose slots are all empty.
-    Two variants: "gather" (lora_b rows gathered per token, CUDA-core FMA; decode and many adapters) and
-    "dot" (tensor cores: one tl.dot per distinct adapter present in the token tile, visited in ascending
-    id order; prefill with few adapters, half-precision weights).
+  * expand has three variants, all deterministic, every element of out written exactly once (including
+    tokens whose slots are all empty). Token-major: each program owns a tile of out and sums its tokens' K
+    slots itself, "gather" (lora_b rows gathered per token, CUDA-core FMA; decode, float32) or "dot" (tensor
+    cores, one tl.dot per distinct adapter present in the token tile, in ascending id order; half-precision
+    prefill with few adapters). Adapter-grouped, "grouped" (half-precision prefill otherwise): a program per
+    plan segment tile x column tile reads lora_b[e] once and writes per-pair float32 partials, which a second
+    kernel sums over k in slot order (column-chunked so the workspace stays bounded; see
+    kernels.routed_lora.launch_expand_grouped).
   * routed_lora runs shrink + expand (two launches, h in a float32 workspace), or at decode sizes (few tokens,
     small R * K) a single fused launch that keeps h in registers.
 Configs come from shape heuristics (molora_ops.kernels.configs); there is no autotuning on this path, no
@@ -64,9 +67,10 @@ class Settings:
     fused:          force the fused (True) or the two-launch (False) routed_lora path
     split_k:        force the shrink's SPLIT_K (clamped so no split is empty)
     atomic_split_k: reduce split-K partials with fp32 atomics instead of the deterministic partial buffer
-    expand:         force the expand variant, "gather" (CUDA-core, per-row weight gather) or "dot"
+    expand:         force the expand variant, "gather" (CUDA-core, per-row weight gather), "dot"
                     (tensor cores, one dot per distinct adapter of a token tile; only for
-                    R <= configs.DOT_EXPAND_MAX_RANK, larger ranks take "gather")
+                    R <= configs.DOT_EXPAND_MAX_RANK, larger ranks take "gather") or "grouped" (tensor cores
+                    over the plan's adapter segments, per-pair float32 partials reduced over k in slot order)
     """
 
     fused: Optional[bool] = None
@@ -193,21 +197,31 @@ def shrink(x, lora_a, topk_ids, topk_weights, scale, plan: RoutingPlan) -> torch
 
 
 def choose_expand(num_tokens: int, top_k: int, num_adapters: int, rank: int, dtype: torch.dtype) -> str:
-    """"dot" or "gather" for this shape (settings.expand overrides; "dot" falls back to
+    """"dot", "grouped" or "gather" for this shape (settings.expand overrides; a forced "dot" falls back to
     "gather" for R > configs.DOT_EXPAND_MAX_RANK, where its tile would spill registers)."""
     configs = _configs()
     if settings.expand is not None:
-        if settings.expand not in ("dot", "gather"):
-            raise ValueError(f"settings.expand must be None, 'dot' or 'gather', got {settings.expand!r}")
-        return "dot" if settings.expand == "dot" and rank <= configs.DOT_EXPAND_MAX_RANK else "gather"
+        if settings.expand not in ("dot", "gather", "grouped"):
+            raise ValueError(f"settings.expand must be None, 'dot', 'gather' or 'grouped', got {settings.expand!r}")
+        if settings.expand == "dot" and rank > configs.DOT_EXPAND_MAX_RANK:
+            return "gather"
+        return settings.expand
     half = dtype in (torch.float16, torch.bfloat16)
     return configs.expand_variant(num_tokens, top_k, num_adapters, rank, half)
 
 
-def _expand_into(h, lora_b, topk_ids, out, accumulate: bool) -> None:
+def _expand_into(h, lora_b, topk_ids, plan: RoutingPlan, out, accumulate: bool) -> None:
     num_tokens, top_k, rank = h.shape
     h_out = lora_b.shape[1]
-    if choose_expand(num_tokens, top_k, lora_b.shape[0], rank, lora_b.dtype) == "dot":
+    variant = choose_expand(num_tokens, top_k, lora_b.shape[0], rank, lora_b.dtype)
+    if variant == "grouped":
+        cfg = _configs().expand_grouped_config(num_tokens * top_k, rank, h_out)
+        _kernels().launch_expand_grouped(
+            h, lora_b, topk_ids, plan.sorted_pairs, plan.seg_offsets, out, cfg=cfg, accumulate=accumulate,
+            upcast=_upcast(lora_b.dtype),
+        )
+        return
+    if variant == "dot":
         cfg = _configs().expand_dot_config(num_tokens, rank, h_out)
         _kernels().launch_expand_dot(
             h, lora_b, topk_ids, out, cfg=cfg, accumulate=accumulate, upcast=_upcast(lora_b.dtype)
@@ -222,14 +236,14 @@ def expand(h, lora_b, topk_ids, plan: RoutingPlan, out: torch.Tensor, accumulate
     the sum is formed in float32 and rounded once into out.
 
     h [T, K, R] float32/float64 (any strides), lora_b [N, H_out, R] fp16/bf16/fp32, topk_ids [T, K],
-    out [T, H_out] lora_b.dtype (any strides). Every element of out is written, once.
+    out [T, H_out] lora_b.dtype (any strides). Every element of out is written, once. The token-major variants
+    read each token's ids directly; the grouped one walks the plan's segments (checked against topk_ids).
     """
-    del plan  # the expand is token-major: it reads each token's ids directly
     _check_dtype(lora_b=lora_b, out=out)
     if out.numel() == 0:
         return
     with _device_guard(out):
-        _expand_into(h, lora_b, topk_ids, out, accumulate)
+        _expand_into(h, lora_b, topk_ids, plan, out, accumulate)
 
 
 def choose_fused(num_tokens: int, top_k: int, rank: int, h_in: int, h_out: int) -> bool:
@@ -258,4 +272,4 @@ def routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale, plan: RoutingP
             _kernels().launch_fused(x, lora_a, lora_b, topk_ids, topk_weights, scale, out, cfg=cfg, accumulate=accumulate)
             return
         h = _shrink_rows(x, lora_a, topk_ids, topk_weights, scale, plan)
-        _expand_into(h.view(num_tokens, top_k, rank), lora_b, topk_ids, out, accumulate)
+        _expand_into(h.view(num_tokens, top_k, rank), lora_b, topk_ids, plan, out, accumulate)
