@@ -35,8 +35,10 @@ FUSED_MAX_RANK_SLOTS = 128  # next_pow2(R) * K
 FUSED_MAX_RANK = 64
 FUSED_MAX_REDUNDANT_A_BYTES = 16 << 20  # lora_a bytes re-read across H_out tiles (L2 traffic)
 
-# Split-K on shrink when there are few pairs (few M tiles) and a long H_in reduction.
-SPLIT_K_MAX_PAIRS = 128
+# Split-K on shrink: the H_in reduction is split until the grid has at least SPLIT_K_TARGET_CTAS programs
+# (2 per SM of an H200, 132 SMs: one wave resident while the next loads), see split_k_for.
+SM_COUNT = 132
+SPLIT_K_TARGET_CTAS = 2 * SM_COUNT
 SPLIT_K_MAX = 16
 SPLIT_K_MIN_STEPS = 4  # each split does at least this many BLOCK_K steps
 # Bytes of x and lora_a operand tiles per H_in step of the shrink; larger steps spilled on sm_80/sm_90.
@@ -115,12 +117,19 @@ def shrink_config(num_pairs: int, num_adapters: int, rank: int, h_in: int, elem_
         block_k //= 2
     block_k = _clamp(block_k, 16, max(16, next_pow2(h_in)))
     num_warps = 8 if block_m * block_r >= 64 * 64 else 4
-    steps = cdiv(max(h_in, 1), block_k)
-    split_k = 1
-    if num_pairs <= SPLIT_K_MAX_PAIRS:
-        split_k = _clamp(steps // SPLIT_K_MIN_STEPS, 1, SPLIT_K_MAX)
     cfg = ShrinkConfig(block_m, block_r, block_k, 1, num_warps)
-    return cfg.with_split(split_k, h_in)
+    return cfg.with_split(split_k_for(num_pairs, rank, h_in, block_m, block_r, block_k), h_in)
+
+
+def split_k_for(num_pairs: int, rank: int, h_in: int, block_m: int, block_r: int, block_k: int) -> int:
+    """SPLIT_K from shapes alone. Rule: the shrink has at least cdiv(P, BLOCK_M) x cdiv(R, BLOCK_R) tile
+    programs (the segment tiles of any routing number at least cdiv(P, BLOCK_M)); split the H_in reduction
+    into the fewest parts that lift that to SPLIT_K_TARGET_CTAS, capped at SPLIT_K_MAX and so that every
+    split keeps SPLIT_K_MIN_STEPS BLOCK_K steps. Example, h 4096, r 16, bf16: P = 512 (16 tiles, 32 H_in steps)
+    -> split 8 (128 programs, capped by 32 // 4 steps); P = 8192 (128 tiles) -> 3; P = 65536 -> 1."""
+    tiles = cdiv(max(num_pairs, 1), block_m) * cdiv(max(rank, 1), block_r)
+    steps = cdiv(max(h_in, 1), block_k)
+    return _clamp(cdiv(SPLIT_K_TARGET_CTAS, tiles), 1, min(SPLIT_K_MAX, max(1, steps // SPLIT_K_MIN_STEPS)))
 
 
 def _gather_block_n(rows: int, block_r: int, h_out: int, budget: int = _GATHER_TILE_ELEMS) -> int:

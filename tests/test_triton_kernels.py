@@ -194,9 +194,21 @@ def test_shrink_split_k(split_k, dtype, dev):
     assert_parity(_run(p, dict(fused=False), split_k=split_k), p.exact(), naive_lowp(p), dtype)
 
 
-def test_heuristic_splits_small_batches_only():
-    assert configs.shrink_config(4, 8, 16, 4096).SPLIT_K > 1
-    assert configs.shrink_config(8192, 8, 16, 4096).SPLIT_K == 1
+def test_heuristic_splits_until_the_grid_fills_twice_the_sms():
+    """split_k_for's rule: the fewest splits that give SPLIT_K_TARGET_CTAS (2 x 132 SMs) tile programs, capped
+    by SPLIT_K_MAX and SPLIT_K_MIN_STEPS H_in steps per split; none once the tiles alone fill the target."""
+    assert configs.SPLIT_K_TARGET_CTAS == 2 * 132
+    assert configs.shrink_config(4, 8, 16, 4096).SPLIT_K == 8, "capped by 32 steps // 4"
+    assert configs.shrink_config(8192, 8, 16, 4096).SPLIT_K == 3, "128 tiles -> 3 x 128 >= 264"
+    assert configs.shrink_config(65536, 8, 16, 4096).SPLIT_K == 1
+    assert configs.shrink_config(512, 8, 16, 64).SPLIT_K == 1, "a short H_in is not split"
+    for num_pairs in (1, 64, 512, 2048, 8192, 20000):
+        cfg = configs.shrink_config(num_pairs, 8, 16, 4096)
+        tiles = configs.cdiv(num_pairs, cfg.BLOCK_M) * configs.cdiv(16, cfg.BLOCK_R)
+        steps = configs.cdiv(4096, cfg.BLOCK_K)
+        cap = min(configs.SPLIT_K_MAX, steps // configs.SPLIT_K_MIN_STEPS)
+        assert tiles * cfg.SPLIT_K >= configs.SPLIT_K_TARGET_CTAS or cfg.SPLIT_K == cap
+        assert cfg.SPLIT_K == 1 or tiles * (cfg.SPLIT_K - 1) < configs.SPLIT_K_TARGET_CTAS, "the fewest splits"
     for num_pairs in (1, 7, 64, 130, 5000):
         for h_in in (1, 16, 123, 2049, 4096, 8191):
             for rank in (1, 7, 16, 64, 70):
