@@ -119,6 +119,12 @@ def test_path_choice_is_shape_only(monkeypatch):
     monkeypatch.delenv("MOLORA_CUDA_PATH", raising=False)
     assert cuda_backend.choose_paths(1, 2, 16, 4096) == {"shrink": cuda_backend.PATH_PER_PAIR, "fused": True}
     assert cuda_backend.choose_paths(4096, 2, 16, 4096) == {"shrink": cuda_backend.PATH_SEGMENTED, "fused": False}
+    # per-pair up to ~2k pairs (the CUDA-core segmented shrink loses below that), whatever T and K make them
+    assert cuda_backend.SEGMENTED_MIN_PAIRS == 2048
+    assert cuda_backend.choose_paths(256, 2, 16, 4096)["shrink"] == cuda_backend.PATH_PER_PAIR
+    assert cuda_backend.choose_paths(1023, 2, 16, 4096)["shrink"] == cuda_backend.PATH_PER_PAIR
+    assert cuda_backend.choose_paths(1024, 2, 16, 4096)["shrink"] == cuda_backend.PATH_SEGMENTED
+    assert cuda_backend.choose_paths(512, 4, 16, 4096)["shrink"] == cuda_backend.PATH_SEGMENTED
     assert cuda_backend.choose_paths(1, 8, 512, 64)["fused"] is False  # K * R too large for shared memory
     assert cuda_backend.choose_paths(1, 4, 64, 4096)["fused"] is False  # too much shrink work per block
     monkeypatch.setenv("MOLORA_CUDA_PATH", "segmented")

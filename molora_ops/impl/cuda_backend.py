@@ -47,7 +47,11 @@ _OPS = {
 PATH_PER_PAIR = 1
 PATH_SEGMENTED = 2
 # Shape heuristics (see choose_paths). Tuned on paper, not yet on hardware.
-SEGMENTED_MIN_PAIRS = 256
+# The segmented shrink stages through float32 shared memory on CUDA cores without double buffering (predicted
+# at ~4% of HBM bandwidth at T = 256), so until a tensor-core segmented kernel exists the per-pair shrink (one
+# block per pair, A rows from L2) is kept up to ~2k pairs; prefill beyond that is better sent to the Triton
+# backend when it is available (backend="triton").
+SEGMENTED_MIN_PAIRS = 2048
 FUSED_MAX_TOKENS = 8
 FUSED_MAX_RANK_SLOTS = 1024  # K * R; the kernel itself accepts up to 2048
 FUSED_MAX_SLOTS = 64
@@ -155,8 +159,9 @@ def status() -> tuple[bool, bool, str]:
 
 # ---------------------------------------------------------------------------------------------- helpers
 def choose_paths(num_tokens: int, top_k: int, rank: int, hidden_in: int) -> dict:
-    """Kernel choice from shapes alone: {"shrink": 1 | 2, "fused": bool}. MOLORA_CUDA_PATH overrides it
-    (per_pair | segmented | fused) for tests and benchmarks."""
+    """Kernel choice from shapes alone: {"shrink": 1 | 2, "fused": bool}. The shrink is per-pair below
+    SEGMENTED_MIN_PAIRS routed pairs (T * K) and segmented from there; fused at decode sizes. MOLORA_CUDA_PATH
+    overrides it (per_pair | segmented | fused) for tests and benchmarks."""
     forced = os.environ.get("MOLORA_CUDA_PATH", "")
     if forced:
         if forced not in ("per_pair", "segmented", "fused"):
