@@ -4,6 +4,7 @@ process (each round runs every provider once, in turn), medians over rounds.
 
     python bench/runtime_model.py decode [--batch 1 8] [--strategies dense grouped]   # 1 thread
     python bench/runtime_model.py prefill [--batch 4 --seq 256]                         # 2 threads
+    (--threads N overrides; on a loaded 2-core machine 2-thread medians swing 3x between runs)
 
 decode: one KV-cached step (context 32) per call; providers base, names (one adapter per sequence), topk
 (adapter_weights, per-token top-2) and, with --strategies, topk with the CPU strategy forced (to re-check
@@ -120,8 +121,9 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--strategies", nargs="*", default=[])
+    ap.add_argument("--threads", type=int, help="default: 1 for decode, 2 for prefill")
     args = ap.parse_args()
-    torch.set_num_threads(1 if args.mode == "decode" else 2)
+    torch.set_num_threads(args.threads or (1 if args.mode == "decode" else 2))
     gen = torch.Generator().manual_seed(0)
     cfg, base, ours, names = _models()
     print(f"# torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} "

@@ -8,8 +8,9 @@ with float32 accumulation (float64 for float64 inputs) rounded once into `out`; 
 [0, N) when validation is off) add nothing, whatever x, the adapters or the slot's weight hold.
 
 A :class:`RoutedBatch` is built once per forward. It validates the routing, resolves the backend and builds the
-routing plan once (lazily while compiling), and on CPU with the torch backend it picks a strategy and precomputes
-that strategy's index tensors and coefficients. A layer's call then takes one of four paths, chosen per call:
+routing plan once for the backend path (elsewhere on first use: only ``grouped`` and the registered ops read it),
+and on CPU with the torch backend it reads a small routing once on the host, picks a strategy and prepares only
+that strategy's index tensors and coefficients (on the first call that needs them). A layer's call then takes one of four paths, chosen per call:
   * ``ops``: when autograd must see the call (grad mode on and an input or ``out`` requires grad), or while
     torch.compile traces off the CPU torch path: the registered ``torch.ops.molora.*`` ops with the plan tensors
     (differentiable, traceable without graph breaks; under autograd the functional form with ``base=out``, then
