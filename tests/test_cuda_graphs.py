@@ -52,6 +52,7 @@ PATHS = {
         "fused": dict(fused=True),
         "gather_splitk": dict(fused=False, expand="gather", split_k=4),
         "dot": dict(fused=False, expand="dot"),
+        "grouped": dict(fused=False, expand="grouped"),
     },
     "cuda": {"auto": None, "per_pair": "per_pair", "segmented": "segmented", "fused": "fused"},
 }
@@ -275,7 +276,7 @@ def test_routed_batch_built_in_capture(backend, dtype, case, capture_with):
 PREFILL, BATCH = 5, 3
 # Our kernels by name: the Triton kernels of molora_ops/kernels/routed_lora.py and the CUDA kernels of csrc/
 # (namespace molora).
-OUR_KERNEL = re.compile(r"molora::|\b_(shrink|shrink_reduce|expand|expand_dot|fused)_kernel\b")
+OUR_KERNEL = re.compile(r"molora::|\b_(shrink|shrink_reduce|expand|expand_dot|expand_grouped|expand_reduce|fused)_kernel\b")
 # Per-sequence blends [B, N] for the 3 adapters of tests/_hf.py: "few" has at most one adapter per sequence
 # (and a base sequence), "many" every adapter in one sequence, "none" routes nothing.
 BLENDS = {
@@ -643,7 +644,8 @@ def triton_launches(monkeypatch):
     from molora_ops.kernels import routed_lora as kernels
 
     log = []
-    for name in ("_shrink_kernel", "_shrink_reduce_kernel", "_expand_kernel", "_expand_dot_kernel", "_fused_kernel"):
+    for name in ("_shrink_kernel", "_shrink_reduce_kernel", "_expand_kernel", "_expand_dot_kernel",
+                 "_expand_grouped_kernel", "_expand_reduce_kernel", "_fused_kernel"):
         monkeypatch.setattr(kernels, name, _Recorder(name, getattr(kernels, name), log))
     return log
 
