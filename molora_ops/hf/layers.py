@@ -96,8 +96,9 @@ class Slot:
         return text
 
     def _cast_to(self, owner: nn.Module, buffer: str, dtype: torch.dtype) -> torch.Tensor:
-        """owner's stacked weight `buffer` in `dtype` (autocast: the base output's dtype), cast once."""
-        w = getattr(owner, buffer)
+        """owner's stacked weight `buffer` in `dtype` (autocast: the base output's dtype), cast once. Read from
+        ``_buffers`` directly (what ``model.to`` replaces), skipping nn.Module's attribute fallback per call."""
+        w = owner._buffers[buffer]
         if w.dtype == dtype:
             return w
         if torch.compiler.is_compiling():
@@ -171,14 +172,15 @@ class Slot:
         dtype = x2.dtype
         lora_b = self._cast_to(module, "molora_lora_b", dtype)
         if self.group is None:
-            r.add_(x2, self._cast_to(module, "molora_lora_a", dtype), lora_b, o2, scale=module.molora_scaling)
+            lora_a = self._cast_to(module, "molora_lora_a", dtype)
+            r.add_(x2, lora_a, lora_b, o2, scale=module._buffers["molora_scaling"])
         else:
             hit = fs.deltas.get(self.group.key)
             if hit is None or hit[0] is not x:  # the first member called with this input shrinks for the group
                 lora_a = self._cast_to(self.group.leader, "molora_lora_a", dtype)
                 hit = fs.deltas[self.group.key] = (x, r.shrink(x2, lora_a))
             r.expand_(hit[1], lora_b, o2, rank_slice=self.rank_slice)  # scaling folded into B
-        bias = getattr(module, "molora_bias_delta", None)
+        bias = module._buffers.get("molora_bias_delta")
         if bias is None:
             return out
         return add_routed_bias(o2, r.topk_ids, r.topk_weights, bias).view(out.shape)
