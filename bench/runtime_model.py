@@ -9,7 +9,8 @@ process (each round runs every provider once, in turn), medians over rounds.
 decode: one KV-cached step (context 32) per call; providers base, names (one adapter per sequence), topk
 (adapter_weights, per-token top-2) and, with --strategies, topk with the CPU strategy forced (to re-check
 choose_strategy in the model, where cache effects differ from bench/runtime_strategies.py).
-prefill: one forward of batch x seq tokens; providers base, names, topk.
+prefill: one forward of batch x seq tokens; providers base, names, topk (top-2 drawn per sequence), topk/token
+(drawn per token) and topk[no-runs] (topk with the grouped strategy's row-slice runs off).
 """
 
 from __future__ import annotations
@@ -86,10 +87,32 @@ def decode_fns(cfg, base, ours, names, batch: int, strategies, gen) -> dict:
     return fns
 
 
+def _top2_per_token(cfg, batch: int, length: int, gen) -> torch.Tensor:
+    """[batch, length, N] weights with two non-zero entries per token, drawn per token."""
+    w = torch.rand(batch, length, cfg.adapters, generator=gen)
+    idx = w.topk(2, -1).indices
+    return torch.zeros_like(w).scatter_(-1, idx, w.gather(-1, idx))
+
+
+def _no_runs(fn):
+    """fn with the grouped strategy's row-slice runs off (gather + index_add, as before they existed)."""
+
+    def run():
+        min_run = runtime._MIN_RUN
+        runtime._MIN_RUN = float("inf")
+        try:
+            return fn()
+        finally:
+            runtime._MIN_RUN = min_run
+
+    return run
+
+
 def prefill_fns(cfg, base, ours, names, batch: int, seq: int, gen) -> dict:
     ids = torch.randint(0, cfg.vocab, (batch, seq), generator=gen)
     kws = {"base": (base, {}), "names": (ours, dict(adapter_names=[names[i % len(names)] for i in range(batch)])),
-           "topk": (ours, dict(adapter_weights=_top2(cfg, batch, seq, gen)))}
+           "topk": (ours, dict(adapter_weights=_top2(cfg, batch, seq, gen))),
+           "topk/token": (ours, dict(adapter_weights=_top2_per_token(cfg, batch, seq, gen)))}
 
     def call(model, kw):
         def run():
@@ -97,7 +120,9 @@ def prefill_fns(cfg, base, ours, names, batch: int, seq: int, gen) -> dict:
                 model(ids, use_cache=False, **kw)
         return run
 
-    return {k: call(m, kw) for k, (m, kw) in kws.items()}
+    fns = {k: call(m, kw) for k, (m, kw) in kws.items()}
+    fns["topk[no-runs]"] = _no_runs(fns["topk"])
+    return fns
 
 
 def interleaved(fns: dict, rounds: int, warmup: int = 3) -> dict:

@@ -29,8 +29,9 @@ that strategy's index tensors and coefficients (on the first call that needs the
         read once at build) as the second GEMM's alpha.
       - ``dense``: most adapters active in a small batch: one GEMM over every adapter's A ([N * R, H_in]), a
         [T, N, 1] coefficient, one GEMM with B laid out [N * R, H_out] (cached per weight tensor).
-      - ``grouped``: otherwise (prefill): tokens gathered in plan order once, one matmul pair per active adapter
-        on contiguous segments, one index_add.
+      - ``grouped``: otherwise (prefill): pairs ordered (adapter, slot, token); when they form long runs of
+        consecutive tokens (routing constant over stretches of a sequence), one matmul pair per run on row slices
+        of x and out; else tokens gathered once, one matmul pair per active adapter, one index_add.
     The rule is :func:`choose_strategy`; the numbers it comes from are in its docstring.
 
 Low-precision inputs on CPU are computed in float32 from float32 copies of the weights (cached per weight tensor,
@@ -228,21 +229,33 @@ class _PerAdapter:
 
 
 class _Grouped:
-    """Routed pairs in plan order: tokens [P] int64, coefficients [P, 1] and segments (e, lo, hi)."""
+    """Routed pairs in plan order: tokens [P] int64, coefficients [P, 1] and segments (e, lo, hi).
 
-    def __init__(self, tokens: Tensor, coef: Tensor, segments: list):
-        self.tokens, self.coef, self.segments = tokens, coef, segments
+    runs: None, or (e, lo, hi, t) for each maximal range of plan positions lo..hi-1 of adapter e whose tokens
+    are t..t+hi-lo-1 (consecutive). When given, every matmul reads x and writes out through row slices
+    (x[t:t+n] @ A[e].T, out[t:t+n].addmm_): no gather, no [P, H_out] buffer, no index_add."""
+
+    def __init__(self, tokens: Tensor, coef: Tensor, segments: list, runs: Optional[list] = None):
+        self.tokens, self.coef, self.segments, self.runs = tokens, coef, segments, runs
 
     def shrink(self, x, a):
         at = _a_views(a)
+        h = x.new_empty(self.tokens.shape[0], a.shape[1])
+        if self.runs is not None:
+            for e, lo, hi, t in self.runs:
+                torch.mm(x[t : t + hi - lo], at[e], out=h[lo:hi])
+            return h.mul_(self.coef)
         xg = x.index_select(0, self.tokens)
-        h = xg.new_empty(xg.shape[0], a.shape[1])
         for e, lo, hi in self.segments:
             torch.mm(xg[lo:hi], at[e], out=h[lo:hi])
         return h.mul_(self.coef)
 
     def expand_(self, h, b, acc, scale):
         alphas, bt = _alphas(scale), _b_views(b)
+        if self.runs is not None:
+            for e, lo, hi, t in self.runs:
+                acc[t : t + hi - lo].addmm_(h[lo:hi], bt[e], alpha=alphas[e] if alphas else 1.0)
+            return
         y = h.new_empty(h.shape[0], b.shape[1])
         for e, lo, hi in self.segments:
             if alphas:
@@ -253,6 +266,35 @@ class _Grouped:
 
     def add_(self, x, a, b, acc, scale):
         self.expand_(self.shrink(x, a), b, acc, scale)
+
+
+def _slot_major(pairs: Tensor, ids: Tensor, top_k: int) -> Tensor:
+    """The plan's pairs (t * K + k, grouped by adapter) reordered (adapter, slot, token): a sequence that routes
+    one adapter from two slots gives two runs of consecutive tokens, not alternating ones. ids [T, K] int64."""
+    if pairs.numel() == 0:
+        return pairs
+    num_tokens = ids.shape[0]
+    key = (ids.reshape(-1)[pairs] * top_k + pairs % top_k) * num_tokens + pairs // top_k
+    return pairs[key.argsort()]
+
+
+def _token_runs(tokens: Tensor, offsets: list, min_len: int) -> Optional[list]:
+    """(e, lo, hi, t) for the maximal ranges of plan positions within one adapter's segment (offsets [N + 1])
+    whose tokens are consecutive, or None when they average fewer than min_len pairs (gather and index_add pay
+    there). tokens [P] int64 in plan order."""
+    num_pairs = tokens.shape[0]
+    if num_pairs == 0:
+        return None
+    breaks = torch.ones(num_pairs, dtype=torch.bool)
+    breaks[1:] = tokens[1:] != tokens[:-1] + 1
+    breaks[torch.tensor([o for o in offsets[1:-1] if o < num_pairs], dtype=torch.long)] = True
+    starts = breaks.nonzero()[:, 0]
+    if starts.shape[0] * min_len > num_pairs:
+        return None
+    lows, firsts = starts.tolist(), tokens[starts].tolist()
+    highs = lows[1:] + [num_pairs]
+    adapter_of = [e for e in range(len(offsets) - 1) for _ in range(offsets[e + 1] - offsets[e])]
+    return [(adapter_of[lo], lo, hi, t) for lo, hi, t in zip(lows, highs, firsts)]
 
 
 class _Dense:
@@ -541,9 +583,11 @@ class RoutedBatch:
             valid = (ids >= 0) & (ids < self.num_adapters)
             w = torch.where(valid, self.topk_weights.detach().to(cd), torch.zeros((), dtype=cd))
             offsets = self.plan.seg_offsets.tolist()
-            pairs = self.plan.sorted_pairs[: offsets[-1]].long()
+            pairs = _slot_major(self.plan.sorted_pairs[: offsets[-1]].long(), ids, self.top_k)
             segments = [(e, offsets[e], offsets[e + 1]) for e in range(self.num_adapters) if offsets[e + 1] > offsets[e]]
-            return _Grouped(pairs // self.top_k, w.reshape(-1)[pairs].unsqueeze(1), segments)
+            tokens = pairs // self.top_k
+            runs = _token_runs(tokens, offsets, _MIN_RUN)
+            return _Grouped(tokens, w.reshape(-1)[pairs].unsqueeze(1), segments, runs)
 
     def _strategy(self, cd: torch.dtype):
         prepared = self._prepared.get(cd)
@@ -697,6 +741,7 @@ def _rows_pay(runs: list, seq_len: int) -> bool:
     return len(runs) <= 4 or seq_len >= 8
 
 
+_MIN_RUN = 32  # grouped: row slices instead of gather + index_add when runs of consecutive tokens average this long
 _HOST_SLOTS = 256  # routings with at most this many (token, slot) entries are read on the host as lists
 
 

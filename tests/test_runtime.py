@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import molora_ops as mo
-from molora_ops import reference
+from molora_ops import reference, runtime
 from molora_ops.runtime import STRATEGIES, TRACED_STRATEGIES, RoutedBatch, choose_strategy, choose_traced_strategy
 
 from _utils import TOLERANCE, assert_close, assert_parity, make_problem, naive_lowp
@@ -160,6 +160,63 @@ def test_for_sequences_other_strategies_agree():
         results = [batch._with_strategy(s).add_(p.x, p.lora_a, p.lora_b, base.clone()) for s in STRATEGIES]
     for got in results[1:]:
         assert_close(got, results[0], **TOLERANCE[torch.float32])
+
+
+# --------------------------------------------------------------------------- grouped over token runs
+def _prepared_grouped(batch, dtype=torch.float32):
+    return batch._strategy(torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES_SMOKE, ids=_shape_id)
+def test_grouped_runs_on_random_routing(shape, dtype, monkeypatch):
+    """Row-slice runs forced for every routing (_MIN_RUN = 1: runs of one token, duplicates, -1 slots, T = 0/1):
+    add_ and a sibling group's shrink + expand_ with rank slices and scales equal the reference."""
+    monkeypatch.setattr(runtime, "_MIN_RUN", 1)
+    p = _problem(shape, dtype)
+    a_cat, a2, b2 = _siblings(p)
+    scale2 = torch.rand(p.lora_a.shape[0]) + 0.5
+    batch = _batch(p, "grouped")
+    base, out2 = torch.randn(shape[0], shape[5]).to(dtype), torch.randn(shape[0], 11).to(dtype)
+    r = p.lora_a.shape[1]
+    with torch.no_grad():
+        got = batch.add_(p.x, p.lora_a, p.lora_b, base.clone(), scale=p.scaling)
+        h = batch.shrink(p.x, a_cat)
+        got1 = batch.expand_(h, p.lora_b, base.clone(), rank_slice=slice(0, r), scale=p.scaling)
+        got2 = batch.expand_(h, b2, out2.clone(), rank_slice=(r, r + 3), scale=scale2)
+    assert (_prepared_grouped(batch, dtype).runs is not None) == bool((p.topk_ids >= 0).any())
+    assert_parity(got, *_expected(p, base), dtype)
+    assert_parity(got1, *_expected(p, base), dtype, name="member 1")
+    p2 = type(p)(p.x, a2, b2, p.topk_ids, p.topk_weights, scale2)
+    assert_parity(got2, *_expected(p2, out2), dtype, name="member 2")
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_grouped_runs_on_per_sequence_blends(dtype):
+    """Per-sequence top-k (odd lengths, one sequence with a duplicate adapter, one with an empty slot, one all
+    empty, an unused adapter) and per-token weights: the default rule takes the row-slice runs; equal to the
+    reference, and to the gather + index_add form."""
+    lengths, per_seq = (37, 70, 45, 33, 64), ([3, 0], [1, 1], [5, -1], [-1, -1], [0, 2])
+    ids = torch.cat([torch.tensor(e).expand(n, 2) for e, n in zip(per_seq, lengths)]).contiguous()
+    p = make_problem(ids.shape[0], 2, 7, 5, 41, 29, dtype)
+    p = type(p)(p.x, p.lora_a, p.lora_b, ids, p.topk_weights, p.scaling)
+    base = torch.randn(ids.shape[0], 29).to(dtype)
+    batch = _batch(p, None)
+    with torch.no_grad():
+        got = batch.add_(p.x, p.lora_a, p.lora_b, base.clone(), scale=p.scaling)
+        runs = _prepared_grouped(batch, dtype).runs
+        gathered = _batch(p, "grouped")
+        gathered._strategy(torch.float32).runs = None
+        got_gathered = gathered.add_(p.x, p.lora_a, p.lora_b, base.clone(), scale=p.scaling)
+    assert batch.strategy == "grouped" and runs is not None and len(runs) == 7
+    assert_parity(got, *_expected(p, base), dtype)
+    assert_close(got, got_gathered, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("bad", ("A", "B", "AB"))
+def test_grouped_runs_isolate_non_finite_values(bad, monkeypatch):
+    monkeypatch.setattr(runtime, "_MIN_RUN", 1)
+    _check_non_finite_isolation(bad, lambda p, base: _add_and_split(_batch(p, "grouped"), p, base))
 
 
 # ------------------------------------------------------------------------------------- non-finite inputs
