@@ -188,19 +188,42 @@ def test_lm_head_routed_traces_and_equals_eager(tmp_path_factory):
     assert_logits_close(got, expected, name="compiled lm_head routing")
 
 
+@torch.no_grad()
+def test_context_router_traces_a_forward_that_starts_its_sequences(setup):
+    """ContextRouter's running mean needs no stored state when the forward starts its sequences (no cache): it
+    traces in one graph and equals eager, left padding included (the padding mask reaches the router)."""
+    hidden = setup.base.config.hidden_size
+    torch.manual_seed(4)
+    model = setup.patched(router=mo.ContextRouter(hidden, list(ADAPTERS), layer=1), top_k=2)
+    ids = setup.ids
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding of the first sequence
+    expected = model(ids, attention_mask=mask, use_cache=False).logits
+    got = _compiled(model)(ids, attention_mask=mask, use_cache=False).logits
+    _assert_no_breaks()
+    assert_logits_close(got, expected, name="compiled ContextRouter")
+
+
 @pytest.mark.parametrize("kind", ["context", "keyword"])
-def test_stateful_routers_refuse_tracing_with_a_clear_error(setup, kind):
+def test_stateful_routers_refuse_what_tracing_cannot_follow_with_a_clear_error(setup, kind):
+    """KeywordRouter (host-side matching) never traces; ContextRouter refuses a cached step (its per-position
+    state lives in Python objects beside the cache); eager use is unaffected."""
     hidden = setup.base.config.hidden_size
     if kind == "context":
         router = mo.ContextRouter(hidden, list(ADAPTERS))
+        expected = "across cached steps"
     else:
         from _hf import word_tokenizer
 
         router = mo.KeywordRouter({"code": ["def"]}, word_tokenizer(), adapter_names=list(ADAPTERS))
+        expected = "Python loops over the token ids"
     model = setup.patched(router=router, top_k=2)
-    with torch.no_grad(), pytest.raises(Exception, match="keeps per-position state beside the KV cache"):
-        _compiled(model)(setup.ids)
+    cache = transformers.StaticCache(config=setup.base.config, max_cache_len=32)
     with torch.no_grad():
+        token = _prefill(model, setup.ids, cache) if kind == "context" else setup.ids
+        kw = _cache_kw(cache) if kind == "context" else {}
+        with pytest.raises(Exception, match=expected):
+            _compiled(model)(token, **kw)
         model(setup.ids)  # eager still works
 
 

@@ -260,8 +260,11 @@ class BackboneHooks:
         batch, seq = ref.shape[0], ref.shape[1]
         traced = tracing()
         cache, past_len = _cache_and_past(bound, traced)
-        # the new tokens' padding mask is read only by stateful routers, which never run traced or under a spec
-        mask = None if traced or spec is not None else _new_token_mask(bound.get("attention_mask"), past_len, seq)
+        # the new tokens' padding mask is read only by stateful routers (never under a spec; traced, only for a
+        # forward that starts its sequences, where the mask's slice needs no cache length)
+        fresh = cache is None and isinstance(past_len, int) and past_len == 0
+        needs_mask = spec is None and (fresh or not traced)
+        mask = _new_token_mask(bound.get("attention_mask"), past_len, seq) if needs_mask else None
         fs = ForwardState(batch, seq, past_len, input_ids, mask, kv_cache=cache, backend=state.backend,
                           num_adapters=len(state.adapter_names))
         top = state.top_var.get()
@@ -311,13 +314,9 @@ class BackboneHooks:
         graph (the router trains through the patched model); a stateful router's per-position state is stored
         detached beside the cache."""
         state = None
-        if getattr(router, "stateful", False):
-            if tracing():
-                raise NotImplementedError(
-                    f"molora_ops: {type(router).__name__} keeps per-position state beside the KV cache in Python "
-                    "objects, which torch.compile and CUDA-graph capture cannot follow; run it eagerly, or route "
-                    "with a TokenRouter or a routing() context in compiled or captured models"
-                )
+        if tracing():
+            self._check_traceable(router, fs)
+        elif getattr(router, "stateful", False):
             if fs.history is None:
                 cached = history_of(fs.kv_cache) if fs.past_len > 0 else None
                 fs.history = cached if cached is not None else RouterHistory()
@@ -326,4 +325,23 @@ class BackboneHooks:
         probs = router(hidden, input_ids=fs.input_ids, attention_mask=fs.attention_mask, past_len=fs.past_len,
                        state=state)
         return router.select(probs, self.state.top_k)
+
+    @staticmethod
+    def _check_traceable(router, fs) -> None:
+        """While compiling or capturing: a stateless router always runs; a stateful one (ContextRouter) only on a
+        forward that starts its sequences (no cache to continue: its state starts empty and is not kept beside the
+        cache, so continuing that cache later raises a clear error). KeywordRouter matches keywords on the host."""
+        name = type(router).__name__
+        if not getattr(router, "traceable", True):
+            raise NotImplementedError(
+                f"molora_ops: {name} matches keywords with Python loops over the token ids, which torch.compile and "
+                "CUDA-graph capture cannot follow; run it eagerly, or route with a TokenRouter or a routing() block"
+            )
+        fresh = fs.kv_cache is None and isinstance(fs.past_len, int) and fs.past_len == 0
+        if getattr(router, "stateful", False) and not fresh:
+            raise NotImplementedError(
+                f"molora_ops: {name} keeps per-position state beside the KV cache in Python objects, which "
+                "torch.compile and CUDA-graph capture cannot follow across cached steps; a compiled forward may start "
+                "sequences (no cache), cached steps run eagerly; or route with a TokenRouter or a routing() block"
+            )
 

@@ -51,6 +51,7 @@ class Router(nn.Module):
 
     kind = "router"
     stateful = False  # True: its decision at a position depends on earlier positions, kept beside the KV cache
+    traceable = True  # False: it cannot run inside torch.compile or a CUDA-graph capture
 
     def __init__(self, adapter_names: Sequence[str], *, layer: int = 0, temperature: float = 1.0):
         super().__init__()
@@ -176,6 +177,7 @@ class KeywordRouter(Router):
 
     kind = "keyword"
     stateful = True  # its keyword counts continue across cached decode steps (molora_ops.hf.router_state)
+    traceable = False  # keyword matching runs on the host, over token ids
 
     def __init__(self, keywords: Mapping[str, object], tokenizer=None, *, adapter_names=None, layer: int = 0,
                  temperature: float = 1.0):
