@@ -120,7 +120,10 @@ WORKER = textwrap.dedent(
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
         if dist.is_initialized():
-            dist.destroy_process_group()
+            try:
+                dist.barrier()  # both ranks alive at teardown: a peer that left first can make gloo abort the other
+            finally:
+                dist.destroy_process_group()
     '''
 )
 
