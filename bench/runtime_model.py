@@ -10,7 +10,8 @@ decode: one KV-cached step (context 32) per call; providers base, names (one ada
 (adapter_weights, per-token top-2) and, with --strategies, topk with the CPU strategy forced (to re-check
 choose_strategy in the model, where cache effects differ from bench/runtime_strategies.py).
 prefill: one forward of batch x seq tokens; providers base, names, topk (top-2 drawn per sequence), topk/token
-(drawn per token) and topk[no-runs] (topk with the grouped strategy's row-slice runs off).
+(drawn per token), topk[no-runs] (topk with the grouped strategy's row-slice runs off) and topk/token[no-pad]
+(topk/token with the grouped strategy's padded layout off: one matmul pair per adapter).
 """
 
 from __future__ import annotations
@@ -94,16 +95,16 @@ def _top2_per_token(cfg, batch: int, length: int, gen) -> torch.Tensor:
     return torch.zeros_like(w).scatter_(-1, idx, w.gather(-1, idx))
 
 
-def _no_runs(fn):
-    """fn with the grouped strategy's row-slice runs off (gather + index_add, as before they existed)."""
+def _with(name: str, value, fn):
+    """fn run with runtime.<name> (a decision threshold) set to value."""
 
     def run():
-        min_run = runtime._MIN_RUN
-        runtime._MIN_RUN = float("inf")
+        old = getattr(runtime, name)
+        setattr(runtime, name, value)
         try:
             return fn()
         finally:
-            runtime._MIN_RUN = min_run
+            setattr(runtime, name, old)
 
     return run
 
@@ -121,7 +122,8 @@ def prefill_fns(cfg, base, ours, names, batch: int, seq: int, gen) -> dict:
         return run
 
     fns = {k: call(m, kw) for k, (m, kw) in kws.items()}
-    fns["topk[no-runs]"] = _no_runs(fns["topk"])
+    fns["topk[no-runs]"] = _with("_MIN_RUN", float("inf"), fns["topk"])
+    fns["topk/token[no-pad]"] = _with("_PAD_WASTE", -1.0, fns["topk/token"])
     return fns
 
 

@@ -31,7 +31,9 @@ that strategy's index tensors and coefficients (on the first call that needs the
         [T, N, 1] coefficient, one GEMM with B laid out [N * R, H_out] (cached per weight tensor).
       - ``grouped``: otherwise (prefill): pairs ordered (adapter, slot, token); when they form long runs of
         consecutive tokens (routing constant over stretches of a sequence), one matmul pair per run on row slices
-        of x and out; else tokens gathered once, one matmul pair per active adapter, one index_add.
+        of x and out; else tokens gathered once, then either each active adapter's pairs padded to one length
+        (one bmm per side, :class:`_Padded`, with more than one thread while padding adds at most
+        ``_PAD_WASTE`` of the pairs: :func:`_padding_pays`) or one matmul pair per active adapter; one index_add.
     The rule is :func:`choose_strategy`; the numbers it comes from are in its docstring.
 
 Low-precision inputs on CPU are computed in float32 from float32 copies of the weights (cached per weight tensor,
@@ -266,6 +268,67 @@ class _Grouped:
 
     def add_(self, x, a, b, acc, scale):
         self.expand_(self.shrink(x, a), b, acc, scale)
+
+
+def _b_stack(b: Tensor) -> Tensor:
+    """lora_b [N, H_out, R] as a contiguous [N, R, H_out] (the second bmm operand); cached per weight tensor."""
+    return _CACHE.get(b, "b-stack", lambda: b.detach().transpose(1, 2).contiguous())
+
+
+class _Padded:
+    """The grouped pairs as one padded batch: each of the Na active adapters' pairs (plan order) padded to a common
+    length M (a multiple of 16). idx [Na, M] int64: the token of each row (padding rows read token 0); coef
+    [Na, M, 1] (0 in padding rows); pad [Na, M, 1] bool; adapters [Na] int64, or None when every adapter is active.
+    One index_select, one bmm per side and one index_add, whatever Na; padding rows are set to exactly 0 after the
+    shrink (and after the expand when B is non-finite), so they add nothing to token 0."""
+
+    def __init__(self, idx: Tensor, coef: Tensor, pad: Tensor, adapters: Optional[Tensor]):
+        self.idx, self.coef, self.pad, self.adapters = idx, coef, pad, adapters
+
+    def _pick(self, w: Tensor) -> Tensor:
+        return w if self.adapters is None else w[self.adapters]
+
+    def shrink(self, x, a):
+        na, m = self.idx.shape
+        xg = x.index_select(0, self.idx.view(-1)).view(na, m, x.shape[1])
+        return torch.bmm(xg, self._pick(a).transpose(1, 2)).mul_(self.coef).masked_fill_(self.pad, 0)
+
+    def expand_(self, h, b, acc, scale):
+        if scale is not None:
+            h = h * self._pick(_as(scale, h.dtype)).view(-1, 1, 1)
+        y = torch.bmm(h, self._pick(_b_stack(b)))
+        if not _all_finite(b):
+            y.masked_fill_(self.pad, 0)
+        acc.index_add_(0, self.idx.view(-1), y.view(-1, y.shape[2]))
+
+    def add_(self, x, a, b, acc, scale):
+        self.expand_(self.shrink(x, a), b, acc, scale)
+
+
+def _padded(tokens: Tensor, coef: Tensor, segments: list, num_adapters: int) -> _Padded:
+    """The _Padded layout of the grouped strategy's tokens [P], coef [P, 1] and segments (e, lo, hi)."""
+    na = len(segments)
+    m = -(-max((hi - lo for _, lo, hi in segments), default=0) // 16) * 16
+    rows = torch.tensor([j * m + i for j, (_, lo, hi) in enumerate(segments) for i in range(hi - lo)], dtype=torch.long)
+    idx = torch.zeros(na * m, dtype=torch.long).index_copy_(0, rows, tokens)
+    padded_coef = coef.new_zeros(na * m, 1).index_copy_(0, rows, coef)
+    pad = torch.ones(na * m, 1, dtype=torch.bool).index_fill_(0, rows, False)
+    adapters = None if na == num_adapters else torch.tensor([e for e, _, _ in segments], dtype=torch.long)
+    return _Padded(idx.view(na, m), padded_coef.view(na, m, 1), pad.view(na, m, 1), adapters)
+
+
+def _padding_pays(segments: list, threads: int) -> bool:
+    """Whether the grouped pairs (no row-slice runs) take the padded layout: with more than one intra-op thread,
+    while padding adds at most _PAD_WASTE of the pairs.
+
+    Measured in the model (bench/runtime_model.py prefill 4x256, per-token top-2, N 8, R 16, ~12% padding;
+    torch 2.13 CPU, 2-core shared x86_64, interleaved medians, time / base): 2 threads padded 1.18x / 1.23x /
+    1.36x against one matmul pair per adapter 1.41x / 1.23x / 1.52x (three runs); 1 thread padded 1.20x / 1.23x
+    against 1.18x / 1.20x. The work is the same; one bmm splits whole matrices over the threads, while the
+    per-adapter [~256, 16] products parallelize poorly."""
+    num_pairs = sum(hi - lo for _, lo, hi in segments)
+    m = -(-max((hi - lo for _, lo, hi in segments), default=0) // 16) * 16
+    return threads > 1 and num_pairs > 0 and len(segments) * m - num_pairs <= _PAD_WASTE * num_pairs
 
 
 def _slot_major(pairs: Tensor, ids: Tensor, top_k: int) -> Tensor:
@@ -586,8 +649,10 @@ class RoutedBatch:
             pairs = _slot_major(self.plan.sorted_pairs[: offsets[-1]].long(), ids, self.top_k)
             segments = [(e, offsets[e], offsets[e + 1]) for e in range(self.num_adapters) if offsets[e + 1] > offsets[e]]
             tokens = pairs // self.top_k
-            runs = _token_runs(tokens, offsets, _MIN_RUN)
-            return _Grouped(tokens, w.reshape(-1)[pairs].unsqueeze(1), segments, runs)
+            runs, coef = _token_runs(tokens, offsets, _MIN_RUN), w.reshape(-1)[pairs].unsqueeze(1)
+            if runs is None and _padding_pays(segments, torch.get_num_threads()):
+                return _padded(tokens, coef, segments, self.num_adapters)
+            return _Grouped(tokens, coef, segments, runs)
 
     def _strategy(self, cd: torch.dtype):
         prepared = self._prepared.get(cd)
@@ -742,6 +807,7 @@ def _rows_pay(runs: list, seq_len: int) -> bool:
 
 
 _MIN_RUN = 32  # grouped: row slices instead of gather + index_add when runs of consecutive tokens average this long
+_PAD_WASTE = 0.25  # grouped without runs: padded while padding adds at most this share of pairs (_padding_pays)
 _HOST_SLOTS = 256  # routings with at most this many (token, slot) entries are read on the host as lists
 
 

@@ -219,6 +219,54 @@ def test_grouped_runs_isolate_non_finite_values(bad, monkeypatch):
     _check_non_finite_isolation(bad, lambda p, base: _add_and_split(_batch(p, "grouped"), p, base))
 
 
+# --------------------------------------------------------------------------- grouped as one padded batch
+def _force_padded(monkeypatch):
+    monkeypatch.setattr(runtime, "_MIN_RUN", float("inf"))
+    monkeypatch.setattr(runtime, "_PAD_WASTE", float("inf"))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES_SMOKE + ((301, 2, 8, 16, 67, 45),), ids=_shape_id)
+def test_grouped_padded_on_random_routing(shape, dtype, monkeypatch):
+    """The padded layout forced for every routing (duplicates, -1 slots, an adapter with no tokens, T = 0/1): add_
+    and a sibling group's shrink + expand_ with rank slices and scales equal the reference."""
+    _force_padded(monkeypatch)
+    p = _problem(shape, dtype)
+    a_cat, a2, b2 = _siblings(p)
+    scale2 = torch.rand(p.lora_a.shape[0]) + 0.5
+    batch = _batch(p, "grouped")
+    base, out2 = torch.randn(shape[0], shape[5]).to(dtype), torch.randn(shape[0], 11).to(dtype)
+    r = p.lora_a.shape[1]
+    with torch.no_grad():
+        got = batch.add_(p.x, p.lora_a, p.lora_b, base.clone(), scale=p.scaling)
+        h = batch.shrink(p.x, a_cat)
+        got1 = batch.expand_(h, p.lora_b, base.clone(), rank_slice=slice(0, r), scale=p.scaling)
+        got2 = batch.expand_(h, b2, out2.clone(), rank_slice=(r, r + 3), scale=scale2)
+    assert isinstance(_prepared_grouped(batch, dtype), runtime._Padded) == bool((p.topk_ids >= 0).any())
+    assert_parity(got, *_expected(p, base), dtype)
+    assert_parity(got1, *_expected(p, base), dtype, name="member 1")
+    p2 = type(p)(p.x, a2, b2, p.topk_ids, p.topk_weights, scale2)
+    assert_parity(got2, *_expected(p2, out2), dtype, name="member 2")
+
+
+@pytest.mark.parametrize("bad", ("A", "B", "AB"))
+def test_grouped_padded_isolates_non_finite_values(bad, monkeypatch):
+    """Padding rows read token 0, whose x row is NaN here (and adapter 1's B may be Inf): they add nothing."""
+    _force_padded(monkeypatch)
+    _check_non_finite_isolation(bad, lambda p, base: _add_and_split(_batch(p, "grouped"), p, base))
+
+
+def test_padding_rule():
+    """Padded with more than one thread while padding each active adapter's pairs to a multiple of 16 adds at
+    most _PAD_WASTE of the pairs."""
+    prefill = [(0, 0, 512), (1, 512, 1100), (3, 1100, 1600)]  # M 592: 176 padding rows for 1600 pairs
+    assert runtime._padding_pays(prefill, 2) and not runtime._padding_pays(prefill, 1)
+    assert not runtime._padding_pays([(0, 0, 100), (1, 100, 400)], 2)  # M 304: 208 padding rows for 400 pairs
+    assert not runtime._padding_pays([(0, 0, 3), (2, 3, 5)], 2)  # M 16: 27 padding rows for 5 pairs
+    assert not runtime._padding_pays([], 2)
+
+
 # ------------------------------------------------------------------------------------- non-finite inputs
 @pytest.mark.parametrize("bad", ("A", "B", "AB"))
 @pytest.mark.parametrize("strategy", (None,) + TOPK_STRATEGIES + ("traced_gather",))
