@@ -167,12 +167,9 @@ def _prepared_grouped(batch, dtype=torch.float32):
     return batch._strategy(torch.float64 if dtype == torch.float64 else torch.float32)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES_SMOKE, ids=_shape_id)
-def test_grouped_runs_on_random_routing(shape, dtype, monkeypatch):
-    """Row-slice runs forced for every routing (_MIN_RUN = 1: runs of one token, duplicates, -1 slots, T = 0/1):
-    add_ and a sibling group's shrink + expand_ with rank slices and scales equal the reference."""
-    monkeypatch.setattr(runtime, "_MIN_RUN", 1)
+def _check_grouped_layout(shape, dtype, uses_layout):
+    """add_ and a sibling group's shrink + expand_ (rank slices, per-member scales) of a grouped batch equal the
+    reference; `uses_layout(prepared)` says whether the forced layout was taken (it is whenever a slot is routed)."""
     p = _problem(shape, dtype)
     a_cat, a2, b2 = _siblings(p)
     scale2 = torch.rand(p.lora_a.shape[0]) + 0.5
@@ -184,11 +181,19 @@ def test_grouped_runs_on_random_routing(shape, dtype, monkeypatch):
         h = batch.shrink(p.x, a_cat)
         got1 = batch.expand_(h, p.lora_b, base.clone(), rank_slice=slice(0, r), scale=p.scaling)
         got2 = batch.expand_(h, b2, out2.clone(), rank_slice=(r, r + 3), scale=scale2)
-    assert (_prepared_grouped(batch, dtype).runs is not None) == bool((p.topk_ids >= 0).any())
+    assert uses_layout(_prepared_grouped(batch, dtype)) == bool((p.topk_ids >= 0).any())
     assert_parity(got, *_expected(p, base), dtype)
     assert_parity(got1, *_expected(p, base), dtype, name="member 1")
     p2 = type(p)(p.x, a2, b2, p.topk_ids, p.topk_weights, scale2)
     assert_parity(got2, *_expected(p2, out2), dtype, name="member 2")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES_SMOKE, ids=_shape_id)
+def test_grouped_runs_on_random_routing(shape, dtype, monkeypatch):
+    """Row-slice runs forced for every routing (_MIN_RUN = 1: runs of one token, duplicates, -1 slots, T = 0/1)."""
+    monkeypatch.setattr(runtime, "_MIN_RUN", 1)
+    _check_grouped_layout(shape, dtype, lambda prepared: prepared.runs is not None)
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
@@ -229,25 +234,9 @@ def _force_padded(monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES_SMOKE + ((301, 2, 8, 16, 67, 45),), ids=_shape_id)
 def test_grouped_padded_on_random_routing(shape, dtype, monkeypatch):
-    """The padded layout forced for every routing (duplicates, -1 slots, an adapter with no tokens, T = 0/1): add_
-    and a sibling group's shrink + expand_ with rank slices and scales equal the reference."""
+    """The padded layout forced for every routing (duplicates, -1 slots, an adapter with no tokens, T = 0/1)."""
     _force_padded(monkeypatch)
-    p = _problem(shape, dtype)
-    a_cat, a2, b2 = _siblings(p)
-    scale2 = torch.rand(p.lora_a.shape[0]) + 0.5
-    batch = _batch(p, "grouped")
-    base, out2 = torch.randn(shape[0], shape[5]).to(dtype), torch.randn(shape[0], 11).to(dtype)
-    r = p.lora_a.shape[1]
-    with torch.no_grad():
-        got = batch.add_(p.x, p.lora_a, p.lora_b, base.clone(), scale=p.scaling)
-        h = batch.shrink(p.x, a_cat)
-        got1 = batch.expand_(h, p.lora_b, base.clone(), rank_slice=slice(0, r), scale=p.scaling)
-        got2 = batch.expand_(h, b2, out2.clone(), rank_slice=(r, r + 3), scale=scale2)
-    assert isinstance(_prepared_grouped(batch, dtype), runtime._Padded) == bool((p.topk_ids >= 0).any())
-    assert_parity(got, *_expected(p, base), dtype)
-    assert_parity(got1, *_expected(p, base), dtype, name="member 1")
-    p2 = type(p)(p.x, a2, b2, p.topk_ids, p.topk_weights, scale2)
-    assert_parity(got2, *_expected(p2, out2), dtype, name="member 2")
+    _check_grouped_layout(shape, dtype, lambda prepared: isinstance(prepared, runtime._Padded))
 
 
 @pytest.mark.parametrize("bad", ("A", "B", "AB"))
