@@ -45,7 +45,25 @@ def _check_same_device(**tensors: torch.Tensor) -> None:
             )
 
 
-def _check_routing(topk_ids, topk_weights, num_tokens: int, num_adapters: int, check_ids: bool) -> None:
+def can_read_ids(validate: bool, tensor) -> bool:
+    """Whether id values may be checked: reading them is a host sync on a GPU and impossible while torch.compile
+    traces or a CUDA graph is captured, so it is skipped there (and when `validate` is off)."""
+    if not validate or torch.compiler.is_compiling():
+        return False
+    on_cuda = isinstance(tensor, torch.Tensor) and tensor.device.type == "cuda"
+    return not (on_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def check_autograd_out(out: torch.Tensor, instead: str) -> None:
+    """ValueError for an `out` that autograd cannot add into in place (a leaf that requires grad); `instead` says
+    what the caller can do."""
+    if out.requires_grad and out.is_leaf:
+        raise ValueError(
+            f"out is a leaf tensor that requires grad, and autograd cannot record an in-place add into it; {instead}"
+        )
+
+
+def check_routing(topk_ids, topk_weights, num_tokens: int, num_adapters: int, check_ids: bool) -> None:
     _check_tensor("topk_ids", topk_ids, 2)
     if topk_ids.dtype not in ID_DTYPES:
         raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
@@ -107,7 +125,7 @@ def check_shrink(x, lora_a, topk_ids, topk_weights, scaling, *, check_ids: bool 
     if topk_weights is None:
         raise TypeError("topk_weights must be a [T, K] floating tensor of router probabilities, got None")
     _check_same_device(x=x, lora_a=lora_a, topk_ids=topk_ids, topk_weights=topk_weights)
-    _check_routing(topk_ids, topk_weights, x.shape[0], lora_a.shape[0], check_ids)
+    check_routing(topk_ids, topk_weights, x.shape[0], lora_a.shape[0], check_ids)
     check_scaling(scaling, lora_a.shape[0], x.device)
 
 
@@ -122,7 +140,7 @@ def check_expand(h, lora_b, topk_ids, out, *, check_ids: bool = True) -> None:
     if lora_b.shape[0] < 1 or lora_b.shape[2] < 1:
         raise ValueError(f"lora_b must have N >= 1 adapters and rank R >= 1, got {tuple(lora_b.shape)}")
     _check_same_device(h=h, lora_b=lora_b, topk_ids=topk_ids, out=out)
-    _check_routing(topk_ids, None, h.shape[0], lora_b.shape[0], check_ids)
+    check_routing(topk_ids, None, h.shape[0], lora_b.shape[0], check_ids)
     if tuple(topk_ids.shape) != tuple(h.shape[:2]):
         raise ValueError(f"topk_ids must be [T, K] = {tuple(h.shape[:2])} to match h, got {tuple(topk_ids.shape)}")
     _check_out(out, h.shape[0], lora_b.shape[1], lora_b.dtype)

@@ -35,7 +35,9 @@ import torch
 
 from . import impl as _backends
 from .impl import torch_grouped as _grouped
-from ._validation import check_expand, check_routed_lora, check_shrink, scaling_vector
+from ._validation import (
+    can_read_ids, check_autograd_out, check_expand, check_routed_lora, check_shrink, scaling_vector,
+)
 from .plan import RoutingPlan, build_plan
 
 __all__ = ["routed_lora", "lora_shrink", "lora_expand"]
@@ -312,25 +314,14 @@ _routed_lora_op.register_autograd(_routed_lora_backward, setup_context=_routed_l
 
 
 # --------------------------------------------------------------------------------------- public wrappers
-def _should_check_ids(validate: bool, tensor) -> bool:
-    """Reading ids is a host sync on a GPU and impossible while tracing or capturing: skip it there."""
-    if not validate or torch.compiler.is_compiling():
-        return False
-    on_cuda = isinstance(tensor, Tensor) and tensor.device.type == "cuda"
-    return not (on_cuda and torch.cuda.is_current_stream_capturing())
-
-
 def _out_needs_autograd(out: Tensor, *inputs) -> bool:
     """Whether an `out=` call must go through autograd: grad mode is on and `out` or an input requires grad.
     Then the add is out-of-place (the functional op with base=out) and copied into `out`, which autograd
     tracks; otherwise the mutating op adds in place. Raises ValueError for an `out` autograd cannot write."""
     if not torch.is_grad_enabled() or not any(isinstance(t, Tensor) and t.requires_grad for t in (out, *inputs)):
         return False
-    if out.requires_grad and out.is_leaf:
-        raise ValueError(
-            "out is a leaf tensor that requires grad, and autograd cannot record an in-place add into it; "
-            "pass out=None and add the returned delta, or write into a non-leaf (e.g. the output of the base layer)"
-        )
+    check_autograd_out(out, "pass out=None and add the returned delta, or write into a non-leaf (e.g. the output of "
+                            "the base layer)")
     return True
 
 
@@ -364,7 +355,7 @@ def lora_shrink(x, lora_a, topk_ids, topk_weights, *, scaling=None, backend="aut
     Returns:
         h: [T, K, R] float32.
     """
-    check_shrink(x, lora_a, topk_ids, topk_weights, scaling, check_ids=_should_check_ids(validate, x))
+    check_shrink(x, lora_a, topk_ids, topk_weights, scaling, check_ids=can_read_ids(validate, x))
     sorted_pairs, seg_offsets = _plan_tensors(plan, topk_ids, lora_a.shape[0])
     scale = _scale(scaling, lora_a.shape[0], x)
     name = _backends.resolve(backend, x.device)
@@ -384,7 +375,7 @@ def lora_expand(h, lora_b, topk_ids, *, out=None, backend="auto", plan=None, val
 
     Differentiable w.r.t. h and lora_b, also with `out` (see routed_lora for how out= behaves under autograd).
     """
-    check_expand(h, lora_b, topk_ids, out, check_ids=_should_check_ids(validate, h))
+    check_expand(h, lora_b, topk_ids, out, check_ids=can_read_ids(validate, h))
     sorted_pairs, seg_offsets = _plan_tensors(plan, topk_ids, lora_b.shape[0])
     name = _backends.resolve(backend, h.device)
     args = (h, lora_b, topk_ids, sorted_pairs, seg_offsets, name)
@@ -424,7 +415,7 @@ def routed_lora(
     leaf that requires grad (ValueError). Otherwise the add is in place in the kernel, outside autograd.
     """
     check_routed_lora(
-        x, lora_a, lora_b, topk_ids, topk_weights, scaling, out, check_ids=_should_check_ids(validate, x)
+        x, lora_a, lora_b, topk_ids, topk_weights, scaling, out, check_ids=can_read_ids(validate, x)
     )
     sorted_pairs, seg_offsets = _plan_tensors(plan, topk_ids, lora_a.shape[0])
     scale = _scale(scaling, lora_a.shape[0], x)

@@ -50,7 +50,7 @@ from typing import Callable, Optional
 import torch
 
 from . import impl as _backends
-from ._validation import _check_routing
+from ._validation import can_read_ids, check_autograd_out, check_routing
 from .plan import RoutingPlan, build_plan
 
 __all__ = ["RoutedBatch", "RankSpace", "choose_strategy", "choose_traced_strategy"]
@@ -137,14 +137,6 @@ def _b_views(b: Tensor) -> list:
 
 def _grad_needed(*tensors) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
-
-
-def _check_out_for_autograd(out: Tensor) -> None:
-    if out.requires_grad and out.is_leaf:
-        raise ValueError(
-            "out is a leaf tensor that requires grad, and autograd cannot record an in-place add into it; "
-            "write into a non-leaf (e.g. the output of the base layer)"
-        )
 
 
 def _as_slice(rank_slice) -> Optional[slice]:
@@ -564,8 +556,8 @@ class RoutedBatch:
             raise ValueError(f"num_adapters must be a positive int, got {num_adapters!r}")
         if topk_weights is None:
             raise TypeError("topk_weights must be a [T, K] floating tensor of router probabilities, got None")
-        _check_routing(topk_ids, topk_weights, topk_ids.shape[0] if isinstance(topk_ids, Tensor) else -1,
-                       num_adapters, _can_read_ids(validate, topk_ids))
+        check_routing(topk_ids, topk_weights, topk_ids.shape[0] if isinstance(topk_ids, Tensor) else -1,
+                       num_adapters, can_read_ids(validate, topk_ids))
         if topk_weights.device != topk_ids.device:
             raise ValueError(f"topk_weights is on {topk_weights.device} but topk_ids is on {topk_ids.device}")
         return cls._make(topk_ids, topk_weights, num_adapters, backend, None, None)
@@ -589,7 +581,7 @@ class RoutedBatch:
                                  f"empty slot), got sequence ids in [{min(seq_list)}, {max(seq_list)}]")
         else:
             seq_list = None
-            _check_routing(topk_ids, topk_weights, topk_ids.shape[0], num_adapters, _can_read_ids(True, seq_ids))
+            check_routing(topk_ids, topk_weights, topk_ids.shape[0], num_adapters, can_read_ids(True, seq_ids))
         return cls._make(topk_ids, topk_weights, num_adapters, backend, seq_ids, seq_len, seq_list=seq_list)
 
     @classmethod
@@ -746,7 +738,7 @@ class RoutedBatch:
             data = data * self._slot_scale(scale, data.dtype)
         args = (data.contiguous(), lora_b, self.topk_ids, self.plan.sorted_pairs, self.plan.seg_offsets, self.backend)
         if _grad_needed(data, lora_b, out):
-            _check_out_for_autograd(out)
+            check_autograd_out(out, "write into a non-leaf (e.g. the output of the base layer)")
             return out.copy_(torch.ops.molora.expand(*args, out))
         torch.ops.molora.expand_(out, *args)
         return out
@@ -758,7 +750,7 @@ class RoutedBatch:
         args = (x, lora_a, lora_b, self.topk_ids, self.topk_weights, scale, self.plan.sorted_pairs,
                 self.plan.seg_offsets, self.backend)
         if _grad_needed(x, lora_a, lora_b, out, self.topk_weights, scale):
-            _check_out_for_autograd(out)
+            check_autograd_out(out, "write into a non-leaf (e.g. the output of the base layer)")
             return out.copy_(torch.ops.molora.routed_lora(*args, out))
         torch.ops.molora.routed_lora_(out, *args)
         return out
@@ -778,13 +770,6 @@ class RoutedBatch:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _can_read_ids(validate: bool, t) -> bool:
-    """Reading ids is a host sync on a GPU and impossible while tracing or capturing: skip it there."""
-    if not validate or torch.compiler.is_compiling():
-        return False
-    return not (isinstance(t, Tensor) and t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
-
-
 def _runs(seq_ids: list, seq_len: int, num_adapters: int) -> list:
     """(e, start row, stop row) for each maximal run of consecutive sequences routed to one adapter e."""
     runs = []
