@@ -3,7 +3,7 @@
 At the start of every forward of the model's backbone (the module holding the decoder blocks) :class:`BackboneHooks`
 turns the active routing (a :class:`~molora_ops.hf.routing.RoutingSpec`, or the router run on the hidden states
 entering its block) into top-k ids/weights for exactly this forward's tokens and puts a :class:`ForwardState` in a
-ContextVar that every patched layer reads; a closing hook resets it. Positions come from the KV cache object (or
+per-call value (hf/state.py) that every patched layer reads; a closing hook resets it. Positions come from the KV cache object (or
 ``cache_position``), never from keyword names. See :mod:`molora_ops.hf.routing` for the user-facing rules.
 """
 
@@ -26,8 +26,8 @@ __all__ = ["BackboneHooks", "ForwardState", "tail_routing"]
 
 @dataclass
 class ForwardState:
-    """What the patched layers of one backbone forward share. Lives in a ContextVar from the backbone's pre-hook
-    to its post-hook (or to the top-level model's post-hook when lm_head is routed).
+    """What the patched layers of one backbone forward share. Lives in the model's ``fwd_var`` (hf/state.py) from the
+    backbone's pre-hook to its post-hook (or to the top-level model's post-hook when lm_head is routed).
 
     batch, seq: the forward's rows and new tokens; past_len: cached positions before them; attention_mask: [B, seq]
     1 for the new tokens that are not padding (None: all are); kv_cache: the cache object the forward continues
@@ -91,11 +91,16 @@ class _Call:
 
 
 # ------------------------------------------------------------------------------------------------- hooks
+def _is_cache(value) -> bool:
+    """A transformers KV cache object (duck-typed: whatever keyword or output field carries it)."""
+    return value is not None and not isinstance(value, torch.Tensor) and hasattr(value, "get_seq_length")
+
+
 def _cache_and_past(bound: dict, traced: bool):
     """(the KV cache object or None, cached positions) of a forward, whatever keyword carries the cache. The
     positions are an int, or while tracing whatever the cache reports (a tensor for a static cache: no host read)."""
     for value in bound.values():
-        if value is not None and not isinstance(value, torch.Tensor) and hasattr(value, "get_seq_length"):
+        if _is_cache(value):
             past = value.get_seq_length()
             return value, past if traced else int(past)
     position = bound.get("cache_position")
@@ -123,10 +128,7 @@ def _new_token_mask(mask, past_len: int, seq: int) -> Optional[torch.Tensor]:
 def _cache_in(output):
     """The KV cache a backbone returned (``cache`` or ``past_key_values`` of its ModelOutput), if any."""
     values = output.values() if hasattr(output, "values") else (output if isinstance(output, tuple) else ())
-    for value in values:
-        if value is not None and not isinstance(value, torch.Tensor) and hasattr(value, "get_seq_length"):
-            return value
-    return None
+    return next((value for value in values if _is_cache(value)), None)
 
 
 def _parameter_names(module: torch.nn.Module) -> Optional[tuple]:

@@ -35,9 +35,9 @@ working (routing never needs a second pass). Stateful routers keep their per-pos
 (:mod:`molora_ops.hf.router_state`), so it follows beam reordering, cropping and batch selection.
 
 Lifetime. At the start of every forward of the model's backbone (the module that holds the decoder blocks) a
-hook turns the spec into ``topk_ids`` / ``topk_weights`` for exactly the tokens of this forward, builds one
-:class:`~molora_ops.RoutingPlan` and puts both in a ContextVar that every patched layer reads; a closing hook
-resets it. When an adapter also targets the output embedding (``lm_head``), which runs after the backbone, the
+hook turns the spec into ``topk_ids`` / ``topk_weights`` for exactly the tokens of this forward, prepares one
+:class:`~molora_ops.runtime.RoutedBatch` and keeps it in a per-call value (:mod:`molora_ops.hf.hooks`,
+:mod:`molora_ops.hf.state`) that every patched layer reads; a closing hook resets it. When an adapter also targets the output embedding (``lm_head``), which runs after the backbone, the
 state is reset by a post-hook on the top-level model instead (``always_call=True``, so an exception resets it
 too). HF CausalLMs call ``lm_head`` on the last ``logits_to_keep`` positions (``generate`` passes 1): such a
 module uses the routing of the LAST L positions of each sequence; a tensor ``logits_to_keep`` (indices or a
