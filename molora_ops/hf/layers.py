@@ -17,6 +17,7 @@ from torch import nn
 
 from .bias import add_routed_bias
 from .hooks import tail_routing
+from .tensor_parallel import all_reduce_rank_space, check_inference
 
 __all__ = ["io_features", "routed_class", "Group", "Slot", "block_index"]
 
@@ -78,8 +79,11 @@ class Slot:
     """Per patched module: where its stacked weights live and how to add its delta."""
 
     def __init__(self, state, name: str, in_f: int, out_f: int, ranks: list[int], group=None, rank_slice=None,
-                 outside: bool = False):
+                 outside: bool = False, tp=None):
+        """in_f / out_f: the sizes the module's forward sees (this rank's shard under tensor parallelism); tp: its
+        :class:`~molora_ops.hf.tensor_parallel.Layout`, or None when the module is not tensor-parallel."""
         self.state = state
+        self.tp = tp
         self.outside = outside  # lm_head: runs after the backbone, maybe on the last logits_to_keep positions only
         self.name = name
         self.block = block_index(state, name)
@@ -93,6 +97,8 @@ class Slot:
         text = f"adapters={len(self.ranks)}, r={max(self.ranks)}"
         if self.group is not None:
             text += f", fused={'+'.join(self.group.names)}"
+        if self.tp is not None:
+            text += f", {self.tp.describe()}"
         return text
 
     def _cast_to(self, owner: nn.Module, buffer: str, dtype: torch.dtype) -> torch.Tensor:
@@ -171,9 +177,16 @@ class Slot:
         the base output; returns the output (a new tensor only when autograd needs the bias add out of place)."""
         dtype = x2.dtype
         lora_b = self._cast_to(module, "molora_lora_b", dtype)
+        if self.tp is not None:
+            check_inference(self.name, x2, o2, lora_b, r.topk_weights)
         if self.group is None:
             lora_a = self._cast_to(module, "molora_lora_a", dtype)
-            r.add_(x2, lora_a, lora_b, o2, scale=module._buffers["molora_scaling"])
+            if self.tp is not None and self.tp.kind == "shard_in":  # partial shrink of this rank's columns, summed
+                h = r.shrink(x2, lora_a)
+                all_reduce_rank_space(h, self.tp.group)
+                r.expand_(h, lora_b, o2, scale=module._buffers["molora_scaling"])
+            else:
+                r.add_(x2, lora_a, lora_b, o2, scale=module._buffers["molora_scaling"])
         else:
             hit = fs.deltas.get(self.group.key)
             if hit is None or hit[0] is not x:  # the first member called with this input shrinks for the group

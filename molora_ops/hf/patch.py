@@ -59,6 +59,7 @@ from .peft_io import AdapterError, LoraAdapter, adapters_from_peft_model, load_a
 from .routers import check_router
 from .routing import BASE, install_generate, remove_generate
 from .state import PatchState, is_patched, set_state, state_of
+from . import tensor_parallel as tp
 
 __all__ = ["patch", "unpatch", "SIBLING_GROUPS", "is_patched"]
 
@@ -121,19 +122,12 @@ def _resolve_adapters(adapters) -> dict[str, LoraAdapter]:
     return out
 
 
-def _refuse_instance_forwards(targets: Mapping[str, nn.Module]) -> None:
+def _refuse_instance_forwards(targets: Mapping[str, nn.Module], layouts: Mapping[str, "tp.Layout"]) -> None:
     """Refuse modules whose ``forward`` is replaced on the instance, which bypasses the class swap (the patch would
-    silently compute the base model), and sharded (DTensor) weights: transformers tensor parallelism (``tp_plan`` /
-    ``distributed_config``) is not supported yet; accelerate's offload hooks and other wrappers are named as such."""
+    silently compute the base model), unless it is transformers' tensor-parallel forward (`layouts`, which patch
+    wraps); accelerate's offload hooks and other wrappers are named as such."""
     for name, mod in targets.items():
-        weight = getattr(mod, "weight", None)
-        if "DTensor" in (type(weight).__name__, type(getattr(weight, "data", None)).__name__):
-            raise NotImplementedError(
-                f"molora_ops.patch: module {name!r} is tensor-parallel (its weight is a DTensor, as under "
-                "transformers' tp_plan / distributed_config); routed LoRA under tensor parallelism or other sharding "
-                "is not supported yet. Load the model without tensor parallelism to patch it"
-            )
-        if "forward" not in mod.__dict__:
+        if "forward" not in mod.__dict__ or name in layouts:
             continue
         raise NotImplementedError(
             f"molora_ops.patch: module {name!r} has its forward replaced on the instance (by accelerate's offload "
@@ -160,9 +154,10 @@ def _check_routers(routers, names: list[str], hidden_size: Optional[int]) -> Non
         check_router(r, hidden_size=hidden_size, adapter_names=names)
 
 
-def _sibling_groups(targets: Mapping[str, nn.Module]) -> dict[str, list[str]]:
+def _sibling_groups(targets: Mapping[str, nn.Module], layouts: Mapping[str, "tp.Layout"]) -> dict[str, list[str]]:
     """{module name: its group's full names} for siblings fused into one launch: same parent, names in one
-    SIBLING_GROUPS row, same input size, same dtype."""
+    SIBLING_GROUPS row, same input size, same dtype; under tensor parallelism also the same style, one that sees the
+    whole (replicated) input (colwise: each member then expands into its own rows with its own B shard)."""
     grouped: dict[str, list[str]] = {}
     by_parent: dict[str, list[str]] = {}
     for mod_name in targets:
@@ -176,6 +171,9 @@ def _sibling_groups(targets: Mapping[str, nn.Module]) -> dict[str, list[str]]:
                 continue
             mods = [targets[f] for f in full]
             if len({io_features(m)[0] for m in mods}) != 1 or len({m.weight.dtype for m in mods}) != 1:
+                continue
+            styles = {getattr(layouts.get(f), "style", None) for f in full}
+            if len(styles) != 1 or any(getattr(layouts.get(f), "kind", None) == "shard_in" for f in full):
                 continue
             for f in full:
                 grouped[f] = full
@@ -198,8 +196,10 @@ def patch(model, adapters=None, router=None, top_k: int = 2, backend: str = "aut
     peft_model, root, loaded = _load(model, adapters)
     names = list(loaded)
     targets, wrappers = _discover_targets(root, loaded, peft_model is not None)
+    layouts = tp.detect(root, targets)
+    _check_tensor_parallel(layouts, loaded, peft_model is not None)
     _check_saved_base_weights(loaded, targets)
-    _refuse_instance_forwards(targets)
+    _refuse_instance_forwards(targets, layouts)
     per_layer = isinstance(router, (list, tuple, nn.ModuleList))
     _check_routers(router if per_layer else [router], names, _hidden_size(root))
     deltas = bias_deltas(root, loaded, names, targets)
@@ -210,7 +210,7 @@ def patch(model, adapters=None, router=None, top_k: int = 2, backend: str = "aut
     state.blocks = blocks
     state.blocks_prefix = None if blocks_name is None else (blocks_name + "." if blocks_name else "")
     try:
-        _swap_classes(state, loaded, names, targets, outside, deltas)
+        _swap_classes(state, loaded, names, targets, outside, deltas, layouts)
         router_block = _place_routers(router, per_layer, blocks, _device_of(targets))
         state.hooks = BackboneHooks(state, model, backbone, router_block, top=root if outside else None)
         if per_layer:
@@ -279,11 +279,34 @@ def _discover_targets(root, loaded, from_peft: bool):
     return targets, wrappers
 
 
+def _check_tensor_parallel(layouts, loaded, from_peft: bool) -> None:
+    """What tensor parallelism does not support yet: a PeftModel (its LoRA layers wrap the sharded projections) and
+    adapters that carry biases (bias deltas would need the bias's shard). TensorParallelError naming the module."""
+    if not layouts:
+        return
+    first = next(iter(layouts))
+    if from_peft:
+        raise tp.TensorParallelError(
+            f"molora_ops.patch: module {first!r} is tensor-parallel ({layouts[first].style}); patching a PeftModel "
+            "under tensor parallelism is not supported: pass the adapters' PEFT directories to patch() instead"
+        )
+    for adapter in loaded.values():
+        carrying = [m for m in layouts if m in adapter.biases or getattr(adapter.modules.get(m), "lora_b_bias", None)
+                    is not None]
+        if carrying:
+            raise tp.TensorParallelError(
+                f"molora_ops.patch: adapter {adapter.name!r} carries a bias for module {carrying[0]!r}, which is "
+                f"tensor-parallel ({layouts[carrying[0]].style}); adapters with biases are not supported under "
+                "tensor parallelism"
+            )
+
+
 def _check_saved_base_weights(loaded, targets) -> None:
     """PEFT may save lm_head's full base weight (save_embedding_layers): fine only if it is this model's weight."""
     for adapter in loaded.values():
         for mod_name, saved in adapter.base_weights.items():
             weight = getattr(targets.get(mod_name), "weight", None)
+            weight = None if weight is None else tp.full_weight(weight)
             if weight is None or tuple(saved.shape) != tuple(weight.shape) or not torch.equal(
                 saved.to(device=weight.device, dtype=weight.dtype), weight.detach()
             ):
@@ -319,19 +342,20 @@ def _modules_after_backbone(root, backbone, targets, wrappers, loaded) -> set[st
     return outside
 
 
-def _swap_classes(state, loaded, names, targets, outside, deltas) -> None:
-    """Stack every target's adapters into buffers and swap its class (sibling groups together)."""
-    grouped = _sibling_groups(targets)
+def _swap_classes(state, loaded, names, targets, outside, deltas, layouts) -> None:
+    """Stack every target's adapters into buffers (this rank's shard of them under tensor parallelism: `layouts`)
+    and swap its class (sibling groups together)."""
+    grouped = _sibling_groups(targets, layouts)
     done = set()
     for mod_name, mod in targets.items():
         if mod_name in done:
             continue
         if mod_name in grouped:
             full = grouped[mod_name]
-            _patch_group(state, loaded, names, full, [targets[f] for f in full])
+            _patch_group(state, loaded, names, full, [targets[f] for f in full], layouts)
             done.update(full)
         else:
-            _patch_single(state, loaded, names, mod_name, mod, outside=mod_name in outside)
+            _patch_single(state, loaded, names, mod_name, mod, layouts.get(mod_name), outside=mod_name in outside)
             done.add(mod_name)
     for mod_name, delta in deltas.items():
         targets[mod_name].register_buffer("molora_bias_delta", delta, persistent=False)
@@ -406,17 +430,22 @@ def _install(state, mod, slot):
     mod._molora_orig_class = orig
     mod.__class__ = routed_class(orig)
     state.patched.append((mod, orig))
+    if slot.tp is not None:  # transformers' instance-level tp_forward bypasses the class swap: wrap it
+        tp.install_forward(mod, slot.name)
     if state.first_module is None and hasattr(mod, "molora_lora_a"):
         state.first_module = mod
 
 
-def _patch_single(state, loaded, names, mod_name, mod, outside=False):
+def _patch_single(state, loaded, names, mod_name, mod, layout, outside=False):
     in_f, out_f = io_features(mod)
     a, b, s, ranks = _stack(loaded, names, mod_name, in_f, out_f, mod.weight.dtype, mod.weight.device)
-    _register(state, mod, Slot(state, mod_name, in_f, out_f, ranks, outside=outside), a, b, s)
+    a, b = tp.shard_stack(layout, a, b)
+    if layout is not None:
+        in_f, out_f = layout.in_f, layout.out_f
+    _register(state, mod, Slot(state, mod_name, in_f, out_f, ranks, outside=outside, tp=layout), a, b, s)
 
 
-def _patch_group(state, loaded, names, full, mods):
+def _patch_group(state, loaded, names, full, mods, layouts):
     """Siblings (same input): the leader holds the concatenated A [N, R_1 + ... + R_m, H_in]; every member its own
     B [N, H_out_i, R_i], with its per-adapter scaling folded in (in float32, before the cast: the shared shrink is
     unscaled, and a per-member scale would cost every expand extra work), and its columns of the shared rank space."""
@@ -428,13 +457,19 @@ def _patch_group(state, loaded, names, full, mods):
     offset = 0
     for i, (f, m, (a, b, s, ranks)) in enumerate(zip(full, mods, stacks)):
         in_i, out_i = io_features(m)
-        slot = Slot(state, f, in_i, out_i, ranks, group=group, rank_slice=slice(offset, offset + a.shape[1]))
+        layout = layouts.get(f)  # None, or a style that sees the whole input (see _sibling_groups)
+        _, b = tp.shard_stack(layout, a, b)
+        if layout is not None:
+            out_i = layout.out_f
+        slot = Slot(state, f, in_i, out_i, ranks, group=group, rank_slice=slice(offset, offset + a.shape[1]),
+                    tp=layout)
         offset += a.shape[1]
         _register(state, m, slot, a_cat if i == 0 else None, (b * s[:, None, None]).to(weight.dtype), None)
 
 
 def _restore(state) -> None:
     for mod, orig in reversed(state.patched):
+        tp.restore_forward(mod)
         mod.__class__ = orig
         for buf in ("molora_lora_a", "molora_lora_b", "molora_scaling", "molora_bias_delta"):
             mod._buffers.pop(buf, None)
