@@ -127,16 +127,18 @@ def _refuse(name: str, style, why: str) -> TensorParallelError:
 def detect(root: nn.Module, targets: Mapping[str, nn.Module]) -> dict[str, Layout]:
     """{module name: Layout} for the targets that transformers' TP shards (others are not TP and absent).
 
-    A target is TP when its weight is a DTensor or the model's plan names it with its forward replaced on the
-    instance. Raises TensorParallelError naming the module and its style for a layout that is not supported.
-    All ranks must call this together: it all-gathers the local shard sizes once (uneven shards are allowed)."""
+    A target is TP when its weight is a DTensor, or the model was loaded tensor-parallel (it has a device mesh) and
+    its plan names the target, whose forward is replaced on the instance. Raises TensorParallelError naming the
+    module and its style for a layout that is not supported. All ranks must call this together: it all-gathers the
+    local shard sizes once (uneven shards are allowed)."""
     plan = _plan_of(root)
+    loaded_tp = getattr(root, "_device_mesh", None) is not None  # a plan alone (every Llama config has one) is not TP
     found: dict[str, tuple] = {}
     for name, mod in targets.items():
         weight = getattr(mod, "weight", None)
         style = _style_of(plan, name)
         sharded = _is_dtensor(weight)
-        if not sharded and (style is None or "forward" not in mod.__dict__):
+        if not sharded and not (loaded_tp and style is not None and "forward" in mod.__dict__):
             continue
         if style is None:
             raise _refuse(name, style, "its weight is a DTensor but the model's tp_plan has no entry for it")
