@@ -43,6 +43,12 @@ the LAST L positions of each sequence; a tensor ``logits_to_keep`` (indices or a
 naming the module, as does ``lm_head`` under per-layer routers (they route decoder blocks only; use a
 ``routing()`` context or a single router). Any other targeted module outside the backbone (one that could run
 before the routing exists, or on other tokens) is refused at patch time with an AdapterError.
+
+Tensor parallelism. On a model loaded with transformers TP (``distributed_config=DistributedConfig(tp_size=N)``)
+each rank patches its own shard: :mod:`molora_ops.hf.tensor_parallel` reads each target's plan style, keeps this
+rank's rows of B (colwise) or columns of A (rowwise, whose [T, K, R] shrink result is all-reduced), and wraps the
+instance-level ``tp_forward`` that transformers installs (the class swap alone would be bypassed). Every rank must
+call ``patch`` (and run the same forwards) together; inference only.
 """
 
 from __future__ import annotations
