@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <initializer_list>
+#include <optional>
 #include <utility>
 
 #include "molora_launch.h"
@@ -93,6 +94,16 @@ molora::Routing routing(const at::Tensor& topk_ids, const at::Tensor* topk_weigh
   return r;
 }
 
+// The optional per-adapter ranks ([N] int32 contiguous, on `device`) into the routing; none: every adapter has R.
+void attach_ranks(molora::Routing& r, const std::optional<at::Tensor>& ranks, const at::Device& device) {
+  if (!ranks.has_value()) return;
+  const at::Tensor& t = *ranks;
+  TORCH_CHECK(t.scalar_type() == at::kInt && t.is_contiguous() && t.dim() == 1 && t.numel() == r.num_adapters,
+              "molora cuda: ranks must be a contiguous [N] int32 tensor");
+  TORCH_CHECK(t.device() == device, "molora cuda: ranks is on ", t.device(), " but the inputs are on ", device);
+  r.ranks = t.data_ptr<int32_t>();
+}
+
 molora::ShrinkProblem shrink_problem(const at::Tensor& x, const at::Tensor& lora_a, molora::Routing route) {
   TORCH_CHECK(x.dim() == 2 && lora_a.dim() == 3 && lora_a.size(2) == x.size(1), "molora cuda: bad x / lora_a shapes");
   TORCH_CHECK(x.scalar_type() == lora_a.scalar_type(), "molora cuda: x and lora_a dtypes differ");
@@ -137,11 +148,13 @@ molora::ExpandProblem expand_problem(const at::Tensor& lora_b, const at::Tensor&
 
 void cuda_shrink(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& topk_ids,
                  const at::Tensor& topk_weights, const at::Tensor& scale, const at::Tensor& sorted_pairs,
-                 const at::Tensor& seg_offsets, const at::Tensor& h, int64_t path) {
+                 const at::Tensor& seg_offsets, const at::Tensor& h, int64_t path,
+                 const std::optional<at::Tensor>& ranks) {
   const at::Device device = x.device();
   check_devices(device, {{&lora_a, "lora_a"}, {&topk_ids, "topk_ids"}, {&topk_weights, "topk_weights"},
                          {&scale, "scale"}, {&sorted_pairs, "sorted_pairs"}, {&seg_offsets, "seg_offsets"}, {&h, "h"}});
-  const auto route = routing(topk_ids, &topk_weights, &scale, &sorted_pairs, &seg_offsets, lora_a.size(0));
+  auto route = routing(topk_ids, &topk_weights, &scale, &sorted_pairs, &seg_offsets, lora_a.size(0));
+  attach_ranks(route, ranks, device);
   const auto prob = shrink_problem(x, lora_a, route);
   TORCH_CHECK(h.scalar_type() == at::kFloat && h.is_contiguous() && h.numel() == topk_ids.numel() * lora_a.size(1),
               "molora cuda: h must be a contiguous [T, K, R] float32 tensor");
@@ -152,10 +165,11 @@ void cuda_shrink(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor
 }
 
 void cuda_expand(const at::Tensor& h, const at::Tensor& lora_b, const at::Tensor& topk_ids, const at::Tensor& out,
-                 bool accumulate) {
+                 bool accumulate, const std::optional<at::Tensor>& ranks) {
   const at::Device device = h.device();
   check_devices(device, {{&lora_b, "lora_b"}, {&topk_ids, "topk_ids"}, {&out, "out"}});
-  const auto route = routing(topk_ids, nullptr, nullptr, nullptr, nullptr, lora_b.size(0));
+  auto route = routing(topk_ids, nullptr, nullptr, nullptr, nullptr, lora_b.size(0));
+  attach_ranks(route, ranks, device);
   const auto prob = expand_problem(lora_b, out, accumulate, route);
   TORCH_CHECK(h.scalar_type() == at::kFloat && h.is_contiguous() && h.numel() == topk_ids.numel() * lora_b.size(2),
               "molora cuda: h must be a contiguous [T, K, R] float32 tensor");
@@ -165,11 +179,12 @@ void cuda_expand(const at::Tensor& h, const at::Tensor& lora_b, const at::Tensor
 
 void cuda_routed_lora_fused(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& lora_b,
                             const at::Tensor& topk_ids, const at::Tensor& topk_weights, const at::Tensor& scale,
-                            const at::Tensor& out, bool accumulate) {
+                            const at::Tensor& out, bool accumulate, const std::optional<at::Tensor>& ranks) {
   const at::Device device = x.device();
   check_devices(device, {{&lora_a, "lora_a"}, {&lora_b, "lora_b"}, {&topk_ids, "topk_ids"},
                          {&topk_weights, "topk_weights"}, {&scale, "scale"}, {&out, "out"}});
-  const auto route = routing(topk_ids, &topk_weights, &scale, nullptr, nullptr, lora_a.size(0));
+  auto route = routing(topk_ids, &topk_weights, &scale, nullptr, nullptr, lora_a.size(0));
+  attach_ranks(route, ranks, device);
   const auto sp = shrink_problem(x, lora_a, route);
   const auto ep = expand_problem(lora_b, out, accumulate, route);
   TORCH_CHECK(lora_b.size(0) == lora_a.size(0) && lora_b.size(2) == lora_a.size(1), "molora cuda: lora_a / lora_b");

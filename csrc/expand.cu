@@ -7,6 +7,8 @@
 // consecutive tokens; rows of B[e] for consecutive j are contiguous, so a group reads one 16-byte vector per
 // lane and the block streams a contiguous slab of B[e]. Consecutive tokens routed to the same adapter hit L1.
 // Every output element of the tile is written, including tokens whose slots are all empty (overwrite mode).
+// Ranks: each slot's rank loop stops at its adapter's real rank r_e (dev::rank_of); the last, partial vector
+// before r_e is read element by element, so no lora_b column or h entry at or beyond r_e is read.
 #include "molora_device.cuh"
 
 namespace molora {
@@ -38,11 +40,16 @@ __device__ __forceinline__ void expand_rows(const ExpandProblem& prob, int64_t t
       if (e < 0) continue;
       const T* br = bs + e * prob.b_stride_n + j * prob.b_stride_o;
       const float* hr = hrow(k);
-      for (int64_t r = static_cast<int64_t>(lane) * VEC; r < R; r += static_cast<int64_t>(group) * VEC) {
-        float bv[VEC];
-        dev::load_vec<T, VEC>(br + r, bv);
+      const int32_t re = dev::rank_of(prob.route, e, R);
+      for (int64_t r = static_cast<int64_t>(lane) * VEC; r < re; r += static_cast<int64_t>(group) * VEC) {
+        if (r + VEC <= re) {
+          float bv[VEC];
+          dev::load_vec<T, VEC>(br + r, bv);
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) acc = fmaf(bv[v], hr[r + v], acc);
+          for (int v = 0; v < VEC; ++v) acc = fmaf(bv[v], hr[r + v], acc);
+        } else {  // the partial vector that ends at r_e (only with ranks: R itself is a multiple of VEC here)
+          for (int64_t v = r; v < re; ++v) acc = fmaf(dev::to_float(br[v]), hr[v], acc);
+        }
       }
     }
   }
@@ -94,6 +101,7 @@ __global__ void __launch_bounds__(kThreads) fused_kernel(ShrinkProblem sp, Expan
   __shared__ float h_smem[kFusedMaxRankSlots];
   __shared__ int32_t ids_smem[kMaxSlotsSmem];
   __shared__ float coef_smem[kMaxSlotsSmem];
+  __shared__ int32_t rank_smem[kMaxSlotsSmem];
   const int K = sp.route.top_k;
   const int32_t R = sp.rank;
   const int64_t H = sp.hidden_in;
@@ -112,6 +120,7 @@ __global__ void __launch_bounds__(kThreads) fused_kernel(ShrinkProblem sp, Expan
       const int32_t e = dev::adapter_of(sp.route, p);
       ids_smem[threadIdx.x] = e;
       coef_smem[threadIdx.x] = e >= 0 ? dev::coef_of(sp.route, p, e) : 0.f;
+      rank_smem[threadIdx.x] = e >= 0 ? dev::rank_of(sp.route, e, R) : 0;
     }
     __syncthreads();
     const T* xr = xs + t * sp.x_row_stride;
@@ -119,7 +128,7 @@ __global__ void __launch_bounds__(kThreads) fused_kernel(ShrinkProblem sp, Expan
       const int k = q / R, r = q % R;
       const int32_t e = ids_smem[k];  // warp-uniform
       float acc = 0.f;
-      if (e >= 0) {
+      if (e >= 0 && r < rank_smem[k]) {  // rows beyond the adapter's rank are zeros, never computed
         const T* ar = as + e * sp.a_stride_n + r * sp.a_stride_r;
         for (int64_t i = static_cast<int64_t>(lane32) * VEC_IN; i < H; i += int64_t{dev::kWarp} * VEC_IN) {
           float xv[VEC_IN], av[VEC_IN];
@@ -130,7 +139,7 @@ __global__ void __launch_bounds__(kThreads) fused_kernel(ShrinkProblem sp, Expan
         }
         acc = dev::warp_sum(acc);
       }
-      if (lane32 == 0) h_smem[q] = coef_smem[k] * acc;
+      if (lane32 == 0) h_smem[q] = r < rank_smem[k] ? coef_smem[k] * acc : 0.f;
     }
     __syncthreads();
     auto hrow = [&](int k) { return static_cast<const float*>(h_smem) + k * R; };

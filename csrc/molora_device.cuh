@@ -63,6 +63,13 @@ __device__ __forceinline__ float weight_of(const Routing& r, int64_t p) {
   }
 }
 
+// Adapter e's real rank (e valid), clamped into [0, R]; R when the routing carries no ranks.
+__device__ __forceinline__ int32_t rank_of(const Routing& r, int32_t e, int32_t R) {
+  if (r.ranks == nullptr) return R;
+  const int32_t v = __ldg(r.ranks + e);
+  return v < 0 ? 0 : (v > R ? R : v);
+}
+
 // Probability x scaling of pair p routed to adapter e (e valid).
 __device__ __forceinline__ float coef_of(const Routing& r, int64_t p, int32_t e) {
   return weight_of(r, p) * __ldg(r.scale + e);

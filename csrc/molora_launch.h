@@ -10,7 +10,10 @@
 //   topk_ids [T, K] int32|int64 contiguous                        topk_weights [T, K] contiguous, any float
 //   scale [N] float32                                             out [T, H_out] (unit inner stride)
 //   sorted_pairs [P] int32, seg_offsets [N + 1] int32 (molora_ops.plan)
-// Ids outside [0, N) are empty slots: they are never used to form an address.
+//   ranks [N] int32 or null: adapter e's real rank r_e (clamped into [0, R]); null means r_e = R for every e
+// Ids outside [0, N) are empty slots: they are never used to form an address. Every kernel bounds its rank loops
+// by r_e: lora_a rows and lora_b columns r >= r_e (padding) are never read, h[p, r] is written as 0 there by the
+// shrink and never read by the expand.
 #pragma once
 
 #include <cstdint>
@@ -27,6 +30,7 @@ struct Routing {
   const float* scale = nullptr;  // [N]; unused by expand
   const int32_t* sorted_pairs = nullptr;  // [P]; used by the segmented shrink only
   const int32_t* seg_offsets = nullptr;   // [N + 1]
+  const int32_t* ranks = nullptr;         // [N] real ranks, or null (all R)
   int64_t num_tokens = 0;
   int32_t top_k = 1;
   int32_t num_adapters = 1;

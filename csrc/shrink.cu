@@ -12,6 +12,9 @@
 //    segment_tile_base): its length, P / kTileM + N + 1, depends on shapes only (CUDA-graph safe), and at
 //    most about N + 1 of its tiles are idle, whatever the routing.
 //
+// Ranks: both paths stop at the adapter's real rank r_e (dev::rank_of): a rank tile at or beyond r_e writes its
+// zeros without reading A or x, and rows r >= r_e inside a tile are never loaded.
+//
 // No atomics: every h element is written by exactly one thread, after a fixed-order reduction.
 #include "molora_device.cuh"
 
@@ -38,9 +41,10 @@ __global__ void __launch_bounds__(kThreadsPP) shrink_per_pair_kernel(ShrinkProbl
     const int32_t e = dev::adapter_of(route, p);  // block-uniform
     const int64_t t = p / route.top_k;
     const float coef = e >= 0 ? dev::coef_of(route, p, e) : 0.f;
+    const int32_t re = e >= 0 ? dev::rank_of(route, e, R) : 0;  // block-uniform
     for (int64_t rt = blockIdx.y; rt < row_tiles; rt += gridDim.y) {
       const int64_t r0 = rt * kRowsPP;
-      if (e < 0) {
+      if (r0 >= re) {  // empty slot, or the whole tile is padding
         if (threadIdx.x < kRowsPP && r0 + threadIdx.x < R) h[p * R + r0 + threadIdx.x] = 0.f;
         continue;
       }
@@ -54,7 +58,7 @@ __global__ void __launch_bounds__(kThreadsPP) shrink_per_pair_kernel(ShrinkProbl
         dev::load_vec<T, VEC>(xr + i, xv);
 #pragma unroll
         for (int j = 0; j < kRowsPP; ++j) {
-          if (r0 + j < R) {
+          if (r0 + j < re) {
             float av[VEC];
             dev::load_vec<T, VEC>(ar + j * prob.a_stride_r + i, av);
 #pragma unroll
@@ -64,7 +68,9 @@ __global__ void __launch_bounds__(kThreadsPP) shrink_per_pair_kernel(ShrinkProbl
       }
       dev::block_sum<kRowsPP, kThreadsPP>(acc, red);
       constexpr int kTotal = (kThreadsPP / dev::kWarp) * kRowsPP;
-      if (threadIdx.x < kRowsPP && r0 + threadIdx.x < R) h[p * R + r0 + threadIdx.x] = coef * red[kTotal + threadIdx.x];
+      if (threadIdx.x < kRowsPP && r0 + threadIdx.x < R) {
+        h[p * R + r0 + threadIdx.x] = r0 + threadIdx.x < re ? coef * red[kTotal + threadIdx.x] : 0.f;
+      }
       __syncthreads();  // `red` is reused by the next tile
     }
   }
@@ -154,6 +160,7 @@ __global__ void __launch_bounds__(kThreadsSeg) shrink_segmented_kernel(ShrinkPro
   const int64_t mt = b - (lo / kTileM + seg);  // >= 0: base(seg) <= b
   if (mt * kTileM >= hi - lo) return;          // the gap tile after segment seg: nothing to do
   const int64_t m0 = lo + mt * kTileM;
+  const int32_t re = seg < N ? dev::rank_of(route, seg, R) : 0;  // block-uniform
   const int count = static_cast<int>(hi - m0 < kTileM ? hi - m0 : kTileM);
   // The per-pair adapter comes from topk_ids, not from the plan: ids the plan did not route (or a stale
   // plan) can only ever produce zeros (selected, not multiplied by 0, so a non-finite A[seg] or x stays
@@ -179,7 +186,7 @@ __global__ void __launch_bounds__(kThreadsSeg) shrink_segmented_kernel(ShrinkPro
     float acc[kPerThread];
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) acc[i] = 0.f;
-    if (seg < N) {
+    if (r0 < re) {  // block-uniform: every barrier inside is reached by all threads or by none
       const T* a_base = as + static_cast<int64_t>(seg) * prob.a_stride_n;
       for (int64_t c0 = 0; c0 < H; c0 += kChunk) {
         constexpr int kVecs = kChunk / VEC;
@@ -199,7 +206,7 @@ __global__ void __launch_bounds__(kThreadsSeg) shrink_segmented_kernel(ShrinkPro
         for (int idx = tid; idx < kTileR * kVecs; idx += kThreadsSeg) {
           const int r = idx / kVecs, c = (idx % kVecs) * VEC;
           float v[VEC];
-          if (r0 + r < R && c0 + c < H) {
+          if (r0 + r < re && c0 + c < H) {
             dev::load_vec<T, VEC>(a_base + (r0 + r) * prob.a_stride_r + c0 + c, v);
           } else {
 #pragma unroll
@@ -223,7 +230,7 @@ __global__ void __launch_bounds__(kThreadsSeg) shrink_segmented_kernel(ShrinkPro
       for (int i = 0; i < kPerThread; ++i) {
         const int m = my_m0 + i * kMStep;
         const int64_t p = m < count ? pair_of[m] : -1;
-        if (p >= 0) h[p * R + r0 + my_r] = owned[m] ? coef_of[m] * acc[i] : 0.f;
+        if (p >= 0) h[p * R + r0 + my_r] = owned[m] && r0 + my_r < re ? coef_of[m] * acc[i] : 0.f;
       }
     }
   }

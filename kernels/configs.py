@@ -15,6 +15,8 @@ Semantics of the knobs:
     REDUCE_M   tokens per program of the grouped expand's slot reduction
     SPLIT_K    number of programs that share one shrink reduction over H_in (partials reduced in fixed order)
     num_warps  warps per program
+    num_stages software-pipeline stages of the fused kernel's H_in loop (tl.range(..., num_stages=)); 1 is the
+               plain sequential loop
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ FUSED_MAX_TOKENS = 16
 FUSED_MAX_RANK_SLOTS = 128  # next_pow2(R) * K
 FUSED_MAX_RANK = 64
 FUSED_MAX_REDUNDANT_A_BYTES = 16 << 20  # lora_a bytes re-read across H_out tiles (L2 traffic)
+# Pipeline depth of the fused kernel's H_in loop (issue 11 item 3, "decode"): the x and lora_a loads of the next
+# steps are in flight while the current step is reduced. 1 keeps the sequential loop until the GPU forced-path
+# table (triton:fused-pipelined against triton:fused and split-K at T = 1 / 8) says a deeper pipeline pays.
+FUSED_NUM_STAGES = 1
 
 # Split-K on shrink: the H_in reduction is split until the grid has at least SPLIT_K_TARGET_CTAS programs
 # (2 per SM of an H200, 132 SMs: one wave resident while the next loads), see split_k_for.
@@ -95,6 +101,7 @@ class GatherConfig:
     BLOCK_R: int
     BLOCK_K: int  # fused only (H_in step); 0 for expand
     num_warps: int
+    num_stages: int = 1  # fused only: software-pipeline stages of the H_in loop (1: sequential)
 
 
 def shrink_config(num_pairs: int, num_adapters: int, rank: int, h_in: int, elem_bytes: int = 2) -> ShrinkConfig:
@@ -161,13 +168,19 @@ def use_fused(num_tokens: int, top_k: int, rank: int, h_in: int, h_out: int) -> 
     return num_tokens * r_pad * top_k * h_in * 2 * n_tiles <= FUSED_MAX_REDUNDANT_A_BYTES
 
 
-def fused_config(num_tokens: int, rank: int, h_in: int, h_out: int) -> GatherConfig:
-    """Tiles for the fused kernel: the whole padded rank lives in one tile."""
+def fused_config(num_tokens: int, rank: int, h_in: int, h_out: int, num_stages: int | None = None) -> GatherConfig:
+    """Tiles for the fused kernel: the whole padded rank lives in one tile. num_stages: the H_in loop's pipeline
+    depth, FUSED_NUM_STAGES by default, at most the number of H_in steps (a deeper pipeline than the loop only
+    costs shared memory)."""
     block_m = _clamp(next_pow2(num_tokens), 1, 4)
     block_r = next_pow2(rank)
     block_k = _clamp(_FUSED_TILE_ELEMS // (block_m * block_r), 16, min(256, max(16, next_pow2(h_in))))
     block_n = _gather_block_n(block_m, block_r, h_out, _FUSED_TILE_ELEMS)
-    return GatherConfig(block_m, block_n, block_r, block_k, 4)
+    stages = FUSED_NUM_STAGES if num_stages is None else int(num_stages)
+    if stages < 1:
+        raise ValueError(f"num_stages must be >= 1, got {num_stages}")
+    stages = min(stages, max(1, cdiv(max(h_in, 1), block_k)))
+    return GatherConfig(block_m, block_n, block_r, block_k, 4, stages)
 
 
 def scan_block(num_adapters: int) -> int:

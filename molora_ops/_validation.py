@@ -101,6 +101,28 @@ def check_scaling(scaling, num_adapters: int, device: torch.device) -> None:
         raise ValueError(f"scaling is on {scaling.device} but the inputs are on {device}")
 
 
+def check_ranks(ranks, num_adapters: int, rank: int, device: torch.device, check_values: bool) -> None:
+    """`ranks`: None, or an int32 [N] tensor on the inputs' device with values in [0, R] (R the padded rank).
+    The range is checked only when `check_values` (reading the values is a host sync on a GPU)."""
+    if ranks is None:
+        return
+    if not isinstance(ranks, torch.Tensor):
+        raise TypeError(f"ranks must be None or an int32 [N] tensor of per-adapter ranks, got {type(ranks).__name__}")
+    if ranks.dtype != torch.int32:
+        raise TypeError(f"ranks must be an int32 tensor, got {ranks.dtype}")
+    if tuple(ranks.shape) != (num_adapters,):
+        raise ValueError(f"ranks must have shape [N] = ({num_adapters},), got {tuple(ranks.shape)}")
+    if ranks.device != device:
+        raise ValueError(f"ranks is on {ranks.device} but the inputs are on {device}")
+    if check_values and num_adapters > 0:
+        lo, hi = int(ranks.min()), int(ranks.max())
+        if lo < 0 or hi > rank:
+            raise ValueError(
+                f"ranks must lie in [0, R] = [0, {rank}] (R = the padded rank of the stacked weights), "
+                f"got values in [{lo}, {hi}]"
+            )
+
+
 def scaling_vector(scaling, num_adapters: int, device: torch.device, dtype=torch.float32) -> torch.Tensor:
     """The per-adapter scale as a contiguous [N] tensor of `dtype` (float32; float64 for exact checks)."""
     if scaling is None:
@@ -110,7 +132,7 @@ def scaling_vector(scaling, num_adapters: int, device: torch.device, dtype=torch
     return torch.full((num_adapters,), float(scaling), dtype=dtype, device=device)
 
 
-def check_shrink(x, lora_a, topk_ids, topk_weights, scaling, *, check_ids: bool = True) -> None:
+def check_shrink(x, lora_a, topk_ids, topk_weights, scaling, *, ranks=None, check_ids: bool = True) -> None:
     _check_tensor("x", x, 2)
     _check_tensor("lora_a", lora_a, 3)
     _check_float("x", x)
@@ -127,9 +149,10 @@ def check_shrink(x, lora_a, topk_ids, topk_weights, scaling, *, check_ids: bool 
     _check_same_device(x=x, lora_a=lora_a, topk_ids=topk_ids, topk_weights=topk_weights)
     check_routing(topk_ids, topk_weights, x.shape[0], lora_a.shape[0], check_ids)
     check_scaling(scaling, lora_a.shape[0], x.device)
+    check_ranks(ranks, lora_a.shape[0], lora_a.shape[1], x.device, check_ids)
 
 
-def check_expand(h, lora_b, topk_ids, out, *, check_ids: bool = True) -> None:
+def check_expand(h, lora_b, topk_ids, out, *, ranks=None, check_ids: bool = True) -> None:
     _check_tensor("h", h, 3)
     _check_tensor("lora_b", lora_b, 3)
     _check_float("lora_b", lora_b)
@@ -143,8 +166,9 @@ def check_expand(h, lora_b, topk_ids, out, *, check_ids: bool = True) -> None:
     check_routing(topk_ids, None, h.shape[0], lora_b.shape[0], check_ids)
     if tuple(topk_ids.shape) != tuple(h.shape[:2]):
         raise ValueError(f"topk_ids must be [T, K] = {tuple(h.shape[:2])} to match h, got {tuple(topk_ids.shape)}")
+    check_ranks(ranks, lora_b.shape[0], lora_b.shape[2], h.device, check_ids)
     _check_out(out, h.shape[0], lora_b.shape[1], lora_b.dtype)
-    _check_out_memory(out, h=h, lora_b=lora_b, topk_ids=topk_ids)
+    _check_out_memory(out, h=h, lora_b=lora_b, topk_ids=topk_ids, ranks=ranks)
 
 
 def _check_out(out, num_tokens: int, h_out: int, dtype: torch.dtype) -> None:
@@ -157,8 +181,10 @@ def _check_out(out, num_tokens: int, h_out: int, dtype: torch.dtype) -> None:
         raise TypeError(f"out must have dtype {dtype}, got {out.dtype}")
 
 
-def check_routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scaling, out, *, check_ids: bool = True) -> None:
-    check_shrink(x, lora_a, topk_ids, topk_weights, scaling, check_ids=check_ids)
+def check_routed_lora(
+    x, lora_a, lora_b, topk_ids, topk_weights, scaling, out, *, ranks=None, check_ids: bool = True
+) -> None:
+    check_shrink(x, lora_a, topk_ids, topk_weights, scaling, ranks=ranks, check_ids=check_ids)
     _check_tensor("lora_b", lora_b, 3)
     if lora_b.dtype != x.dtype:
         raise TypeError(f"lora_b must have x's dtype {x.dtype}, got {lora_b.dtype}")
@@ -170,7 +196,8 @@ def check_routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scaling, out, *
     _check_same_device(x=x, lora_b=lora_b, out=out)
     _check_out(out, x.shape[0], lora_b.shape[1], x.dtype)
     _check_out_memory(
-        out, x=x, lora_a=lora_a, lora_b=lora_b, topk_ids=topk_ids, topk_weights=topk_weights, scaling=scaling
+        out, x=x, lora_a=lora_a, lora_b=lora_b, topk_ids=topk_ids, topk_weights=topk_weights, scaling=scaling,
+        ranks=ranks,
     )
 
 

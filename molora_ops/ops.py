@@ -7,16 +7,25 @@ backend named in the call; the Python wrappers below resolve "auto" before the o
 compiled graph records the concrete backend.
 
 Ops (namespace ``molora``):
-    shrink(x, lora_a, topk_ids, topk_weights, scale, sorted_pairs?, seg_offsets?, backend) -> h [T, K, R] f32
-    expand(h, lora_b, topk_ids, sorted_pairs?, seg_offsets?, backend, base?) -> [T, H_out]
-    expand_(out!, h, lora_b, topk_ids, sorted_pairs?, seg_offsets?, backend) -> ()
-    routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs?, seg_offsets?, backend, base?)
-        -> [T, H_out]
-    routed_lora_(out!, x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs?, seg_offsets?, backend) -> ()
+    shrink(x, lora_a, topk_ids, topk_weights, scale, sorted_pairs?, seg_offsets?, backend, ranks?) -> h [T, K, R] f32
+    expand(h, lora_b, topk_ids, sorted_pairs?, seg_offsets?, backend, base?, ranks?) -> [T, H_out]
+    expand_(out!, h, lora_b, topk_ids, sorted_pairs?, seg_offsets?, backend, ranks?) -> ()
+    routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs?, seg_offsets?, backend, base?,
+        ranks?) -> [T, H_out]
+    routed_lora_(out!, x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs?, seg_offsets?, backend,
+        ranks?) -> ()
     shrink_backward, expand_backward, routed_lora_backward: the gradients of the three functional ops.
 `scale` is the per-adapter scaling as a [N] float32 tensor; the plan tensors are optional (built from
 topk_ids when absent). `base`, when given, is a [T, H_out] tensor the delta is added to (out of place,
 rounded once): the result equals what the mutating form leaves in `out = base`, bit for bit.
+
+Heterogeneous ranks: adapters of one layer are stored zero-padded to the largest rank R. `ranks`, when given, is
+an int32 [N] tensor on the ids' device with 0 <= ranks[e] <= R: adapter e's rows lora_a[e, r] and columns
+lora_b[e, :, r] for r >= ranks[e] are padding, and every backend bounds its rank loops by ranks[e] so that the
+padding is neither read nor computed (a zero-rank adapter's slots add nothing and read no weight bytes). The
+result equals the padded computation (the padding is zero); h[t, k, r] = 0 for r >= ranks[e], and the expand
+never reads h[t, k, r] there. None means every adapter has rank R. The backward (one formula for every backend)
+runs on the weights with their padding selected to zero, so its gradients are those of the bounded forward.
 
 Autograd: shrink, expand and routed_lora have backward formulas w.r.t. x, lora_a, lora_b, topk_weights,
 scale, h and base (none for ids and plan tensors). Every backend uses the same backward, the grouped torch
@@ -82,6 +91,29 @@ def _needed(grads, needs) -> tuple:
     return tuple(g if need else None for g, need in zip(grads, needs))
 
 
+def _padding_zeroed(w: Tensor, ranks: Optional[Tensor], dim: int) -> Tensor:
+    """The stacked weights w ([N, R, H_in] with dim 1, or [N, H_out, R] with dim 2) with each adapter's padding
+    (index >= ranks[e] along `dim`) selected to 0 (a non-finite padding value does not survive); w when ranks is
+    None. The backward runs on these, so its gradients are those of the rank-bounded forward."""
+    if ranks is None:
+        return w
+    r = torch.arange(w.shape[dim], device=w.device)
+    keep = (r < ranks.view(-1, 1).to(r.dtype)).unsqueeze(2 if dim == 1 else 1)
+    return torch.where(keep, w, torch.zeros((), dtype=w.dtype, device=w.device))
+
+
+def _within_ranks(h: Tensor, topk_ids: Tensor, ranks: Optional[Tensor]) -> Tensor:
+    """h [T, K, R] with h[t, k, r] selected to 0 for r >= ranks[topk_ids[t, k]] (ids outside [0, N): all of the
+    row); h when ranks is None."""
+    if ranks is None:
+        return h
+    ids = topk_ids.long()
+    valid = (ids >= 0) & (ids < ranks.shape[0])
+    bound = torch.where(valid, ranks.long()[torch.where(valid, ids, 0)], 0)
+    keep = torch.arange(h.shape[2], device=h.device) < bound.unsqueeze(2)
+    return torch.where(keep, h, torch.zeros((), dtype=h.dtype, device=h.device))
+
+
 # ----------------------------------------------------------------------------------------------- shrink
 @torch.library.custom_op("molora::shrink", mutates_args=())
 def _shrink_op(
@@ -93,13 +125,14 @@ def _shrink_op(
     sorted_pairs: Optional[Tensor],
     seg_offsets: Optional[Tensor],
     backend: str,
+    ranks: Optional[Tensor] = None,
 ) -> Tensor:
     plan = _plan(topk_ids, lora_a.shape[0], sorted_pairs, seg_offsets)
-    return _backends.get(backend).shrink(x, lora_a, topk_ids, topk_weights, scale, plan)
+    return _backends.get(backend).shrink(x, lora_a, topk_ids, topk_weights, scale, plan, ranks)
 
 
 @_shrink_op.register_fake
-def _(x, lora_a, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, backend):
+def _(x, lora_a, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, backend, ranks=None):
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return x.new_empty((x.shape[0], topk_ids.shape[1], lora_a.shape[1]), dtype=dtype)
 
@@ -128,17 +161,18 @@ def _(grad_h, x, lora_a, topk_ids, topk_weights, scale, sorted_pairs, seg_offset
 
 
 def _shrink_setup_context(ctx, inputs, output):
-    x, lora_a, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, _backend = inputs
-    ctx.save_for_backward(x, lora_a, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets)
+    x, lora_a, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, _backend, ranks = inputs
+    ctx.save_for_backward(x, lora_a, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, ranks)
 
 
 def _shrink_backward(ctx, grad_h):
-    x, lora_a, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets = ctx.saved_tensors
+    x, lora_a, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, ranks = ctx.saved_tensors
     n = ctx.needs_input_grad
     needs = (n[0], n[1], n[3], n[4])
+    grad_h = _within_ranks(grad_h, topk_ids, ranks)
     grads = _shrink_backward_op(grad_h, x, lora_a, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, needs)
     dx, da, dw, ds = _needed(grads, needs)
-    return dx, da, None, dw, ds, None, None, None
+    return dx, da, None, dw, ds, None, None, None, None
 
 
 _shrink_op.register_autograd(_shrink_backward, setup_context=_shrink_setup_context)
@@ -154,13 +188,14 @@ def _expand_inplace_op(
     sorted_pairs: Optional[Tensor],
     seg_offsets: Optional[Tensor],
     backend: str,
+    ranks: Optional[Tensor] = None,
 ) -> None:
     plan = _plan(topk_ids, lora_b.shape[0], sorted_pairs, seg_offsets)
-    _backends.get(backend).expand(h, lora_b, topk_ids, plan, out, True)
+    _backends.get(backend).expand(h, lora_b, topk_ids, plan, out, True, ranks)
 
 
 @_expand_inplace_op.register_fake
-def _(out, h, lora_b, topk_ids, sorted_pairs, seg_offsets, backend):
+def _(out, h, lora_b, topk_ids, sorted_pairs, seg_offsets, backend, ranks=None):
     return None
 
 
@@ -173,15 +208,16 @@ def _expand_op(
     seg_offsets: Optional[Tensor],
     backend: str,
     base: Optional[Tensor],
+    ranks: Optional[Tensor] = None,
 ) -> Tensor:
     out, accumulate = _output(base, (h.shape[0], lora_b.shape[1]), lora_b.dtype, h.device)
     plan = _plan(topk_ids, lora_b.shape[0], sorted_pairs, seg_offsets)
-    _backends.get(backend).expand(h, lora_b, topk_ids, plan, out, accumulate)
+    _backends.get(backend).expand(h, lora_b, topk_ids, plan, out, accumulate, ranks)
     return out
 
 
 @_expand_op.register_fake
-def _(h, lora_b, topk_ids, sorted_pairs, seg_offsets, backend, base):
+def _(h, lora_b, topk_ids, sorted_pairs, seg_offsets, backend, base, ranks=None):
     return h.new_empty((h.shape[0], lora_b.shape[1]), dtype=lora_b.dtype)
 
 
@@ -207,16 +243,17 @@ def _(grad_out, h, lora_b, topk_ids, sorted_pairs, seg_offsets, needs):
 
 
 def _expand_setup_context(ctx, inputs, output):
-    h, lora_b, topk_ids, sorted_pairs, seg_offsets, _backend, _base = inputs
-    ctx.save_for_backward(h, lora_b, topk_ids, sorted_pairs, seg_offsets)
+    h, lora_b, topk_ids, sorted_pairs, seg_offsets, _backend, _base, ranks = inputs
+    ctx.save_for_backward(h, lora_b, topk_ids, sorted_pairs, seg_offsets, ranks)
 
 
 def _expand_backward(ctx, grad_out):
-    h, lora_b, topk_ids, sorted_pairs, seg_offsets = ctx.saved_tensors
+    h, lora_b, topk_ids, sorted_pairs, seg_offsets, ranks = ctx.saved_tensors
     n = ctx.needs_input_grad
     needs = (n[0], n[1])
+    h, lora_b = _within_ranks(h, topk_ids, ranks), _padding_zeroed(lora_b, ranks, 2)
     dh, db = _needed(_expand_backward_op(grad_out, h, lora_b, topk_ids, sorted_pairs, seg_offsets, needs), needs)
-    return dh, db, None, None, None, None, grad_out if n[6] else None
+    return dh, db, None, None, None, None, grad_out if n[6] else None, None
 
 
 _expand_op.register_autograd(_expand_backward, setup_context=_expand_setup_context)
@@ -235,13 +272,14 @@ def _routed_lora_inplace_op(
     sorted_pairs: Optional[Tensor],
     seg_offsets: Optional[Tensor],
     backend: str,
+    ranks: Optional[Tensor] = None,
 ) -> None:
     plan = _plan(topk_ids, lora_a.shape[0], sorted_pairs, seg_offsets)
-    _backends.get(backend).routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale, plan, out, True)
+    _backends.get(backend).routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale, plan, out, True, ranks)
 
 
 @_routed_lora_inplace_op.register_fake
-def _(out, x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, backend):
+def _(out, x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, backend, ranks=None):
     return None
 
 
@@ -257,15 +295,18 @@ def _routed_lora_op(
     seg_offsets: Optional[Tensor],
     backend: str,
     base: Optional[Tensor],
+    ranks: Optional[Tensor] = None,
 ) -> Tensor:
     out, accumulate = _output(base, (x.shape[0], lora_b.shape[1]), x.dtype, x.device)
     plan = _plan(topk_ids, lora_a.shape[0], sorted_pairs, seg_offsets)
-    _backends.get(backend).routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale, plan, out, accumulate)
+    _backends.get(backend).routed_lora(
+        x, lora_a, lora_b, topk_ids, topk_weights, scale, plan, out, accumulate, ranks
+    )
     return out
 
 
 @_routed_lora_op.register_fake
-def _(x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, backend, base):
+def _(x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, backend, base, ranks=None):
     return x.new_empty((x.shape[0], lora_b.shape[1]))
 
 
@@ -295,19 +336,20 @@ def _(grad_out, x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs, 
 
 
 def _routed_lora_setup_context(ctx, inputs, output):
-    x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, _backend, _base = inputs
-    ctx.save_for_backward(x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets)
+    x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, _backend, _base, ranks = inputs
+    ctx.save_for_backward(x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, ranks)
 
 
 def _routed_lora_backward(ctx, grad_out):
-    x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets = ctx.saved_tensors
+    x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, ranks = ctx.saved_tensors
     n = ctx.needs_input_grad
     needs = (n[0], n[1], n[2], n[4], n[5])
+    lora_a, lora_b = _padding_zeroed(lora_a, ranks, 1), _padding_zeroed(lora_b, ranks, 2)
     grads = _routed_lora_backward_op(
         grad_out, x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, needs
     )
     dx, da, db, dw, ds = _needed(grads, needs)
-    return dx, da, db, None, dw, ds, None, None, None, grad_out if n[9] else None
+    return dx, da, db, None, dw, ds, None, None, None, grad_out if n[9] else None, None
 
 
 _routed_lora_op.register_autograd(_routed_lora_backward, setup_context=_routed_lora_setup_context)
@@ -339,9 +381,11 @@ def _plan_tensors(plan: Optional[RoutingPlan], topk_ids: Tensor, num_adapters: i
     return plan.sorted_pairs, plan.seg_offsets
 
 
-def lora_shrink(x, lora_a, topk_ids, topk_weights, *, scaling=None, backend="auto", plan=None, validate=True):
+def lora_shrink(
+    x, lora_a, topk_ids, topk_weights, *, scaling=None, ranks=None, backend="auto", plan=None, validate=True
+):
     """Semantics: h[t, k] = topk_weights[t, k] * scaling[e] * (lora_a[e] @ x[t]),  e = topk_ids[t, k];
-    zeros for empty slots (e == -1).
+    zeros for empty slots (e == -1) and for h[t, k, r >= ranks[e]].
 
     Args:
         x: [T, H_in] float16 | bfloat16 | float32.
@@ -349,46 +393,50 @@ def lora_shrink(x, lora_a, topk_ids, topk_weights, *, scaling=None, backend="aut
         topk_ids: [T, K] int32 | int64, each in [0, N) or -1.
         topk_weights: [T, K] floating.
         scaling: None (1.0) | float | [N] floating tensor.
+        ranks: None (every adapter has rank R) | [N] int32 tensor of real ranks in [0, R] (see the module docstring).
         backend: "auto" | "torch" | "triton" | "cuda".
         plan: an optional RoutingPlan built from topk_ids, reused across calls.
-        validate: check id values (a host sync on GPU); shapes, dtypes and devices are always checked.
+        validate: check id and rank values (a host sync on GPU); shapes, dtypes and devices are always checked.
     Returns:
         h: [T, K, R] float32.
     """
-    check_shrink(x, lora_a, topk_ids, topk_weights, scaling, check_ids=can_read_ids(validate, x))
+    check_shrink(x, lora_a, topk_ids, topk_weights, scaling, ranks=ranks, check_ids=can_read_ids(validate, x))
     sorted_pairs, seg_offsets = _plan_tensors(plan, topk_ids, lora_a.shape[0])
     scale = _scale(scaling, lora_a.shape[0], x)
     name = _backends.resolve(backend, x.device)
-    return _shrink_op(x, lora_a, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, name)
+    return _shrink_op(x, lora_a, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, name, ranks)
 
 
-def lora_expand(h, lora_b, topk_ids, *, out=None, backend="auto", plan=None, validate=True):
-    """Semantics: out[t] (+)= sum_k lora_b[e] @ h[t, k],  e = topk_ids[t, k], non-empty slots only.
+def lora_expand(h, lora_b, topk_ids, *, out=None, ranks=None, backend="auto", plan=None, validate=True):
+    """Semantics: out[t] (+)= sum_k lora_b[e, :, :ranks[e]] @ h[t, k, :ranks[e]],  e = topk_ids[t, k], non-empty
+    slots only.
 
     Args:
         h: [T, K, R] float32 (the output of lora_shrink).
         lora_b: [N, H_out, R] float16 | bfloat16 | float32.
         topk_ids: [T, K], as for lora_shrink.
         out: None, or [T, H_out] of lora_b.dtype to add into in place (it is returned).
+        ranks: None | [N] int32 real ranks, as for lora_shrink.
     Returns:
         [T, H_out] of lora_b.dtype; the sum is formed in float32 and rounded once.
 
     Differentiable w.r.t. h and lora_b, also with `out` (see routed_lora for how out= behaves under autograd).
     """
-    check_expand(h, lora_b, topk_ids, out, check_ids=can_read_ids(validate, h))
+    check_expand(h, lora_b, topk_ids, out, ranks=ranks, check_ids=can_read_ids(validate, h))
     sorted_pairs, seg_offsets = _plan_tensors(plan, topk_ids, lora_b.shape[0])
     name = _backends.resolve(backend, h.device)
     args = (h, lora_b, topk_ids, sorted_pairs, seg_offsets, name)
     if out is None:
-        return _expand_op(*args, None)
+        return _expand_op(*args, None, ranks)
     if _out_needs_autograd(out, h, lora_b):
-        return out.copy_(_expand_op(*args, out))
-    _expand_inplace_op(out, *args)
+        return out.copy_(_expand_op(*args, out, ranks))
+    _expand_inplace_op(out, *args, ranks)
     return out
 
 
 def routed_lora(
-    x, lora_a, lora_b, topk_ids, topk_weights, *, scaling=None, out=None, backend="auto", plan=None, validate=True
+    x, lora_a, lora_b, topk_ids, topk_weights, *, scaling=None, out=None, ranks=None, backend="auto", plan=None,
+    validate=True,
 ):
     """Routed multi-LoRA: a per-token, weighted top-k mixture of LoRA adapters.
 
@@ -403,9 +451,11 @@ def routed_lora(
         topk_weights: [T, K] floating router probabilities (need not sum to 1).
         scaling: None (1.0) | float | [N] floating tensor of per-adapter alpha / r.
         out: None, or [T, H_out] x.dtype: the delta is added into it in place and it is returned.
+        ranks: None (every adapter has rank R) | [N] int32 tensor of real ranks in [0, R]: loops are bounded by
+            them and the padding is never read (see the module docstring).
         backend: "auto" | "torch" | "triton" | "cuda".
         plan: an optional RoutingPlan for topk_ids, shared by every layer with the same routing.
-        validate: check id values (a host sync on GPU); shapes, dtypes and devices are always checked.
+        validate: check id and rank values (a host sync on GPU); shapes, dtypes and devices are always checked.
     Returns:
         [T, H_out] x.dtype.
 
@@ -415,15 +465,15 @@ def routed_lora(
     leaf that requires grad (ValueError). Otherwise the add is in place in the kernel, outside autograd.
     """
     check_routed_lora(
-        x, lora_a, lora_b, topk_ids, topk_weights, scaling, out, check_ids=can_read_ids(validate, x)
+        x, lora_a, lora_b, topk_ids, topk_weights, scaling, out, ranks=ranks, check_ids=can_read_ids(validate, x)
     )
     sorted_pairs, seg_offsets = _plan_tensors(plan, topk_ids, lora_a.shape[0])
     scale = _scale(scaling, lora_a.shape[0], x)
     name = _backends.resolve(backend, x.device)
     args = (x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, name)
     if out is None:
-        return _routed_lora_op(*args, None)
+        return _routed_lora_op(*args, None, ranks)
     if _out_needs_autograd(out, x, lora_a, lora_b, topk_weights, scaling):
-        return out.copy_(_routed_lora_op(*args, out))
-    _routed_lora_inplace_op(out, *args)
+        return out.copy_(_routed_lora_op(*args, out, ranks))
+    _routed_lora_inplace_op(out, *args, ranks)
     return out

@@ -36,6 +36,12 @@ that strategy's index tensors and coefficients (on the first call that needs the
         ``_PAD_WASTE`` of the pairs: :func:`_padding_pays`) or one matmul pair per active adapter; one index_add.
     The rule is :func:`choose_strategy`; the numbers it comes from are in its docstring.
 
+Heterogeneous ranks: shrink, expand_ and add_ take ``ranks`` (None, or the int32 [N] real ranks of the stacked
+weights, see molora_ops.ops). The backend and ops paths pass it on (the kernels bound their rank loops by it); the
+per_adapter and grouped strategies slice each adapter's A and B views to its rank (a zero-rank adapter costs no
+GEMM); rows, dense, the padded layout and the traced strategies compute over the padded rank, which is exact
+because the stored padding is zero.
+
 Low-precision inputs on CPU are computed in float32 from float32 copies of the weights (cached per weight tensor,
 like the dense B layout, and keyed by the tensor's identity, version and data pointer so a changed weight is never
 served stale; inference tensors have no version and are not cached), then rounded once into ``out``.
@@ -151,14 +157,14 @@ class RankSpace:
     """The opaque result of :meth:`RoutedBatch.shrink`, consumed by :meth:`RoutedBatch.expand_`.
 
     layout: "ops" ([T, K, R] float32 from the registered shrink op), "backend" (the same, from a backend module)
-    or a CPU strategy name (that strategy's own layout). x and lora_a are kept so that an expand which must be
-    differentiable can recompute an "ops" h from a fast-path one.
+    or a CPU strategy name (that strategy's own layout). x, lora_a and the ranks the shrink was bounded by are kept
+    so that an expand which must be differentiable can recompute an "ops" h from a fast-path one.
     """
 
-    __slots__ = ("layout", "data", "x", "lora_a")
+    __slots__ = ("layout", "data", "x", "lora_a", "ranks")
 
-    def __init__(self, layout: str, data, x: Tensor, lora_a: Tensor) -> None:
-        self.layout, self.data, self.x, self.lora_a = layout, data, x, lora_a
+    def __init__(self, layout: str, data, x: Tensor, lora_a: Tensor, ranks: Optional[Tensor] = None) -> None:
+        self.layout, self.data, self.x, self.lora_a, self.ranks = layout, data, x, lora_a, ranks
 
 
 # ------------------------------------------------------------------------------------------ CPU strategies
@@ -167,6 +173,16 @@ class RankSpace:
 # caller's [N] tensor; strategies that scale a GEMM's alpha read it as a host list (cached per tensor version).
 def _alphas(scale: Optional[Tensor]) -> Optional[list]:
     return None if scale is None else _host_list(scale)
+
+
+def _bound_kw(strategy, ranks: Optional[Tensor]) -> dict:
+    """The `ranks` keyword for a strategy that bounds its GEMMs by them; the others compute the zero padding."""
+    return {"ranks": ranks} if ranks is not None and getattr(strategy, "bounded", False) else {}
+
+
+def _bounds(ranks: Optional[Tensor], num_adapters: int, rank: int) -> list:
+    """Each adapter's rank as a host list (cached per tensor version): ranks, or [rank] * N when None."""
+    return [rank] * num_adapters if ranks is None else _host_list(ranks)
 
 
 class _Rows:
@@ -203,23 +219,28 @@ class _PerAdapter:
     matmul pair per pair with c (times scale[e]) as the expand's alpha. With one token (decode batch 1) x and
     out are used whole, without per-pair row views."""
 
+    bounded = True  # its methods take `ranks` and cut each adapter's views to its rank
+
     def __init__(self, pairs: list, num_tokens: int):
         self.pairs, self.single = pairs, num_tokens == 1
 
-    def shrink(self, x, a):
-        at = _a_views(a)
+    def shrink(self, x, a, ranks=None):
+        at, bound = _a_views(a), _bounds(ranks, a.shape[0], a.shape[1])
         if self.single:
-            return [torch.mm(x, at[e]) for e, _, _ in self.pairs]
-        return [torch.mm(x[t : t + 1], at[e]) for e, t, _ in self.pairs]
+            return [torch.mm(x, at[e][:, : bound[e]]) for e, _, _ in self.pairs]
+        return [torch.mm(x[t : t + 1], at[e][:, : bound[e]]) for e, t, _ in self.pairs]
 
-    def expand_(self, h, b, acc, scale):
-        alphas, bt = _alphas(scale), _b_views(b)
+    def expand_(self, h, b, acc, scale, ranks=None):
+        alphas, bt, bound = _alphas(scale), _b_views(b), _bounds(ranks, b.shape[0], b.shape[2])
         for (e, t, c), hp in zip(self.pairs, h):
+            r = bound[e]
+            if r == 0:
+                continue
             row = acc if self.single else acc[t : t + 1]
-            row.addmm_(hp, bt[e], alpha=c * alphas[e] if alphas else c)
+            row.addmm_(hp[:, :r], bt[e][:r], alpha=c * alphas[e] if alphas else c)
 
-    def add_(self, x, a, b, acc, scale):
-        self.expand_(self.shrink(x, a), b, acc, scale)
+    def add_(self, x, a, b, acc, scale, ranks=None):
+        self.expand_(self.shrink(x, a, ranks), b, acc, scale, ranks)
 
 
 class _Grouped:
@@ -229,37 +250,44 @@ class _Grouped:
     are t..t+hi-lo-1 (consecutive). When given, every matmul reads x and writes out through row slices
     (x[t:t+n] @ A[e].T, out[t:t+n].addmm_): no gather, no [P, H_out] buffer, no index_add."""
 
+    bounded = True  # its methods take `ranks` and cut each adapter's views to its rank
+
     def __init__(self, tokens: Tensor, coef: Tensor, segments: list, runs: Optional[list] = None):
         self.tokens, self.coef, self.segments, self.runs = tokens, coef, segments, runs
 
-    def shrink(self, x, a):
-        at = _a_views(a)
-        h = x.new_empty(self.tokens.shape[0], a.shape[1])
+    def shrink(self, x, a, ranks=None):
+        """[P, R] rows in plan order; with ranks, columns r >= ranks[e] are 0 and never computed."""
+        at, bound = _a_views(a), _bounds(ranks, a.shape[0], a.shape[1])
+        num_pairs, rank = self.tokens.shape[0], a.shape[1]
+        h = x.new_empty(num_pairs, rank) if ranks is None else x.new_zeros(num_pairs, rank)
         if self.runs is not None:
             for e, lo, hi, t in self.runs:
-                torch.mm(x[t : t + hi - lo], at[e], out=h[lo:hi])
+                torch.mm(x[t : t + hi - lo], at[e][:, : bound[e]], out=h[lo:hi, : bound[e]])
             return h.mul_(self.coef)
         xg = x.index_select(0, self.tokens)
         for e, lo, hi in self.segments:
-            torch.mm(xg[lo:hi], at[e], out=h[lo:hi])
+            torch.mm(xg[lo:hi], at[e][:, : bound[e]], out=h[lo:hi, : bound[e]])
         return h.mul_(self.coef)
 
-    def expand_(self, h, b, acc, scale):
-        alphas, bt = _alphas(scale), _b_views(b)
+    def expand_(self, h, b, acc, scale, ranks=None):
+        alphas, bt, bound = _alphas(scale), _b_views(b), _bounds(ranks, b.shape[0], b.shape[2])
         if self.runs is not None:
             for e, lo, hi, t in self.runs:
-                acc[t : t + hi - lo].addmm_(h[lo:hi], bt[e], alpha=alphas[e] if alphas else 1.0)
+                r = bound[e]
+                if r:
+                    acc[t : t + hi - lo].addmm_(h[lo:hi, :r], bt[e][:r], alpha=alphas[e] if alphas else 1.0)
             return
         y = h.new_empty(h.shape[0], b.shape[1])
         for e, lo, hi in self.segments:
+            r = bound[e]
             if alphas:
-                torch.addmm(y[lo:hi], h[lo:hi], bt[e], beta=0, alpha=alphas[e], out=y[lo:hi])
+                torch.addmm(y[lo:hi], h[lo:hi, :r], bt[e][:r], beta=0, alpha=alphas[e], out=y[lo:hi])
             else:
-                torch.mm(h[lo:hi], bt[e], out=y[lo:hi])
+                torch.mm(h[lo:hi, :r], bt[e][:r], out=y[lo:hi])
         acc.index_add_(0, self.tokens, y)
 
-    def add_(self, x, a, b, acc, scale):
-        self.expand_(self.shrink(x, a), b, acc, scale)
+    def add_(self, x, a, b, acc, scale, ranks=None):
+        self.expand_(self.shrink(x, a, ranks), b, acc, scale, ranks)
 
 
 def _b_stack(b: Tensor) -> Tensor:
@@ -663,65 +691,72 @@ class RoutedBatch:
     def _scale(self, scale: Optional[Tensor]) -> Tensor:
         return self._ones if scale is None else scale
 
-    def shrink(self, x: Tensor, lora_a: Tensor) -> RankSpace:
+    def shrink(self, x: Tensor, lora_a: Tensor, *, ranks=None) -> RankSpace:
         """x [T, H_in], lora_a [N, R, H_in] -> the rank-space value h[t, k] = topk_weights[t, k] * lora_a[e] @ x[t]
-        (no scaling), an opaque RankSpace for :meth:`expand_`."""
+        (no scaling), an opaque RankSpace for :meth:`expand_`. ranks: None | int32 [N] real ranks (h[t, k, r] = 0
+        for r >= ranks[e], never computed where the path bounds it)."""
         if not self._fast(x, lora_a):
-            return RankSpace("ops", self._ops_shrink(x, lora_a), x, lora_a)
+            return RankSpace("ops", self._ops_shrink(x, lora_a, ranks), x, lora_a, ranks)
         if self.strategy == "backend":
-            h = _backends.get(self.backend).shrink(x, lora_a, self.topk_ids, self.topk_weights, self._ones, self.plan)
-            return RankSpace("backend", h, x, lora_a)
+            h = _backends.get(self.backend).shrink(
+                x, lora_a, self.topk_ids, self.topk_weights, self._ones, self.plan, ranks
+            )
+            return RankSpace("backend", h, x, lora_a, ranks)
         cd = _compute_dtype(x)
-        return RankSpace(self.strategy, self._strategy(cd).shrink(_as(x, cd, cache=False), _as(lora_a, cd)), x, lora_a)
+        strategy = self._strategy(cd)
+        h = strategy.shrink(_as(x, cd, cache=False), _as(lora_a, cd), **_bound_kw(strategy, ranks))
+        return RankSpace(self.strategy, h, x, lora_a, ranks)
 
-    def expand_(self, h: RankSpace, lora_b: Tensor, out: Tensor, *, rank_slice=None, scale=None) -> Tensor:
+    def expand_(self, h: RankSpace, lora_b: Tensor, out: Tensor, *, rank_slice=None, scale=None, ranks=None) -> Tensor:
         """out [T, H_out] += sum_k scale[e] * lora_b[e] @ h[t, k, rank_slice]; lora_b [N, H_out, R_i] with R_i the
-        length of rank_slice (a slice or (start, stop); None = all of R); scale None | [N] float tensor.
-        Returns out."""
+        length of rank_slice (a slice or (start, stop); None = all of R); scale None | [N] float tensor; ranks
+        None | int32 [N] real ranks within the slice (lora_b[e] and h cut to ranks[e]). Returns out."""
         rank_slice = _as_slice(rank_slice)
         if not self._fast(h.x, h.lora_a, lora_b, out, scale) or h.layout == "ops":
-            return self._ops_expand_(h, lora_b, out, rank_slice, scale)
+            return self._ops_expand_(h, lora_b, out, rank_slice, scale, ranks)
         if h.layout == "backend":
             hs = h.data if rank_slice is None else h.data[:, :, rank_slice].contiguous()
             if scale is not None:
                 hs = hs * self._slot_scale(scale, hs.dtype)
-            _backends.get(self.backend).expand(hs, lora_b, self.topk_ids, self.plan, out, True)
+            _backends.get(self.backend).expand(hs, lora_b, self.topk_ids, self.plan, out, True, ranks)
             return out
         cd = _compute_dtype(h.x)
         data = h.data
         if rank_slice is not None:
             data = [d[:, rank_slice] for d in data] if isinstance(data, list) else data[..., rank_slice]
-        return self._cpu_run("expand_", out, cd, data, _as(lora_b, cd), scale)
+        return self._cpu_run("expand_", out, cd, ranks, data, _as(lora_b, cd), scale)
 
-    def add_(self, x: Tensor, lora_a: Tensor, lora_b: Tensor, out: Tensor, *, scale=None) -> Tensor:
+    def add_(self, x: Tensor, lora_a: Tensor, lora_b: Tensor, out: Tensor, *, scale=None, ranks=None) -> Tensor:
         """out [T, H_out] += the routed_lora delta of x [T, H_in] through lora_a [N, R, H_in] and lora_b
-        [N, H_out, R]; scale None | [N] float32 tensor. Returns out."""
+        [N, H_out, R]; scale None | [N] float32 tensor; ranks None | int32 [N] real ranks. Returns out."""
         if not self._fast(x, lora_a, lora_b, out, scale):
-            return self._ops_add_(x, lora_a, lora_b, out, scale)
+            return self._ops_add_(x, lora_a, lora_b, out, scale, ranks)
         if self.strategy == "backend":
             _backends.get(self.backend).routed_lora(
-                x, lora_a, lora_b, self.topk_ids, self.topk_weights, self._scale(scale), self.plan, out, True
+                x, lora_a, lora_b, self.topk_ids, self.topk_weights, self._scale(scale), self.plan, out, True, ranks
             )
             return out
         cd = _compute_dtype(x)
-        return self._cpu_run("add_", out, cd, _as(x, cd, cache=False), _as(lora_a, cd), _as(lora_b, cd), scale)
+        return self._cpu_run("add_", out, cd, ranks, _as(x, cd, cache=False), _as(lora_a, cd), _as(lora_b, cd), scale)
 
-    def _cpu_run(self, method: str, out: Tensor, cd, *args) -> Tensor:
-        """Run the CPU strategy's `method`(*args[:-1], acc, scale=args[-1]) into out: directly when out is in
-        cd, else into a cd buffer added to out once (one rounding)."""
-        run = getattr(self._strategy(cd), method)
+    def _cpu_run(self, method: str, out: Tensor, cd, ranks, *args) -> Tensor:
+        """Run the CPU strategy's `method`(*args[:-1], acc, scale=args[-1]) into out (with `ranks` for the
+        strategies that bound by them): directly when out is in cd, else into a cd buffer added to out once (one
+        rounding)."""
+        strategy = self._strategy(cd)
+        run, kw = getattr(strategy, method), _bound_kw(strategy, ranks)
         if out.dtype == cd:
-            run(*args[:-1], out, args[-1])
+            run(*args[:-1], out, args[-1], **kw)
             return out
         acc = torch.zeros(out.shape, dtype=cd)
-        run(*args[:-1], acc, args[-1])
+        run(*args[:-1], acc, args[-1], **kw)
         return out.add_(acc)
 
     # --------------------------------------------------------------------------- registered ops (compile, grad)
-    def _ops_shrink(self, x, lora_a):
+    def _ops_shrink(self, x, lora_a, ranks=None):
         ones = self._ones.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
         return torch.ops.molora.shrink(x, lora_a, self.topk_ids, self.topk_weights, ones,
-                                       self.plan.sorted_pairs, self.plan.seg_offsets, self.backend)
+                                       self.plan.sorted_pairs, self.plan.seg_offsets, self.backend, ranks)
 
     def _slot_scale(self, scale: Tensor, dtype: torch.dtype) -> Tensor:
         """scale[e] per slot as [T, K, 1] of `dtype` (0 in empty slots); cast first, so its gradient sums in dtype."""
@@ -730,8 +765,8 @@ class RoutedBatch:
         _, valid, ids = self._slot_tensors()
         return torch.where(valid, scale[ids].unsqueeze(2), zero)
 
-    def _ops_expand_(self, h: RankSpace, lora_b, out, rank_slice, scale):
-        data = h.data if h.layout in ("ops", "backend") else self._ops_shrink(h.x, h.lora_a)
+    def _ops_expand_(self, h: RankSpace, lora_b, out, rank_slice, scale, ranks):
+        data = h.data if h.layout in ("ops", "backend") else self._ops_shrink(h.x, h.lora_a, h.ranks)
         if rank_slice is not None:
             data = data[:, :, rank_slice]
         if scale is not None:
@@ -739,11 +774,11 @@ class RoutedBatch:
         args = (data.contiguous(), lora_b, self.topk_ids, self.plan.sorted_pairs, self.plan.seg_offsets, self.backend)
         if _grad_needed(data, lora_b, out):
             check_autograd_out(out, "write into a non-leaf (e.g. the output of the base layer)")
-            return out.copy_(torch.ops.molora.expand(*args, out))
-        torch.ops.molora.expand_(out, *args)
+            return out.copy_(torch.ops.molora.expand(*args, out, ranks))
+        torch.ops.molora.expand_(out, *args, ranks)
         return out
 
-    def _ops_add_(self, x, lora_a, lora_b, out, scale):
+    def _ops_add_(self, x, lora_a, lora_b, out, scale, ranks):
         scale = self._scale(scale)
         if x.dtype == torch.float64:
             scale = scale.to(torch.float64)
@@ -751,8 +786,8 @@ class RoutedBatch:
                 self.plan.seg_offsets, self.backend)
         if _grad_needed(x, lora_a, lora_b, out, self.topk_weights, scale):
             check_autograd_out(out, "write into a non-leaf (e.g. the output of the base layer)")
-            return out.copy_(torch.ops.molora.routed_lora(*args, out))
-        torch.ops.molora.routed_lora_(out, *args)
+            return out.copy_(torch.ops.molora.routed_lora(*args, out, ranks))
+        torch.ops.molora.routed_lora_(out, *args, ranks)
         return out
 
     def _with_strategy(self, strategy: str) -> "RoutedBatch":

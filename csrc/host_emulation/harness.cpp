@@ -14,6 +14,9 @@
 // pairs whose stale segment is their adapter and zeros for all others, and must not write past h. Poisoned
 // cases put a NaN in one adapter's A and an Inf in another's B: exactly the outputs the reference makes
 // non-finite may be non-finite (the tokens routed there), every other one must match.
+// Mixed-rank cases give each adapter a real rank in [0, R] (0 and R included) and fill its padding (A rows and
+// B columns at or beyond it) with NaN, and the h the expand reads with NaN there too: padding that a kernel
+// reads shows up as a NaN in its output.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -81,6 +84,7 @@ struct Case {
   float empty = 0.15f;   // fraction of empty slots (-1); another 5% get an id outside [0, N)
   unsigned paths = 7;    // bit 0: per-pair, bit 1: segmented, bit 2: fused (the emulation is slow for big grids)
   bool poison = false;   // NaN in A of the first token's adapter, +Inf in B of another adapter
+  bool mixed_ranks = false;  // per-adapter ranks in [0, R], NaN padding beyond them (never to be read)
 };
 
 // |got - want|, with a non-finite `want` matched by any non-finite `got` (0) and a non-finite `got` where
@@ -117,6 +121,22 @@ void run(const Case& c, const char* tag) {
         b[c.offset + e * bs_n + j * bs_o + r] = v;
         bd[(size_t(e) * c.H_out + j) * R + r] = back(v);
       }
+  std::vector<int32_t> ranks(N, R);
+  if (c.mixed_ranks) {
+    for (int e = 0; e < N; ++e) {
+      ranks[e] = e % 4 == 0 ? 0 : (e % 4 == 1 ? R : 1 + int(rng() % R));
+      for (int r = ranks[e]; r < R; ++r) {
+        for (int i = 0; i < c.H_in; ++i) {
+          a[c.offset + e * as_n + r * as_r + i] = cvt<T>(NAN);
+          ad[(size_t(e) * R + r) * c.H_in + i] = 0.0;
+        }
+        for (int j = 0; j < c.H_out; ++j) {
+          b[c.offset + e * bs_n + j * bs_o + r] = cvt<T>(NAN);
+          bd[(size_t(e) * c.H_out + j) * R + r] = 0.0;
+        }
+      }
+    }
+  }
   std::vector<int64_t> ids(P);
   std::vector<int32_t> ids32(P);
   std::vector<float> w(P), scale(N);
@@ -190,6 +210,7 @@ void run(const Case& c, const char* tag) {
   route.num_tokens = c.T;
   route.top_k = c.K;
   route.num_adapters = N;
+  route.ranks = c.mixed_ranks ? ranks.data() : nullptr;
   ShrinkProblem sp;
   sp.route = route;
   sp.dtype = dtype_of<T>();
@@ -248,7 +269,11 @@ void run(const Case& c, const char* tag) {
                "stale plan: shrink wrote past h", 0);
       }
       h.resize(h_ref.size());
-      for (size_t i = 0; i < h.size(); ++i) h[i] = float(h_ref[i]);
+      for (size_t i = 0; i < h.size(); ++i) {
+        const int64_t e = ids[i / R];
+        const bool padding = c.mixed_ranks && e >= 0 && e < N && int(i % R) >= ranks[e];
+        h[i] = padding ? NAN : float(h_ref[i]);  // the expand must not read h beyond the adapter's rank
+      }
       ep.out = out.data();
       ep.accumulate = false;
       expect(launch_expand(ep, h.data(), nullptr) == 0, name, "expand launch", 0);
@@ -326,6 +351,20 @@ int main(int argc, char** argv) {
   Case poisoned_f16{45, 3, 6, 16, 128, 64, 0, 0, false};
   poisoned_f16.poison = true;
   run<__half>(poisoned_f16, "f16 NaN in one A, Inf in another B");
+  // Mixed ranks (0, R, and ranks that end inside a 16-byte vector), NaN padding: no kernel may read it.
+  Case mixed_f32{7, 3, 9, 16, 72, 40};
+  mixed_f32.mixed_ranks = true;
+  run<float>(mixed_f32, "f32 mixed ranks, NaN padding");
+  Case mixed_f16{9, 2, 8, 24, 128, 64, 0, 0, false};
+  mixed_f16.mixed_ranks = true;
+  run<__half>(mixed_f16, "f16 mixed ranks, NaN padding");
+  Case mixed_bf16{5, 2, 6, 64, 64, 48, 1, 1};
+  mixed_bf16.mixed_ranks = true;
+  run<__nv_bfloat16>(mixed_bf16, "bf16 mixed ranks R=64, unaligned rows");
+  Case mixed_big{150, 3, 12, 20, 40, 16};
+  mixed_big.mixed_ranks = true;
+  mixed_big.paths = 2;
+  run<float>(mixed_big, "f32 mixed ranks, P=450 segmented");
   if (full) {
     run<float>({40, 2, 3, 20, 130, 50}, "f32 T=40 R=20");
     run<float>({1, 3, 4, 64, 2049, 20}, "f32 T=1 H_in=2049");

@@ -89,6 +89,10 @@ class Slot:
         self.block = block_index(state, name)
         self.in_f, self.out_f = in_f, out_f
         self.ranks = ranks
+        # Mixed ranks: an int32 [N] bound passed to the runtime (per device, made once); uniform ranks: None, so
+        # the kernels take their unbounded path at no cost.
+        self._rank_bound = torch.tensor(ranks, dtype=torch.int32) if len(set(ranks)) > 1 else None
+        self._rank_bounds: dict = {}
         self.group: Optional[Group] = group
         self.rank_slice = rank_slice  # this member's columns of the group's shared rank space
         self._cast: dict = {}
@@ -100,6 +104,19 @@ class Slot:
         if self.tp is not None:
             text += f", {self.tp.describe()}"
         return text
+
+    def rank_bound(self, device: torch.device) -> Optional[torch.Tensor]:
+        """This module's per-adapter ranks as an int32 [N] tensor on `device` when they differ (None when uniform).
+        For a sibling group member they bound its expand within its rank_slice; the group's shared shrink over
+        the concatenated A is unbounded (its padding is zero)."""
+        if self._rank_bound is None:
+            return None
+        if torch.compiler.is_compiling():
+            return self._rank_bound.to(device)
+        hit = self._rank_bounds.get(device)
+        if hit is None:
+            hit = self._rank_bounds[device] = self._rank_bound.to(device)
+        return hit
 
     def _cast_to(self, owner: nn.Module, buffer: str, dtype: torch.dtype) -> torch.Tensor:
         """owner's stacked weight `buffer` in `dtype` (autocast: the base output's dtype), cast once. Read from
@@ -179,20 +196,21 @@ class Slot:
         lora_b = self._cast_to(module, "molora_lora_b", dtype)
         if self.tp is not None:
             check_inference(self.name, x2, o2, lora_b, r.topk_weights)
+        ranks = self.rank_bound(x2.device)
         if self.group is None:
             lora_a = self._cast_to(module, "molora_lora_a", dtype)
             if self.tp is not None and self.tp.kind == "shard_in":  # partial shrink of this rank's columns, summed
-                h = r.shrink(x2, lora_a)
+                h = r.shrink(x2, lora_a, ranks=ranks)
                 all_reduce_rank_space(h, self.tp.group)
-                r.expand_(h, lora_b, o2, scale=module._buffers["molora_scaling"])
+                r.expand_(h, lora_b, o2, scale=module._buffers["molora_scaling"], ranks=ranks)
             else:
-                r.add_(x2, lora_a, lora_b, o2, scale=module._buffers["molora_scaling"])
+                r.add_(x2, lora_a, lora_b, o2, scale=module._buffers["molora_scaling"], ranks=ranks)
         else:
             hit = fs.deltas.get(self.group.key)
             if hit is None or hit[0] is not x:  # the first member called with this input shrinks for the group
                 lora_a = self._cast_to(self.group.leader, "molora_lora_a", dtype)
                 hit = fs.deltas[self.group.key] = (x, r.shrink(x2, lora_a))
-            r.expand_(hit[1], lora_b, o2, rank_slice=self.rank_slice)  # scaling folded into B
+            r.expand_(hit[1], lora_b, o2, rank_slice=self.rank_slice, ranks=ranks)  # scaling folded into B
         bias = module._buffers.get("molora_bias_delta")
         if bias is None:
             return out

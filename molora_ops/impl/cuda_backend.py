@@ -5,14 +5,15 @@ ops and their fake implementations exist whether or not the extension was built;
 kernels for the CUDA dispatch key. Importing this module never raises: `status()` says whether the library
 loaded and registered its kernels, and why not.
 
-Ops (namespace ``molora``; all write into preallocated outputs and return nothing):
-    cuda_shrink(x, lora_a, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, h!, path)
+Ops (namespace ``molora``; all write into preallocated outputs and return nothing; `ranks` is None or the int32
+[N] real ranks, which bound every rank loop so the padding is never read):
+    cuda_shrink(x, lora_a, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, h!, path, ranks?)
         h [T, K, R] float32: lora_shrink's semantics (molora_ops/reference.py).
         path 1: one block per (pair, rank tile), BGMV-style, for decode sizes;
         path 2: segmented by adapter with the routing plan (SGMV-style), for prefill sizes.
-    cuda_expand(h, lora_b, topk_ids, out!, accumulate)
+    cuda_expand(h, lora_b, topk_ids, out!, accumulate, ranks?)
         lora_expand's semantics; reduced over k inside one thread (deterministic).
-    cuda_routed_lora_fused(x, lora_a, lora_b, topk_ids, topk_weights, scale, out!, accumulate)
+    cuda_routed_lora_fused(x, lora_a, lora_b, topk_ids, topk_weights, scale, out!, accumulate, ranks?)
         shrink and expand in one launch (decode sizes, K * R small).
 
 The path is chosen from shapes only (never from routing values), so a captured CUDA graph replays the same
@@ -35,12 +36,15 @@ name = "cuda"
 _OPS = {
     "cuda_shrink": (
         "cuda_shrink(Tensor x, Tensor lora_a, Tensor topk_ids, Tensor topk_weights, Tensor scale, "
-        "Tensor sorted_pairs, Tensor seg_offsets, Tensor(a!) h, int path) -> ()"
+        "Tensor sorted_pairs, Tensor seg_offsets, Tensor(a!) h, int path, Tensor? ranks=None) -> ()"
     ),
-    "cuda_expand": "cuda_expand(Tensor h, Tensor lora_b, Tensor topk_ids, Tensor(a!) out, bool accumulate) -> ()",
+    "cuda_expand": (
+        "cuda_expand(Tensor h, Tensor lora_b, Tensor topk_ids, Tensor(a!) out, bool accumulate, "
+        "Tensor? ranks=None) -> ()"
+    ),
     "cuda_routed_lora_fused": (
         "cuda_routed_lora_fused(Tensor x, Tensor lora_a, Tensor lora_b, Tensor topk_ids, Tensor topk_weights, "
-        "Tensor scale, Tensor(a!) out, bool accumulate) -> ()"
+        "Tensor scale, Tensor(a!) out, bool accumulate, Tensor? ranks=None) -> ()"
     ),
 }
 
@@ -211,49 +215,59 @@ def _torch_backend():
 
 
 # ---------------------------------------------------------------------------------------------- backend
-def shrink(x, lora_a, topk_ids, topk_weights, scale, plan: RoutingPlan) -> torch.Tensor:
-    """h[t, k] = w[t, k] * scale[e] * lora_a[e] @ x[t]; returns [T, K, R] float32 (zeros in empty slots)."""
+def _ranks(ranks):
+    return None if ranks is None else ranks.contiguous()
+
+
+def shrink(x, lora_a, topk_ids, topk_weights, scale, plan: RoutingPlan, ranks=None) -> torch.Tensor:
+    """h[t, k, r] = w[t, k] * scale[e] * lora_a[e, r] @ x[t] for r < ranks[e]; returns [T, K, R] float32 (zeros
+    in empty slots and beyond each adapter's rank)."""
     if _float64(x, scale):
-        return _torch_backend().shrink(x, lora_a, topk_ids, topk_weights, scale, plan)
+        return _torch_backend().shrink(x, lora_a, topk_ids, topk_weights, scale, plan, ranks)
     num_tokens, top_k, rank = x.shape[0], topk_ids.shape[1], lora_a.shape[1]
     h = torch.empty((num_tokens, top_k, rank), dtype=torch.float32, device=x.device)
     ids, w = _routing(topk_ids, topk_weights)
     path = choose_paths(num_tokens, top_k, rank, x.shape[1])["shrink"]
     torch.ops.molora.cuda_shrink(
         _unit_inner(x), _unit_inner(lora_a), ids, w, scale.float().contiguous(),
-        plan.sorted_pairs.contiguous(), plan.seg_offsets.contiguous(), h, path,
+        plan.sorted_pairs.contiguous(), plan.seg_offsets.contiguous(), h, path, _ranks(ranks),
     )
     return h
 
 
-def expand(h, lora_b, topk_ids, plan: RoutingPlan, out: torch.Tensor, accumulate: bool) -> None:
+def expand(h, lora_b, topk_ids, plan: RoutingPlan, out: torch.Tensor, accumulate: bool, ranks=None) -> None:
     """lora_expand into `out` (see molora_ops/reference.py), formed in float32, rounded once into out."""
     if _float64(h, lora_b):
-        return _torch_backend().expand(h, lora_b, topk_ids, plan, out, accumulate)
+        return _torch_backend().expand(h, lora_b, topk_ids, plan, out, accumulate, ranks)
     h = h.float().contiguous()
     lora_b = _unit_inner(lora_b)
-    ids = _routing(topk_ids)
-    _with_writable_out(out, accumulate, lambda o: torch.ops.molora.cuda_expand(h, lora_b, ids, o, accumulate))
+    ids, ranks = _routing(topk_ids), _ranks(ranks)
+    _with_writable_out(out, accumulate, lambda o: torch.ops.molora.cuda_expand(h, lora_b, ids, o, accumulate, ranks))
 
 
-def routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale, plan: RoutingPlan, out, accumulate: bool) -> None:
+def routed_lora(
+    x, lora_a, lora_b, topk_ids, topk_weights, scale, plan: RoutingPlan, out, accumulate: bool, ranks=None
+) -> None:
     """routed_lora into `out` (see molora_ops/reference.py): one fused launch at decode sizes, else a
-    shrink into a float32 [T, K, R] workspace followed by expand."""
+    shrink into a float32 [T, K, R] workspace followed by expand; rank loops bounded by `ranks` when given."""
     if _float64(x, scale):
-        return _torch_backend().routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale, plan, out, accumulate)
+        return _torch_backend().routed_lora(
+            x, lora_a, lora_b, topk_ids, topk_weights, scale, plan, out, accumulate, ranks
+        )
     num_tokens, top_k, rank = x.shape[0], topk_ids.shape[1], lora_a.shape[1]
     paths = choose_paths(num_tokens, top_k, rank, x.shape[1])
     x, lora_a, lora_b = _unit_inner(x), _unit_inner(lora_a), _unit_inner(lora_b)
     ids, w = _routing(topk_ids, topk_weights)
-    scale = scale.float().contiguous()
+    scale, ranks = scale.float().contiguous(), _ranks(ranks)
     if paths["fused"]:
         _with_writable_out(
             out, accumulate,
-            lambda o: torch.ops.molora.cuda_routed_lora_fused(x, lora_a, lora_b, ids, w, scale, o, accumulate),
+            lambda o: torch.ops.molora.cuda_routed_lora_fused(x, lora_a, lora_b, ids, w, scale, o, accumulate, ranks),
         )
         return
     h = torch.empty((num_tokens, top_k, rank), dtype=torch.float32, device=x.device)
     torch.ops.molora.cuda_shrink(
-        x, lora_a, ids, w, scale, plan.sorted_pairs.contiguous(), plan.seg_offsets.contiguous(), h, paths["shrink"]
+        x, lora_a, ids, w, scale, plan.sorted_pairs.contiguous(), plan.seg_offsets.contiguous(), h, paths["shrink"],
+        ranks,
     )
-    _with_writable_out(out, accumulate, lambda o: torch.ops.molora.cuda_expand(h, lora_b, ids, o, accumulate))
+    _with_writable_out(out, accumulate, lambda o: torch.ops.molora.cuda_expand(h, lora_b, ids, o, accumulate, ranks))

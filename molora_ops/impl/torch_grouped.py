@@ -33,13 +33,23 @@ def _segments(plan: RoutingPlan):
             yield e, pairs, pairs // plan.top_k
 
 
+def _bounded_segments(plan: RoutingPlan, ranks, rank: int):
+    """_segments with each adapter's real rank: (e, pairs, tokens, r_e), r_e = ranks[e] (R when ranks is None);
+    adapters of rank 0 are skipped (they add nothing and their weights are never read)."""
+    bound = [rank] * plan.num_adapters if ranks is None else ranks.tolist()
+    for e, pairs, tokens in _segments(plan):
+        if bound[e] > 0:
+            yield e, pairs, tokens, bound[e]
+
+
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _shrink_segment(x, lora_a, topk_weights, scale, e, pairs, tokens, cd):
+def _shrink_segment(x, lora_a, topk_weights, scale, e, pairs, tokens, cd, r):
+    """[M, r]: adapter e's first r rank rows for its segment (pairs, tokens), times probability x scaling."""
     coef = topk_weights.reshape(-1)[pairs].to(cd) * scale[e].to(cd)  # [M]
-    return (x[tokens].to(cd) @ lora_a[e].to(cd).t()) * coef[:, None]  # [M, R]
+    return (x[tokens].to(cd) @ lora_a[e, :r].to(cd).t()) * coef[:, None]
 
 
 def _write_out(out: torch.Tensor, delta: torch.Tensor, accumulate: bool) -> None:
@@ -49,36 +59,40 @@ def _write_out(out: torch.Tensor, delta: torch.Tensor, accumulate: bool) -> None
         out.copy_(delta)
 
 
-def shrink(x, lora_a, topk_ids, topk_weights, scale, plan: RoutingPlan) -> torch.Tensor:
-    """h[t, k] = w[t, k] * scale[e] * lora_a[e] @ x[t]; returns [T, K, R] float32 (zeros in empty slots)."""
+def shrink(x, lora_a, topk_ids, topk_weights, scale, plan: RoutingPlan, ranks=None) -> torch.Tensor:
+    """h[t, k, r] = w[t, k] * scale[e] * lora_a[e, r] @ x[t] for r < ranks[e]; returns [T, K, R] float32 (zeros
+    in empty slots and beyond each adapter's rank; `ranks` None: every adapter has rank R)."""
     del topk_ids
     cd = _compute_dtype(x, scale)
     num_tokens, top_k, rank = x.shape[0], plan.top_k, lora_a.shape[1]
     h = torch.zeros(num_tokens * top_k, rank, dtype=cd, device=x.device)
-    for e, pairs, tokens in _segments(plan):
-        h[pairs] = _shrink_segment(x, lora_a, topk_weights, scale, e, pairs, tokens, cd)
+    for e, pairs, tokens, r in _bounded_segments(plan, ranks, rank):
+        h[pairs, :r] = _shrink_segment(x, lora_a, topk_weights, scale, e, pairs, tokens, cd, r)
     return h.view(num_tokens, top_k, rank)
 
 
-def expand(h, lora_b, topk_ids, plan: RoutingPlan, out: torch.Tensor, accumulate: bool) -> None:
-    """lora_expand into `out` (see molora_ops/reference.py), formed in float32, rounded once into out."""
+def expand(h, lora_b, topk_ids, plan: RoutingPlan, out: torch.Tensor, accumulate: bool, ranks=None) -> None:
+    """lora_expand into `out` (see molora_ops/reference.py), formed in float32, rounded once into out; adapter e
+    reads only lora_b[e, :, :ranks[e]] and h[t, k, :ranks[e]]."""
     del topk_ids
     cd = _compute_dtype(h, lora_b)
     h_flat = h.reshape(-1, h.shape[-1])
     delta = torch.zeros(out.shape, dtype=cd, device=out.device)
-    for e, pairs, tokens in _segments(plan):
-        delta.index_add_(0, tokens, h_flat[pairs].to(cd) @ lora_b[e].to(cd).t())
+    for e, pairs, tokens, r in _bounded_segments(plan, ranks, lora_b.shape[2]):
+        delta.index_add_(0, tokens, h_flat[pairs, :r].to(cd) @ lora_b[e, :, :r].to(cd).t())
     _write_out(out, delta, accumulate)
 
 
-def routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale, plan: RoutingPlan, out, accumulate: bool) -> None:
-    """Shrink and expand per active adapter without materialising h for the whole batch."""
+def routed_lora(
+    x, lora_a, lora_b, topk_ids, topk_weights, scale, plan: RoutingPlan, out, accumulate: bool, ranks=None
+) -> None:
+    """Shrink and expand per active adapter, each cut to its rank, without materialising h for the batch."""
     del topk_ids
     cd = _compute_dtype(x, scale)
     delta = torch.zeros(out.shape, dtype=cd, device=out.device)
-    for e, pairs, tokens in _segments(plan):
-        h = _shrink_segment(x, lora_a, topk_weights, scale, e, pairs, tokens, cd)
-        delta.index_add_(0, tokens, h @ lora_b[e].to(cd).t())
+    for e, pairs, tokens, r in _bounded_segments(plan, ranks, lora_a.shape[1]):
+        h = _shrink_segment(x, lora_a, topk_weights, scale, e, pairs, tokens, cd, r)
+        delta.index_add_(0, tokens, h @ lora_b[e, :, :r].to(cd).t())
     _write_out(out, delta, accumulate)
 
 

@@ -25,7 +25,10 @@ Design (see molora_ops/kernels/routed_lora.py for the kernels):
     kernel sums over k in slot order (column-chunked so the workspace stays bounded; see
     kernels.routed_lora.launch_expand_grouped).
   * routed_lora runs shrink + expand (two launches, h in a float32 workspace), or at decode sizes (few tokens,
-    small R * K) a single fused launch that keeps h in registers.
+    small R * K) a single fused launch that keeps h in registers; its H_in loop is software-pipelined
+    (configs.FUSED_NUM_STAGES, forced by ``override(fused_stages=n)``).
+  * ranks (an int32 [N] of real ranks, or None): every kernel loads ranks[e] and bounds its rank tiles and steps
+    by it (molora_ops.kernels.routed_lora), so the zero padding of smaller adapters is never read.
 Configs come from shape heuristics (molora_ops.kernels.configs); there is no autotuning on this path, no
 .item() and no grid sized from device values, so every launch can be captured in a CUDA graph.
 
@@ -66,6 +69,7 @@ class Settings:
 
     fused:          force the fused (True) or the two-launch (False) routed_lora path
     split_k:        force the shrink's SPLIT_K (clamped so no split is empty)
+    fused_stages:   force the fused kernel's H_in pipeline depth (tl.range num_stages; 1 = sequential)
     atomic_split_k: reduce split-K partials with fp32 atomics instead of the deterministic partial buffer
     expand:         force the expand variant, "gather" (CUDA-core, per-row weight gather), "dot"
                     (tensor cores, one dot per distinct adapter of a token tile; only for
@@ -74,6 +78,7 @@ class Settings:
     """
 
     fused: Optional[bool] = None
+    fused_stages: Optional[int] = None
     split_k: Optional[int] = None
     expand: Optional[str] = None
     atomic_split_k: bool = os.environ.get("MOLORA_TRITON_ATOMIC_SPLITK") == "1"
@@ -152,7 +157,7 @@ def _shrink_config(num_pairs: int, num_adapters: int, rank: int, h_in: int, dtyp
     return cfg
 
 
-def _shrink_rows(x, lora_a, topk_ids, topk_weights, scale, plan: RoutingPlan) -> torch.Tensor:
+def _shrink_rows(x, lora_a, topk_ids, topk_weights, scale, plan: RoutingPlan, ranks=None) -> torch.Tensor:
     """h as a [P, R] float32 tensor, every row defined: zeros for empty slots.
 
     The plan only says which pairs each program computes; the kernel checks every listed pair against
@@ -160,11 +165,12 @@ def _shrink_rows(x, lora_a, topk_ids, topk_weights, scale, plan: RoutingPlan) ->
     updated, or one built for other ids) can therefore leave rows of routed pairs unwritten, so the buffer
     the shrink writes starts at zero (one memset) and such pairs come out as empty slots instead of
     uninitialised memory that the expand would read. The fused decode path has no h and is unaffected.
+    The same zeros stand for the columns r >= ranks[e], which the kernels never write.
     """
     kernels = _kernels()
     num_pairs, num_adapters, rank = plan.sorted_pairs.shape[0], lora_a.shape[0], lora_a.shape[1]
     cfg = _shrink_config(num_pairs, num_adapters, rank, x.shape[1], x.dtype)
-    common = dict(top_k=plan.top_k, cfg=cfg, upcast=_upcast(x.dtype))
+    common = dict(top_k=plan.top_k, cfg=cfg, upcast=_upcast(x.dtype), ranks=ranks)
     args = (x, lora_a, topk_ids, topk_weights, scale, plan.sorted_pairs, plan.seg_offsets)
     if cfg.SPLIT_K == 1 or settings.atomic_split_k:
         h = torch.zeros(num_pairs, rank, dtype=torch.float32, device=x.device)
@@ -174,13 +180,13 @@ def _shrink_rows(x, lora_a, topk_ids, topk_weights, scale, plan: RoutingPlan) ->
     partials = torch.zeros(cfg.SPLIT_K, num_pairs, rank, dtype=torch.float32, device=x.device)
     kernels.launch_shrink(*args, partials, apply_coef=False, use_atomic=False, **common)
     h = torch.empty(num_pairs, rank, dtype=torch.float32, device=x.device)
-    kernels.launch_shrink_reduce(partials, topk_ids, topk_weights, scale, h, num_adapters=num_adapters)
+    kernels.launch_shrink_reduce(partials, topk_ids, topk_weights, scale, h, num_adapters=num_adapters, ranks=ranks)
     return h
 
 
-def shrink(x, lora_a, topk_ids, topk_weights, scale, plan: RoutingPlan) -> torch.Tensor:
-    """Semantics: h[t, k] = topk_weights[t, k] * scale[e] * lora_a[e] @ x[t],  e = topk_ids[t, k];
-    h[t, k] = 0 when e is outside [0, N).
+def shrink(x, lora_a, topk_ids, topk_weights, scale, plan: RoutingPlan, ranks=None) -> torch.Tensor:
+    """Semantics: h[t, k, r] = topk_weights[t, k] * scale[e] * lora_a[e, r] @ x[t] for r < ranks[e] (R when ranks
+    is None),  e = topk_ids[t, k]; h[t, k, r] = 0 beyond the rank and when e is outside [0, N).
 
     x [T, H_in] fp16/bf16/fp32, lora_a [N, R, H_in] x.dtype, topk_ids [T, K] int32/int64, topk_weights [T, K]
     floating, scale [N] float32/float64, plan built from topk_ids. Returns h [T, K, R] float32 (float64 when
@@ -192,7 +198,7 @@ def shrink(x, lora_a, topk_ids, topk_weights, scale, plan: RoutingPlan) -> torch
     if num_tokens == 0:
         return torch.zeros(num_tokens, top_k, rank, dtype=out_dtype, device=x.device)
     with _device_guard(x):
-        h = _shrink_rows(x, lora_a, topk_ids, topk_weights, scale, plan)
+        h = _shrink_rows(x, lora_a, topk_ids, topk_weights, scale, plan, ranks)
     return h.view(num_tokens, top_k, rank).to(out_dtype)
 
 
@@ -210,7 +216,7 @@ def choose_expand(num_tokens: int, top_k: int, num_adapters: int, rank: int, dty
     return configs.expand_variant(num_tokens, top_k, num_adapters, rank, half)
 
 
-def _expand_into(h, lora_b, topk_ids, plan: RoutingPlan, out, accumulate: bool) -> None:
+def _expand_into(h, lora_b, topk_ids, plan: RoutingPlan, out, accumulate: bool, ranks=None) -> None:
     num_tokens, top_k, rank = h.shape
     h_out = lora_b.shape[1]
     variant = choose_expand(num_tokens, top_k, lora_b.shape[0], rank, lora_b.dtype)
@@ -218,22 +224,22 @@ def _expand_into(h, lora_b, topk_ids, plan: RoutingPlan, out, accumulate: bool) 
         cfg = _configs().expand_grouped_config(num_tokens * top_k, rank, h_out)
         _kernels().launch_expand_grouped(
             h, lora_b, topk_ids, plan.sorted_pairs, plan.seg_offsets, out, cfg=cfg, accumulate=accumulate,
-            upcast=_upcast(lora_b.dtype),
+            upcast=_upcast(lora_b.dtype), ranks=ranks,
         )
         return
     if variant == "dot":
         cfg = _configs().expand_dot_config(num_tokens, rank, h_out)
         _kernels().launch_expand_dot(
-            h, lora_b, topk_ids, out, cfg=cfg, accumulate=accumulate, upcast=_upcast(lora_b.dtype)
+            h, lora_b, topk_ids, out, cfg=cfg, accumulate=accumulate, upcast=_upcast(lora_b.dtype), ranks=ranks
         )
         return
     cfg = _configs().expand_config(num_tokens, rank, h_out)
-    _kernels().launch_expand(h, lora_b, topk_ids, out, cfg=cfg, accumulate=accumulate)
+    _kernels().launch_expand(h, lora_b, topk_ids, out, cfg=cfg, accumulate=accumulate, ranks=ranks)
 
 
-def expand(h, lora_b, topk_ids, plan: RoutingPlan, out: torch.Tensor, accumulate: bool) -> None:
-    """Semantics: out[t] = (out[t] if accumulate else 0) + sum_{k: 0 <= e < N} lora_b[e] @ h[t, k],  e = topk_ids[t, k];
-    the sum is formed in float32 and rounded once into out.
+def expand(h, lora_b, topk_ids, plan: RoutingPlan, out: torch.Tensor, accumulate: bool, ranks=None) -> None:
+    """Semantics: out[t] = (out[t] if accumulate else 0) + sum_{k: 0 <= e < N} lora_b[e] @ h[t, k],  e = topk_ids[t, k],
+    both cut to ranks[e] (when given); the sum is formed in float32 and rounded once into out.
 
     h [T, K, R] float32/float64 (any strides), lora_b [N, H_out, R] fp16/bf16/fp32, topk_ids [T, K],
     out [T, H_out] lora_b.dtype (any strides). Every element of out is written, once. The token-major variants
@@ -243,7 +249,7 @@ def expand(h, lora_b, topk_ids, plan: RoutingPlan, out: torch.Tensor, accumulate
     if out.numel() == 0:
         return
     with _device_guard(out):
-        _expand_into(h, lora_b, topk_ids, plan, out, accumulate)
+        _expand_into(h, lora_b, topk_ids, plan, out, accumulate, ranks)
 
 
 def choose_fused(num_tokens: int, top_k: int, rank: int, h_in: int, h_out: int) -> bool:
@@ -253,13 +259,16 @@ def choose_fused(num_tokens: int, top_k: int, rank: int, h_in: int, h_out: int) 
     return _configs().use_fused(num_tokens, top_k, rank, h_in, h_out)
 
 
-def routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale, plan: RoutingPlan, out, accumulate: bool) -> None:
+def routed_lora(
+    x, lora_a, lora_b, topk_ids, topk_weights, scale, plan: RoutingPlan, out, accumulate: bool, ranks=None
+) -> None:
     """Semantics: out[t] = (out[t] if accumulate else 0)
                           + sum_{k: 0 <= e < N} topk_weights[t, k] * scale[e] * lora_b[e] @ (lora_a[e] @ x[t]),
     e = topk_ids[t, k]; float32 throughout, one rounding into out.
 
     x [T, H_in], lora_a [N, R, H_in], lora_b [N, H_out, R], out [T, H_out], all one of fp16/bf16/fp32; topk_ids
-    and topk_weights [T, K]; scale [N]. One fused launch at decode sizes (choose_fused), else shrink + expand.
+    and topk_weights [T, K]; scale [N]; ranks None or int32 [N] (each adapter's factors cut to its rank). One
+    fused launch at decode sizes (choose_fused), else shrink + expand.
     """
     _check_dtype(x=x, lora_a=lora_a, lora_b=lora_b, out=out)
     if out.numel() == 0:
@@ -268,8 +277,11 @@ def routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale, plan: RoutingP
     top_k, rank, h_out = topk_ids.shape[1], lora_a.shape[1], lora_b.shape[1]
     with _device_guard(out):
         if choose_fused(num_tokens, top_k, rank, h_in, h_out):
-            cfg = _configs().fused_config(num_tokens, rank, h_in, h_out)
-            _kernels().launch_fused(x, lora_a, lora_b, topk_ids, topk_weights, scale, out, cfg=cfg, accumulate=accumulate)
+            cfg = _configs().fused_config(num_tokens, rank, h_in, h_out, settings.fused_stages)
+            _kernels().launch_fused(
+                x, lora_a, lora_b, topk_ids, topk_weights, scale, out, cfg=cfg, accumulate=accumulate, ranks=ranks
+            )
             return
-        h = _shrink_rows(x, lora_a, topk_ids, topk_weights, scale, plan)
-        _expand_into(h.view(num_tokens, top_k, rank), lora_b, topk_ids, plan, out, accumulate)
+        h = _shrink_rows(x, lora_a, topk_ids, topk_weights, scale, plan, ranks)
+        _expand_into(h.view(num_tokens, top_k, rank), lora_b, topk_ids, plan, out, accumulate, ranks)
+
