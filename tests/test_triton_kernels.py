@@ -47,9 +47,12 @@ def device_dtypes(dtypes, cuda_only=()) -> list:
         for d in DEVICES for dt in tuple(dtypes) + (tuple(cuda_only) if d.values[0] == "cuda" else ())
     ]
 
-# The four ways routed_lora can run: one fused launch, or shrink + one of the three expand kernels.
+# The ways routed_lora can run: one fused launch (its H_in loop sequential, or software-pipelined over 3 stages:
+# tl.range(num_stages=3), the decode path the GPU check compares with split-K), or shrink + one of the three
+# expand kernels.
 PATHS = (
     pytest.param(dict(fused=True), id="fused"),
+    pytest.param(dict(fused=True, fused_stages=3), id="fused-pipelined"),
     pytest.param(dict(fused=False, expand="gather"), id="unfused-gather"),
     pytest.param(dict(fused=False, expand="dot"), id="unfused-dot"),
     pytest.param(dict(fused=False, expand="grouped"), id="unfused-grouped"),
@@ -672,3 +675,27 @@ def test_grouped_expand_config_bounds_the_workspace():
                 assert cfg.CHUNK_N < h_out + cfg.BLOCK_N
                 ws = 4 * num_pairs * cfg.CHUNK_N
                 assert ws <= configs.GROUPED_EXPAND_PARTIAL_BYTES or cfg.CHUNK_N == cfg.BLOCK_N
+
+
+def test_fused_pipeline_depth_config():
+    """fused_config's num_stages: FUSED_NUM_STAGES by default, a forced depth kept while the H_in loop has that
+    many steps (clamped to the step count, never below 1), and a clear error for a depth below 1."""
+    assert configs.fused_config(1, 16, 4096, 4096).num_stages == configs.FUSED_NUM_STAGES
+    cfg = configs.fused_config(1, 16, 4096, 4096, num_stages=3)
+    assert cfg.num_stages == 3 and cfg.BLOCK_K * 3 <= 4096
+    assert configs.fused_config(1, 16, 16, 64, num_stages=4).num_stages == 1  # one H_in step
+    with pytest.raises(ValueError, match="num_stages must be >= 1"):
+        configs.fused_config(1, 16, 64, 64, num_stages=0)
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("num_tokens", (1, 8))
+def test_pipelined_fused_matches_split_k_and_reference(dev, num_tokens):
+    """The decode comparison the GPU check times: the pipelined fused launch against the two-launch split-K path
+    at T = 1 and 8, both against the exact answer (several H_in steps, so the pipeline has work in flight)."""
+    torch.manual_seed(23)
+    p = make_problem(num_tokens, 2, 5, 16, 300, 40, torch.float32, pattern="zipf", empty_frac=0.2).to(dev)
+    pipelined = _run(p, dict(fused=True, fused_stages=3))
+    split = _run(p, dict(fused=False, expand="gather"), split_k=4)
+    assert_parity(pipelined, p.exact(), naive_lowp(p), torch.float32, name="fused pipelined")
+    assert_parity(split, p.exact(), naive_lowp(p), torch.float32, name="split-K")
