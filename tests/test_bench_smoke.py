@@ -202,3 +202,182 @@ def test_triton_provider_checked_under_interpreter():
     configs = ops_suite.grid("smoke")[:2]
     recs = ops_suite.run_ops(configs, torch.device("cpu"), providers=["triton"], verify_only=True)
     assert [r["status"] for r in recs] == ["verified"] * len(configs), [r.get("reason") for r in recs]
+
+
+# ------------------------------------------------------------------------------- plans outside the timer
+@pytest.fixture
+def plan_builds(monkeypatch):
+    """How many routing plans have been built (every build_plan, whoever calls it, groups the pairs here)."""
+    from molora_ops import plan
+
+    count = {"n": 0}
+    real = plan._group_by_adapter
+
+    def counting(*args, **kwargs):
+        count["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plan, "_group_by_adapter", counting)
+    return count
+
+
+def _ours_names() -> list[str]:
+    """Every provider of ours this machine can run, forced paths included (triton under the interpreter)."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    chosen, _ = ops_suite.select_providers(torch.device("cpu"), None, interpreted=interpreted)
+    ours = [n for n, p in chosen.items() if p.kind == "ours"]
+    forced, _ = ops_suite.forced_providers(chosen)
+    return ours + [n for n in forced if not n.endswith(ops_suite.RANKED_SUFFIX)]
+
+
+def test_timed_calls_build_no_plan(plan_builds):
+    """prepare builds the plan (untimed); the timed call reuses it. A call without one would build its own,
+    which the counter sees (checked first, so the test can fail)."""
+    import molora_ops
+
+    cfg = ops_suite.OpsConfig(T=9, N=5, K=2, R=8, H_in=40, H_out=24, dtype="float32", empty_frac=0.2)
+    p = ops_suite.make_problem(cfg, torch.device("cpu"))
+    molora_ops.routed_lora(p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights, scaling=p.scaling, backend="torch")
+    assert plan_builds["n"] == 1, "the counter sees a plan built inside a call"
+    names = _ours_names()
+    assert "torch" in names
+    chosen, _ = ops_suite.select_providers(torch.device("cpu"), names, interpreted=True)
+    for name, prov in chosen.items():
+        fn = prov.prepare(p)
+        plan_builds["n"] = 0
+        assert ops_suite.verify(fn, p, ops_suite.check_rows(p)) < 1e-5, name
+        assert plan_builds["n"] == 0, f"{name}'s timed call built a routing plan"
+
+
+def test_plan_build_is_timed_apart(ops_records):
+    for r in ops_records:
+        if r["status"] == "ok":
+            assert r["plan_build"]["median_ms"] > 0
+
+
+# --------------------------------------------------------------------------------------- cache pools
+def test_pool_members_exceed_the_cache():
+    from molora_ops.benchmarking.timing import POOL_MARGIN, POOL_MAX_MEMBERS, pool_members
+
+    cache = 60 << 20
+    for touched in (1, 4096, 540_000, 9 << 20, 59 << 20):
+        n = pool_members(touched, cache, member_bytes=touched, budget_bytes=1 << 40)
+        if n < POOL_MAX_MEMBERS:  # between two uses of one copy, the others touched more than the cache
+            assert (n - 1) * touched >= POOL_MARGIN * cache > cache and (n - 2) * touched < POOL_MARGIN * cache
+    assert pool_members(2 * cache, cache, member_bytes=1, budget_bytes=1) == 1, "one call alone evicts the cache"
+    assert pool_members(1 << 20, cache, member_bytes=1 << 30, budget_bytes=3 << 30) == 3, "capped by the budget"
+
+
+def test_cache_record_methods():
+    from molora_ops.benchmarking.timing import cache_record
+
+    cache = (1000, "test")
+    assert cache_record("l2_flush", 10, cache, 1)["method"] == "l2_flush"
+    assert cache_record("warm", 2000, cache, 1)["method"] == "exceeds_cache"
+    rec = cache_record("cycled", 100, cache, 21)
+    assert rec["method"] == "pool" and rec["cold"] and rec["pool_touched_bytes"] == 2100 > rec["cache_bytes"]
+    assert cache_record("cycled", 100, cache, 20)["method"] == "pool-partial"
+    assert not cache_record("warm", 100, cache, 1)["cold"]
+
+
+def test_cpu_cache_size_from_sysfs(tmp_path):
+    from molora_ops.benchmarking.timing import DEFAULT_CPU_CACHE_BYTES, _cpu_cache_bytes
+
+    for i, (level, kind, size) in enumerate([(1, "Data", "32K"), (1, "Instruction", "64M"), (3, "Unified", "32768K")]):
+        d = tmp_path / f"index{i}"
+        d.mkdir()
+        (d / "level").write_text(f"{level}\n")
+        (d / "type").write_text(f"{kind}\n")
+        (d / "size").write_text(f"{size}\n")
+    assert _cpu_cache_bytes(tmp_path) == (32 << 20, "sysfs L3")
+    assert _cpu_cache_bytes(tmp_path / "none") == (DEFAULT_CPU_CACHE_BYTES, "default")
+
+
+def test_time_pool_cycles_every_member_on_cpu():
+    from molora_ops.benchmarking.timing import time_pool
+
+    calls = [0] * 5
+    fns = [lambda i=i: calls.__setitem__(i, calls[i] + 1) for i in range(5)]
+    t = time_pool(fns, torch.device("cpu"), TimingConfig(warmup=0, min_reps=10, max_reps=10, min_time_s=0))
+    assert calls == [2] * 5 and t.cache == "cycled"
+    assert time_pool(fns[:1], torch.device("cpu"), TimingConfig.quick()).cache == "warm"
+
+
+def test_time_pool_on_cuda_graphs_divides_by_members_and_do_bench_flushes(monkeypatch):
+    """The CUDA branches, with triton's timers replaced: a graph captures one call of every member and its time
+    is per call; do_bench (which flushes L2 itself) times the first member alone."""
+    import triton.testing as tt
+
+    from molora_ops.benchmarking.timing import time_pool
+
+    seen = []
+    monkeypatch.setattr(tt, "do_bench_cudagraph", lambda fn, **kw: (fn(), [4.0, 2.0, 8.0])[1])
+    monkeypatch.setattr(tt, "do_bench", lambda fn, **kw: (fn(), [1.0, 0.5, 2.0])[1])
+    fns = [lambda i=i: seen.append(i) for i in range(4)]
+    t = time_pool(fns, torch.device("cuda"), cuda_graph=True)
+    assert seen == [0, 1, 2, 3] and (t.median_ms, t.p20_ms, t.p80_ms) == (1.0, 0.5, 2.0)
+    assert t.timer == "cuda_graph" and t.cache == "cycled"
+    seen.clear()
+    t = time_pool(fns, torch.device("cuda"), cuda_graph=False)
+    assert seen == [0] and t.timer == "do_bench" and t.cache == "l2_flush"
+
+
+def test_rows_record_a_pool_larger_than_the_cache(monkeypatch):
+    """With a (pretend) 64 KiB cache every timed row cycles through copies that together exceed it, each copy
+    holding other data (the last one is checked against its own reference), and says so in its `cache`."""
+    monkeypatch.setattr(ops_suite, "cache_bytes", lambda device: (64 << 10, "test"))
+    made = []
+    real = ops_suite.pool_member
+    monkeypatch.setattr(ops_suite, "pool_member", lambda p, i: made.append(i) or real(p, i))
+    cfg = ops_suite.OpsConfig(T=5, N=6, K=2, R=8, H_in=72, H_out=40, dtype="float32")
+    recs = ops_suite.run_ops([cfg], torch.device("cpu"), providers=["torch", "dense"], timing=TimingConfig.quick())
+    assert [r["status"] for r in recs] == ["ok", "ok"], [r.get("reason") for r in recs]
+    for r in recs + [{"cache": recs[0]["base_gemm"]["cache"]}]:
+        c = r["cache"]
+        assert c["method"] == "pool" and c["cold"] and c["pool_members"] > 1
+        assert c["pool_touched_bytes"] - c["touched_bytes"] >= 2 * c["cache_bytes"] > c["cache_bytes"] == 64 << 10
+    assert made == list(range(1, recs[0]["cache"]["pool_members"])), "copies built once per point, shared"
+
+
+def test_pool_members_hold_other_data():
+    from molora_ops.benchmarking.problems import pool_member
+
+    cfg = ops_suite.OpsConfig(T=6, N=4, K=2, R=8, H_in=32, H_out=16, dtype="float32", ranks=(2, 8, 5))
+    p = ops_suite.make_problem(cfg, torch.device("cpu"))
+    m = pool_member(p, 1)
+    assert m.x.data_ptr() != p.x.data_ptr() and m.lora_a.data_ptr() != p.lora_a.data_ptr()
+    assert not torch.equal(m.lora_a, p.lora_a) and torch.equal(m.ranks, p.ranks.roll(1, 0))
+    rows = ops_suite.check_rows(m)
+    assert ops_suite.verify(ops_suite.prepare_ours("torch")(m), m, rows) < 1e-5
+
+
+def test_mixed_ranks_problem_is_zero_padded_and_costed_at_real_ranks():
+    cfg = ops_suite.OpsConfig(T=4, N=3, K=1, R=8, H_in=16, H_out=8, dtype="float32", ranks=(2, 8, 0),
+                              pattern="distinct")
+    p = ops_suite.make_problem(cfg, torch.device("cpu"))
+    assert p.ranks.tolist() == [2, 8, 0]
+    assert p.lora_a[0, 2:].abs().sum() == 0 and p.lora_b[0, :, 2:].abs().sum() == 0 and p.lora_a[2].abs().sum() == 0
+    assert p.lora_a[0, :2].abs().sum() > 0 and p.lora_a[1].abs().min() > 0
+    cost = ops_suite.cost_model(cfg, p.topk_ids)  # tokens 0..3 -> adapters 0, 1, 2, 0
+    assert cost["flops"] == 2 * (2 + 8 + 0 + 2) * (16 + 8)
+    with pytest.raises(ValueError, match="ranks"):
+        ops_suite.OpsConfig(T=1, N=2, R=4, ranks=(5,)).adapter_ranks()
+
+
+# ------------------------------------------------------------------------------------ forced-path table
+def test_forced_table_names_the_fastest_path_per_point():
+    from molora_ops.benchmarking.report import forced_table
+
+    def rec(provider, T, ms, ranks=()):
+        return {"provider": provider, "status": "ok", "time": {"median_ms": ms, "p20_ms": ms, "p80_ms": ms},
+                "config": {"T": T, "R": 64 if ranks else 16, "ranks": list(ranks), "sweeps": ["T"]}}
+
+    run = [rec("triton", 1, 0.02), rec("triton:fused", 1, 0.01), rec("cuda", 1, 0.015), rec("cuda:fused", 1, 0.03),
+           rec("triton", 256, 0.05), rec("triton:grouped", 256, 0.04), rec("gather-bmm", 256, 0.01),
+           rec("triton", 256, 0.06, (8, 16, 64)), rec("triton+ranks", 256, 0.03, (8, 16, 64))]
+    lines = forced_table(run).splitlines()
+    assert lines[0].split(" | ")[-2:] == ["fastest triton", "fastest cuda |"]
+    assert lines[2].startswith("| T=1 |") and lines[2].endswith("| triton:fused | cuda |") and "**0.010**" in lines[2]
+    assert lines[3].startswith("| T=256 |") and "triton:grouped | – |" in lines[3] and "gather-bmm" not in lines[3]
+    assert lines[4].startswith("| T=256, ranks 8/16/64 (R=64) |") and "triton+ranks" in lines[4]
+    assert forced_table([rec("triton", 1, 0.02)]) is None

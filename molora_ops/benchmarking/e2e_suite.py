@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from .env import environment
-from .timing import TimingConfig, time_fn
+from .timing import TimingConfig, cache_bytes, cache_record, time_fn
 
 SCHEMA = 2
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -395,7 +395,7 @@ def prepare_call(var: Variant, mode: str, pt: Point, cfg: E2EConfig, ckw: str, d
 def time_interleaved(fns: dict[str, Callable[[], object]], device, cfg: TimingConfig) -> dict[str, dict]:
     """Time every callable round by round (the order rotates each round), so that a slow patch of a shared
     machine hits all of them alike; stops once every callable has min_reps samples and the slowest has spent
-    min_time_s, or after max_reps rounds. Returns {name: {median_ms, p20_ms, p80_ms, n, timer}}."""
+    min_time_s, or after max_reps rounds. Returns {name: {median_ms, p20_ms, p80_ms, n, timer, cache}}."""
     import statistics
 
     one = TimingConfig(warmup=0, min_reps=1, max_reps=1, min_time_s=0.0, cuda_rep_ms=cfg.cuda_rep_ms)
@@ -404,19 +404,20 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device, cfg: TimingCo
         for n in names:
             fns[n]()
     samples: dict[str, list[float]] = {n: [] for n in names}
-    timer = ""
+    timer, cache = "", ""
     for rnd in range(cfg.max_reps):
         for n in names[rnd % len(names):] + names[:rnd % len(names)]:
             t = time_fn(fns[n], device, one)
             samples[n].append(t.median_ms)
-            timer = t.timer
+            timer, cache = t.timer, t.cache
         done = rnd + 1 >= cfg.min_reps and max(sum(v) for v in samples.values()) >= cfg.min_time_s * 1e3
         if done:
             break
     out = {}
     for n, v in samples.items():
         q = statistics.quantiles(v, n=10, method="inclusive") if len(v) > 1 else [v[0]] * 9
-        out[n] = {"median_ms": statistics.median(v), "p20_ms": q[1], "p80_ms": q[7], "n": len(v), "timer": timer}
+        out[n] = {"median_ms": statistics.median(v), "p20_ms": q[1], "p80_ms": q[7], "n": len(v), "timer": timer,
+                  "cache": cache}
     return out
 
 
@@ -453,7 +454,8 @@ def run_e2e(
     run_id = f"{environment(device)['timestamp']}-{uuid.uuid4().hex[:6]}"
     common = {"suite": "e2e", "schema": SCHEMA, "grid": grid_name, "run_id": run_id, "config": cfg.as_dict(),
               "timing": asdict(timing), "ours_backend": _auto_backend(device),
-              "params": sum(p.numel() for p in base.parameters()), "cache": "static"}
+              "params": sum(p.numel() for p in base.parameters()), "cache": "static",
+              "weight_bytes": sum(p.numel() * p.element_size() for p in base.parameters())}
     try:
         with tempfile.TemporaryDirectory(prefix="molora-bench-") as tmp:
             peft_model, names = build_peft(base, cfg, tmp)
@@ -542,7 +544,10 @@ def _run_point(pt: Point, built: dict, cfg: E2EConfig, device, truth, timing: Ti
     tokens = pt.batch * pt.seq
     for key, t in times.items():
         rec = recs[key]
-        rec.update(status="ok", time=t, tokens_per_s=tokens / (t["median_ms"] * 1e-3))
+        # timing_cache ("cache" names the KV cache): every forward reads all the weights, which past
+        # POOL_MARGIN x the last-level cache evict themselves ("exceeds_cache").
+        rec.update(status="ok", time=t, tokens_per_s=tokens / (t["median_ms"] * 1e-3),
+                   timing_cache=cache_record(t["cache"], common["weight_bytes"], cache_bytes(device), 1))
         if key[1] == "compiled":
             rec["recompiles_while_timing"] = recompiles
     for (name, mode), rec in recs.items():

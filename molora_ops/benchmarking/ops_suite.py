@@ -2,12 +2,18 @@
 
 For each point it first checks every provider's output against molora_ops.reference (on up to 256 of the
 tokens: rows are independent, so a subset is an exact check of those rows), then times the providers that
-agree, the base projection GEMM (x @ W.T on the same shapes) and, once per run, a large copy (the bandwidth
-ceiling) and the cheapest launch (the latency floor).
+agree, the base projection GEMM (x @ W.T on the same shapes), the routing plan's build and, once per run, a
+large copy (the bandwidth ceiling) and the cheapest launch (the latency floor).
+
+Fairness (DESIGN.md section 5): our providers get their routing plan built in prepare, outside the timed
+call (a patched model builds one per forward for all its layers; `plan_build` in each record is that cost).
+Timers that do not flush caches (CUDA-graph replay, CPU loops) cycle through a pool of problem copies larger
+than the last-level cache (timing.pool_members); each record's `cache` field says which method held.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import uuid
@@ -17,10 +23,10 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from .baselines import Provider, all_providers
+from .baselines import OURS, Provider, all_providers, prepare_ours
 from .env import environment
-from .problems import TRAFFIC_PATTERNS, OpsConfig, cost_model, make_problem
-from .timing import TimingConfig, copy_bandwidth, launch_floor, time_fn
+from .problems import TRAFFIC_PATTERNS, OpsConfig, cost_model, make_problem, member_bytes, pool_member
+from .timing import TimingConfig, cache_bytes, cache_record, copy_bandwidth, launch_floor, pool_members, time_fn, time_pool
 
 # Max |provider - reference| relative to max |reference|: loose enough for low-precision paths (PEFT and
 # dense run in the input dtype, triton may use tf32 for float32), tight enough that a dropped slot,
@@ -29,6 +35,9 @@ VERIFY_TOL = {"float32": 1e-3, "float16": 1e-2, "bfloat16": 5e-2}
 VERIFY_ROWS = 256
 GRAPH_MAX_T = 64  # decode sizes: time with CUDA graphs where the provider can be captured
 HEADLINE = dict(H_in=4096, H_out=4096, R=16, N=32, K=2, pattern="uniform")
+# Mixed ranks as served in practice (issue 11 item 4), zero-padded to the largest: "<backend>+ranks" against
+# the plain provider on the same weights shows what bounding the rank loops saves.
+MIXED_RANKS = dict(R=64, ranks=(8, 16, 64))
 
 
 def _sweep(base: dict, tag: str, **axes) -> list[OpsConfig]:
@@ -53,7 +62,8 @@ def _merge(points: Iterable[OpsConfig]) -> list[OpsConfig]:
 def grid(name: str) -> list[OpsConfig]:
     """Named grids. smoke: tiny shapes for CI (with empty slots, duplicates and bf16); cpu: real hidden
     sizes at CPU-friendly token counts, a few minutes on two cores; gpu: the full sweep of issue 5;
-    gpu-quick: the headline shape (bf16) at the key token counts only, for `bench/gpu_check.sh quick`."""
+    gpu-quick: the headline shape (bf16) at the key token counts only, then mixed ranks (MIXED_RANKS) at
+    T = 1 and 256, for `bench/gpu_check.sh quick`."""
     if name == "smoke":
         base = dict(T=7, N=4, K=2, R=8, H_in=64, H_out=96, dtype="float32", pattern="uniform")
         return _merge(
@@ -86,30 +96,37 @@ def grid(name: str) -> list[OpsConfig]:
             + _sweep(base, "dtype", dtype=["bfloat16", "float16", "float32"])
         )
     if name == "gpu-quick":
-        return _sweep(dict(HEADLINE, T=256, dtype="bfloat16"), "T", T=[1, 8, 64, 256, 4096])
+        base = dict(HEADLINE, T=256, dtype="bfloat16")
+        return _sweep(base, "T", T=[1, 8, 64, 256, 4096]) + _sweep({**base, **MIXED_RANKS}, "ranks", T=[1, 256])
     raise ValueError(f"unknown grid {name!r}; expected smoke, cpu, gpu or gpu-quick")
 
 
-# Forced kernel paths, each timed with a plan built outside the timed call: "<backend>+plan" is the shape
-# heuristic, "<backend>:<path>" forces one path (triton: molora_ops.impl.triton_backend.Settings; cuda:
-# MOLORA_CUDA_PATH), so that one GPU run shows what every path costs at every point.
+# Forced kernel paths, each timed with the plan built outside the timed call like every provider of ours:
+# "<backend>:<path>" forces one path (triton: molora_ops.impl.triton_backend.Settings fields; cuda:
+# MOLORA_CUDA_PATH), so that one GPU run shows what every path costs at every point; the plain "<backend>"
+# provider is the shape heuristic. A triton path whose Settings fields the backend does not have (a path
+# still being written) is reported as skipped with the reason, never silently dropped.
 FORCED = {
     "triton": {
-        "plan": {},
         "fused": dict(fused=True),
+        "fused-pipelined": dict(fused=True, fused_stages=3),  # the fused kernel's H_in loop in 3 stages
         "gather": dict(fused=False, expand="gather"),
         "dot": dict(fused=False, expand="dot"),
+        "grouped": dict(fused=False, expand="grouped"),
         "split1": dict(fused=False, split_k=1),
         "split4": dict(fused=False, split_k=4),
         "split16": dict(fused=False, split_k=16),
         "atomic4": dict(fused=False, split_k=4, atomic_split_k=True),
     },
-    "cuda": {"plan": None, "per_pair": "per_pair", "segmented": "segmented", "fused": "fused"},
+    "cuda": {"per_pair": "per_pair", "segmented": "segmented", "fused": "fused"},
 }
+# "<backend>+ranks": the heuristic path given each adapter's real rank (routed_lora(..., ranks=)), against
+# the plain provider on the same zero-padded weights: what bounding the rank loops saves.
+RANKED_SUFFIX = "+ranks"
 
 
 def forced_name(backend: str, path: str) -> str:
-    return f"{backend}+plan" if path == "plan" else f"{backend}:{path}"
+    return f"{backend}:{path}"
 
 
 def _forcing(backend: str, how):
@@ -133,21 +150,20 @@ def _forcing(backend: str, how):
         else:
             os.environ["MOLORA_CUDA_PATH"] = value
 
-    return (lambda: put_path(how or old_path)), (lambda: put_path(old_path))
+    return (lambda: put_path(how)), (lambda: put_path(old_path))
 
 
 def _prepare_forced(backend: str, how):
-    def prepare(p):
-        import molora_ops
+    plain = prepare_ours(backend)
 
-        plan = molora_ops.build_plan(p.topk_ids, p.lora_a.shape[0])  # untimed, as a patched model shares one
+    def prepare(p):
+        call = plain(p)  # builds the plan, untimed
         apply, restore = _forcing(backend, how)
 
         def run():
             apply()
             try:
-                return molora_ops.routed_lora(p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights, scaling=p.scaling,
-                                              backend=backend, plan=plan, validate=False)
+                return call()
             finally:
                 restore()
 
@@ -156,20 +172,64 @@ def _prepare_forced(backend: str, how):
     return prepare
 
 
-def forced_providers(available: dict[str, Provider]) -> dict[str, Provider]:
-    """A "+plan" and a ":<path>" provider for each of our GPU backends present in `available`."""
-    out = {}
+def _prepare_ranked(backend: str):
+    def prepare(p):
+        if p.ranks is None:
+            raise ValueError("the +ranks providers need a point with per-adapter ranks (OpsConfig.ranks)")
+        return prepare_ours(backend, ranks=p.ranks)(p)
+
+    return prepare
+
+
+def forced_unavailable(backend: str, how) -> str | None:
+    """Why the forced path `how` of `backend` cannot run with the code as it is (None: it can)."""
+    if backend != "triton":
+        return None
+    from molora_ops.impl import triton_backend as tb
+
+    missing = sorted(k for k in how if not hasattr(tb.settings, k))
+    return f"triton_backend.Settings has no {', '.join(missing)} (path not landed)" if missing else None
+
+
+def ranks_unavailable() -> str | None:
+    """Why routed_lora cannot take per-adapter ranks yet (None: it can)."""
+    import inspect
+
+    import molora_ops
+
+    if "ranks" in inspect.signature(molora_ops.routed_lora).parameters:
+        return None
+    return "molora_ops.routed_lora has no ranks= argument yet (per-adapter ranks not landed)"
+
+
+def forced_providers(available: dict[str, Provider]) -> tuple[dict[str, Provider], dict[str, str]]:
+    """The ":<path>" providers of each of our GPU backends and the "+ranks" one of each backend of ours
+    present in `available`, and the reason for each one the code cannot run yet."""
+    out, skipped = {}, {}
     for backend, paths in FORCED.items():
-        if backend in available:
-            base = available[backend]
-            for path, how in paths.items():
-                name = forced_name(backend, path)
+        if backend not in available:
+            continue
+        base = available[backend]
+        for path, how in paths.items():
+            name = forced_name(backend, path)
+            why = forced_unavailable(backend, how)
+            if why:
+                skipped[name] = why
+            else:
                 out[name] = Provider(name, "ours", base.graph_safe, _prepare_forced(backend, how), base.workspace)
-    return out
+    for backend in (b for b in OURS if b in available):
+        base, name = available[backend], backend + RANKED_SUFFIX
+        if why := ranks_unavailable():
+            skipped[name] = why
+        else:
+            out[name] = Provider(name, "ours", base.graph_safe, _prepare_ranked(backend), base.workspace)
+    return out, skipped
 
 
 def _forced_backend(name: str) -> str | None:
-    """The backend of a forced-path provider name, None for any other name."""
+    """The backend of a forced-path or +ranks provider name, None for any other name."""
+    if name.endswith(RANKED_SUFFIX) and name[: -len(RANKED_SUFFIX)] in OURS:
+        return name[: -len(RANKED_SUFFIX)]
     return next((b for b, paths in FORCED.items() if name in {forced_name(b, p) for p in paths}), None)
 
 
@@ -180,10 +240,10 @@ def select_providers(device: torch.device, names: list[str] | None, *, interpret
     plain = [n for n in names or [] if n not in forced]
     chosen, skipped = all_providers(device, sorted(set(plain) | set(forced.values())) if names else None,
                                     interpreted=interpreted)
-    extra = forced_providers(chosen)
+    extra, not_landed = forced_providers(chosen)
     for n, backend in forced.items():
         if n not in extra:
-            skipped[n] = skipped.get(backend, f"backend {backend} is not available")
+            skipped[n] = not_landed.get(n) or skipped.get(backend, f"backend {backend} is not available")
     if names:
         chosen = {n: p for n, p in chosen.items() if n in plain}
         skipped = {n: r for n, r in skipped.items() if n in names}
@@ -260,6 +320,43 @@ def run_ops(
     return records
 
 
+class _Pool:
+    """The problem copies of one point that cycled timers go through (see timing.time_pool): built on first
+    use, shared by the point's providers, the problem itself first."""
+
+    def __init__(self, p, cost: dict, device: torch.device, budget: int):
+        self.cache = cache_bytes(device)
+        self.touched = cost["bytes"]
+        # A quarter of the memory budget for the copies: a provider's own prepare may add as much again.
+        self.size = pool_members(self.touched, self.cache[0], member_bytes=member_bytes(p), budget_bytes=budget // 4)
+        self._members = [p]
+        self._last_expected = None
+
+    def members(self, cycled: bool) -> list:
+        """Every copy when the timer cycles through them, else the problem alone."""
+        while cycled and len(self._members) < self.size:
+            self._members.append(pool_member(self._members[0], len(self._members)))
+        return self._members if cycled else self._members[:1]
+
+    def last_expected(self, rows: torch.Tensor) -> torch.Tensor:
+        """The reference rows of the last copy (computed once per point)."""
+        if self._last_expected is None:
+            self._last_expected = _reference_rows(self._members[-1], rows)
+        return self._last_expected
+
+
+def _base_gemm(p, cost: dict, device, timing, graph: bool, budget: int) -> dict:
+    """The base projection x @ W.T timed like the providers: W copies cycled where the timer does not flush."""
+    cache = cache_bytes(device)
+    touched = cost["base_gemm_bytes"]
+    cycled = device.type != "cuda" or graph
+    w_bytes = p.base_weight.numel() * p.base_weight.element_size()
+    n = pool_members(touched, cache[0], member_bytes=w_bytes, budget_bytes=budget // 4) if cycled else 1
+    weights = [p.base_weight] + [p.base_weight.clone() for _ in range(n - 1)]
+    t = time_pool([functools.partial(F.linear, p.x, w) for w in weights], device, timing, cuda_graph=graph)
+    return {**t.as_dict(), "cache": cache_record(t.cache, touched, cache, n)}
+
+
 def _run_points(configs, chosen, left_out, device, timing, common, progress, verify_only, budget, records) -> None:
     """run_ops' loop: appends one record per (config, provider) to `records` as each finishes."""
     for cfg in configs:
@@ -270,33 +367,50 @@ def _run_points(configs, chosen, left_out, device, timing, common, progress, ver
         graph = device.type == "cuda" and cfg.T <= GRAPH_MAX_T
         point = {**common, "config": cfg.as_dict(), **cost}
         if not verify_only:
-            base = time_fn(lambda: F.linear(p.x, p.base_weight), device, timing, cuda_graph=graph)
-            point["base_gemm"] = base.as_dict()
+            point["base_gemm"] = _base_gemm(p, cost, device, timing, graph, budget)
+            point["plan_build"] = _plan_build(p, device, timing)
+        pool = _Pool(p, cost, device, budget)
         for name, reason in left_out.items():
             records.append({**point, "provider": name, "kind": "ours", "status": "skipped", "reason": reason})
         for name, prov in chosen.items():
             if progress:
                 progress(f"{name} T={cfg.T} N={cfg.N} k={cfg.K} r={cfg.R} {cfg.pattern}")
-            records.append(_run_provider(prov, p, cfg, point, rows, expected, device, timing, graph, budget, verify_only))
-        del p
+            records.append(_run_provider(prov, pool, cfg, point, rows, expected, device, timing, graph, budget,
+                                         verify_only))
+        del p, pool
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
 
-def _run_provider(prov: Provider, p, cfg, point, rows, expected, device, timing, graph, budget, verify_only) -> dict:
+def _plan_build(p, device, timing) -> dict:
+    """The time of molora_ops.build_plan for the point's routing: what a patched model pays once per forward
+    (shared by all its layers), and what no provider's timed call includes."""
+    import molora_ops
+
+    t = time_fn(lambda: molora_ops.build_plan(p.topk_ids, p.lora_a.shape[0]), device, timing)
+    return t.as_dict()
+
+
+def _run_provider(prov: Provider, pool: _Pool, cfg, point, rows, expected, device, timing, graph, budget,
+                  verify_only) -> dict:
     rec = {**point, "provider": prov.name, "kind": prov.kind}
     need = prov.workspace(cfg)
     if need > budget:
         return {**rec, "status": "skipped", "reason": f"needs ~{need / 2**30:.1f} GiB of temporaries (budget {budget / 2**30:.1f})"}
+    cuda_graph = graph and prov.graph_safe
+    cycled = not verify_only and (device.type != "cuda" or cuda_graph)  # these timers do not flush caches
     try:
-        fn = prov.prepare(p)
-        err = verify(fn, p, rows, expected)
+        members = pool.members(cycled)
+        fns = [prov.prepare(m) for m in members]
+        err = verify(fns[0], members[0], rows, expected)
+        if len(fns) > 1:  # the last copy holds other data: checked against its own reference
+            err = max(err, verify(fns[-1], members[-1], rows, pool.last_expected(rows)))
         rec.update(max_rel_err=err, tol=VERIFY_TOL[cfg.dtype])
         if not err <= VERIFY_TOL[cfg.dtype]:
             return {**rec, "status": "wrong", "reason": f"max rel err {err:.3g} > {VERIFY_TOL[cfg.dtype]} against the reference"}
         if verify_only:
             return {**rec, "status": "verified"}
-        t = time_fn(fn, device, timing, cuda_graph=graph and prov.graph_safe)
+        t = time_pool(fns, device, timing, cuda_graph=cuda_graph)
     except torch.OutOfMemoryError as exc:
         return {**rec, "status": "skipped", "reason": f"out of memory: {str(exc).splitlines()[0]}"}
     except Exception as exc:  # one broken provider must not hide the others' numbers
@@ -308,6 +422,7 @@ def _run_provider(prov: Provider, p, cfg, point, rows, expected, device, timing,
     rec.update(
         status="ok",
         time=t.as_dict(),
+        cache=cache_record(t.cache, pool.touched, pool.cache, len(members)),
         gbps=point["bytes"] / sec / 1e9,
         copy_frac=point["bytes"] / sec / 1e9 / rec["copy_gbps"],
         tflops=point["flops"] / sec / 1e12,

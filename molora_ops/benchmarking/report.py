@@ -18,13 +18,23 @@ from .problems import TRAFFIC_PATTERNS
 
 # sweep tag (prefix before '@') -> the config field that varies along it
 SWEEP_AXIS = {"T": "T", "pattern": "pattern", "distinct32": "pattern", "N": "N", "K": "K", "R": "R",
-              "hidden": "H_out", "dtype": "dtype", "empty": "empty_frac"}
+              "hidden": "H_out", "dtype": "dtype", "empty": "empty_frac", "ranks": "T"}
 PROVIDER_ORDER = list(OURS) + list(BASELINES)
 
 
 def _is_ours(provider: str) -> bool:
-    """Our backends, also as forced-path or prebuilt-plan variants ("triton:dot", "cuda+plan")."""
+    """Our backends, also as forced-path or per-adapter-rank variants ("triton:dot", "cuda+ranks")."""
     return re.split(r"[:+]", provider, maxsplit=1)[0] in OURS
+
+
+def _variant_of(provider: str) -> tuple[str, str] | None:
+    """(backend, path) of a forced-path or +ranks provider ("triton:dot" -> ("triton", "dot")), else None."""
+    m = re.fullmatch(r"([a-z]+)([:+])(.+)", provider)
+    if not m or m.group(1) not in OURS:
+        return None
+    return m.group(1), m.group(3) if m.group(2) == ":" else "+" + m.group(3)
+
+
 ORDER = {v: i for i, v in enumerate(TRAFFIC_PATTERNS + ("float32", "float16", "bfloat16"))}
 COLORS = {"torch": "#1f77b4", "triton": "#2ca02c", "cuda": "#d62728", "reference": "#7f7f7f",
           "peft-loop": "#ff7f0e", "dense": "#9467bd", "gather-bmm": "#8c564b", "base GEMM": "#000000"}
@@ -96,7 +106,8 @@ def _points(run: list[dict], tag: str) -> "OrderedDict[tuple, dict[str, dict]]":
     pts: dict = {}
     for r in run:
         if tag in r["config"]["sweeps"]:
-            key = tuple(sorted((k, v) for k, v in r["config"].items() if k != "sweeps"))
+            key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                               for k, v in r["config"].items() if k != "sweeps"))
             pts.setdefault(key, {})[r["provider"]] = r
     axis = SWEEP_AXIS.get(tag.split("@")[0], tag)
 
@@ -165,12 +176,80 @@ def ops_table(run: list[dict], tag: str, *, spread: bool = False) -> str:
     return "\n".join(lines)
 
 
+def _forced_paths(run: list[dict]) -> dict[str, list[str]]:
+    """{backend: [its forced paths and +ranks variants, first-seen order]} present in the run."""
+    paths: dict[str, list[str]] = {}
+    for r in run:
+        v = _variant_of(r["provider"])
+        if v and v[1] not in paths.setdefault(v[0], []):
+            paths[v[0]].append(v[1])
+    return paths
+
+
+def _ops_point_label(cfg: dict) -> str:
+    label = f"T={cfg['T']}"
+    if cfg.get("ranks"):
+        label += f", ranks {'/'.join(map(str, cfg['ranks']))} (R={cfg['R']})"
+    return label
+
+
+def forced_table(run: list[dict]) -> str | None:
+    """Every forced kernel path per point, so that one GPU run can set the heuristics: a column per path
+    (the plain provider is the shape heuristic), the median ms, the fastest path of each backend in bold
+    and named at the end of the row. None when the run has no forced-path providers."""
+    paths = _forced_paths(run)
+    if not paths:
+        return None
+    cols = [(b, None) for b in paths] + [(b, p) for b, ps in paths.items() for p in ps]
+    name = lambda b, p: b if p is None else (f"{b}{p}" if p.startswith("+") else f"{b}:{p}")  # noqa: E731
+    pts: dict = {}
+    for r in run:
+        key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in r["config"].items() if k != "sweeps"))
+        pts.setdefault(key, {})[r["provider"]] = r
+    head = ["point"] + [("heuristic " + b) if p is None else name(b, p) for b, p in cols]
+    head += [f"fastest {b}" for b in paths]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, provs in sorted(pts.items(), key=lambda kv: (bool(dict(kv[0]).get("ranks")), dict(kv[0])["T"])):
+        if not any(name(b, p) in provs for b, p in cols if p is not None):
+            continue
+        best = {b: _best(provs, [name(b, p) for bb, p in cols if bb == b]) for b in paths}
+        row = [_ops_point_label(dict(key))]
+        for b, p in cols:
+            cell = _cell(provs.get(name(b, p)), False)
+            row.append(f"**{cell}**" if best[b] is not None and best[b] is provs.get(name(b, p)) else cell)
+        row += [best[b]["provider"] if best[b] else "–" for b in paths]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+FORCED_LEGEND = ("*Forced kernel paths*: the same call with one kernel path forced (`triton:<path>` sets "
+                 "`molora_ops.impl.triton_backend.Settings`, `cuda:<path>` sets `MOLORA_CUDA_PATH`; `+ranks` passes "
+                 "each adapter's real rank); *heuristic* is the path the shape heuristic picks. Median ms, the "
+                 "fastest of each backend in bold: where it is not the heuristic, the heuristic should change.")
+
+
 OPS_LEGEND = ("Columns: median time of one `routed_lora` call in ms (CPU: thread CPU time with one torch thread, "
               "else wall time); *base GEMM* is `x @ W.T` on the same shapes, the projection the LoRA delta is added "
               "to; *ours vs X* is X's time over ours (above 1: ours is faster); *% of copy BW* is the minimum bytes "
               "(x, the routed adapters' A and B, the output) over our time, as a fraction of a large torch copy "
               "timed in the same run; *ours / base GEMM* is the LoRA cost relative to the base projection; "
               "*ours / floor* is our time over max(cheapest launch, minimum bytes / copy bandwidth).")
+
+
+def _cache_note(run: list[dict]) -> str:
+    """How the timed calls were kept from finding their data cached, counted over the run's timed rows."""
+    methods = defaultdict(int)
+    for r in run:
+        if r.get("status") == "ok":
+            methods[(r.get("cache") or {}).get("method", "not recorded")] += 1
+    size = next((r["cache"]["cache_bytes"] for r in run if isinstance(r.get("cache"), dict)), None)
+    told = {"l2_flush": "L2 flushed before each call", "pool": "cycled through copies of the data larger than "
+            "the cache", "exceeds_cache": "one call's data exceeds the cache", "pool-partial": "a pool capped "
+            "by memory (partly cache-resident)", "resident": "data cache-resident (no flush, no pool)",
+            "not recorded": "cache handling not recorded (older run)"}
+    parts = [f"{told.get(m, m)}: {n} rows" for m, n in sorted(methods.items())]
+    where = f" (last-level cache {size / 2**20:.0f} MiB)" if size else ""
+    return f"Caches{where}: " + "; ".join(parts) + "." if parts else "Caches: no timed rows."
 
 
 def ratio_summary(run: list[dict], tag: str) -> str | None:
@@ -216,6 +295,10 @@ def ops_section(run: list[dict], *, full: bool, image: str | None) -> str:
     for tag in shown:
         out += [f"*{tag} sweep* ({_fixed(run, tag)}); median ms" + (" [p20, p80]" if full else "") + ":", "",
                 ops_table(run, tag, spread=full), ""]
+    forced = forced_table(run)
+    if forced:
+        out += [FORCED_LEGEND, "", forced, ""]
+    out += [_cache_note(run), ""]
     summary = ratio_summary(run, next((t for t in tags if t.split("@")[0] == "T"), tags[0]))
     if summary:
         out += [summary, ""]
