@@ -14,13 +14,17 @@
 #                                  (MOLORA_CUDA_ARCHS=90). If the CUDA build fails, a pure-Python install
 #                                  (MOLORA_SKIP_CUDA_BUILD=1) follows and the CUDA steps below are skipped;
 #                                  the Triton steps still run.
+#   compile         -> build.log   kernels/compile_check.py: every Triton kernel, heuristic and forced paths,
+#                                  compiled for sm_90 in bf16/fp16/fp32 (registers, spills), in parallel
 #   selfcheck       -> check.log   `molora selfcheck --device cuda`: every available backend, every dtype
 #   tests           -> tests.log   pytest -m gpu (parity, forced Triton paths in bf16/fp16/fp32, CUDA,
 #                                  CUDA-graph replay), pytest-timeout per test, pytest-xdist workers
 #   memcheck        -> check.log   compute-sanitizer memcheck of the cuda backend, every forced path
 #   racecheck       -> check.log   compute-sanitizer racecheck of the segmented shrink
-#   bench_ops       -> bench.log, ops-gpu.jsonl   grid gpu-quick (T 1..4096, bf16, h 4096, r 16, N 32, k 2):
-#                                  baselines, triton and cuda, each with a prebuilt plan and every forced path
+#   bench_ops       -> bench.log, ops-gpu.jsonl   grid gpu-quick (T 1..4096, bf16, h 4096, r 16, N 32, k 2,
+#                                  then mixed ranks 8/16/64 at T 1 and 256): baselines, triton and cuda (plans
+#                                  built untimed), every forced path and +ranks; graph-timed points cycle a
+#                                  weight pool larger than L2, do_bench points flush L2 (each row's `cache`)
 #   bench_e2e       -> bench.log, e2e-gpu.jsonl   grid gpu-quick: 2 layers of Llama-8B's shape, prefill 8x512,
 #                                  decode batch 1 and 8; base, ours (cuda, triton), PEFT mixed batch
 # plus summary.txt (one line per step: rc, seconds, last lines of its log): 7 files in $OUT.
@@ -52,16 +56,20 @@ cd "$(dirname "$0")/.."
 # the run order: correctness first.
 QUICK_STEPS=(
   "env:10:build"
-  "build:110:build"
-  "selfcheck:45:check"
-  "tests:150:tests"
-  "memcheck:45:check"
+  "build:105:build"
+  "compile:20:build"
+  "selfcheck:40:check"
+  "tests:140:tests"
+  "memcheck:40:check"
   "racecheck:30:check"
-  "bench_ops:60:bench:ops-gpu.jsonl"
+  "bench_ops:65:bench:ops-gpu.jsonl"
   "bench_e2e:30:bench:e2e-gpu.jsonl"
 )
-QUICK_OPS_PROVIDERS="gather-bmm,dense,peft-loop,triton,triton+plan,triton:fused,triton:gather,triton:dot,\
-triton:split1,triton:split4,triton:split16,triton:atomic4,cuda,cuda+plan,cuda:per_pair,cuda:segmented,cuda:fused"
+# Every provider of ours builds its routing plan outside the timed call; "triton"/"cuda" are the shape
+# heuristics, "<backend>:<path>" forces one path, "<backend>+ranks" passes per-adapter ranks (mixed-rank points).
+QUICK_OPS_PROVIDERS="gather-bmm,dense,peft-loop,triton,triton:fused,triton:fused-pipelined,triton:gather,triton:dot,\
+triton:grouped,triton:split1,triton:split4,triton:split16,triton:atomic4,triton+ranks,cuda,cuda:per_pair,\
+cuda:segmented,cuda:fused,cuda+ranks"
 QUICK_E2E_VARIANTS="base,ours-topk@cuda,ours-topk@triton,peft-mixed"
 
 # Runs the cuda backend's ops (routed_lora, lora_shrink, lora_expand) on selfcheck's random cases with each
@@ -110,6 +118,11 @@ quick_build() {  # CUDA build for sm_90; on failure a pure-Python install, so th
   env PIP_NO_INDEX=1 MOLORA_SKIP_CUDA_BUILD=1 "$PY" -m pip install --no-build-isolation --no-deps -e . > /dev/null
   "$PY" -m molora_ops info
   return 1
+}
+
+quick_compile() {  # every Triton kernel and forced path compiled for sm_90 (registers, spills); no GPU needed
+  env -u TRITON_INTERPRET "$PY" -m molora_ops.kernels.compile_check --arch 90 --dtype bf16 fp16 fp32 \
+    --jobs "${GPU_CHECK_COMPILE_JOBS:-16}"
 }
 
 quick_selfcheck() { "$PY" -m molora_ops selfcheck --device cuda; }
@@ -163,7 +176,7 @@ run_quick() {  # run_quick [--dry-run]
     : > "$OUT/summary.txt"
   fi
   export PYTHONUNBUFFERED=1 OUT PY QUICK_OPS_PROVIDERS QUICK_E2E_VARIANTS SANITIZER_WORKLOAD
-  export -f sanitizer without_cuda quick_env quick_build quick_selfcheck quick_tests quick_memcheck quick_racecheck \
+  export -f sanitizer without_cuda quick_env quick_build quick_compile quick_selfcheck quick_tests quick_memcheck quick_racecheck \
     quick_bench_ops quick_bench_e2e
   export CUDA_OK=0
   for entry in "${QUICK_STEPS[@]}"; do

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from molora_ops.benchmarking.timing import TimingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
-ORDER = ["env", "build", "selfcheck", "tests", "memcheck", "racecheck", "bench_ops", "bench_e2e"]
+ORDER = ["env", "build", "compile", "selfcheck", "tests", "memcheck", "racecheck", "bench_ops", "bench_e2e"]
 LEASE_S = 480  # one device command may run 600 s; the machine's start and the transfers need the rest
 
 
@@ -86,6 +87,7 @@ def test_quick_runs_every_step_and_logs_into_out(tmp_path):
         assert f"=== {name}" in summary
     assert "memcheck: skipped (compute-sanitizer not found)" in summary
     assert "pytest -p no:cacheprovider -m gpu" in (out / "tests.log").read_text()
+    assert "molora_ops.kernels.compile_check --arch 90" in (out / "build.log").read_text()
     bench = (out / "bench.log").read_text()
     assert "cuda:segmented" in bench and "ours-topk@cuda" in bench
 
@@ -96,7 +98,8 @@ def test_failed_cuda_build_skips_the_cuda_steps_only(tmp_path):
     summary = (out / "summary.txt").read_text()
     assert "build: rc=1" in summary
     assert "memcheck: skipped (the CUDA build failed)" in summary and "racecheck: skipped" in summary
-    assert "selfcheck: rc=0" in summary and "bench_e2e: rc=0" in summary, "the Triton steps still run"
+    assert "selfcheck: rc=0" in summary and "compile: rc=0" in summary and "bench_e2e: rc=0" in summary, \
+        "the Triton steps still run"
     assert "--ignore=tests/test_cuda_backend.py" in (out / "tests.log").read_text()
     providers = [line.split("--providers ")[1].split()[0] for line in (out / "bench.log").read_text().splitlines()
                  if "--providers " in line]
@@ -106,9 +109,10 @@ def test_failed_cuda_build_skips_the_cuda_steps_only(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ grids
 def test_gpu_quick_grids():
-    assert [c.T for c in ops_suite.grid("gpu-quick")] == [1, 8, 64, 256, 4096]
-    assert {(c.dtype, c.H_in, c.H_out, c.R, c.N, c.K) for c in ops_suite.grid("gpu-quick")} == {
-        ("bfloat16", 4096, 4096, 16, 32, 2)}
+    ops = ops_suite.grid("gpu-quick")
+    assert [(c.T, c.R, c.ranks) for c in ops] == [(1, 16, ()), (8, 16, ()), (64, 16, ()), (256, 16, ()), (4096, 16, ()),
+                                                  (1, 64, (8, 16, 64)), (256, 64, (8, 16, 64))]
+    assert {(c.dtype, c.H_in, c.H_out, c.N, c.K) for c in ops} == {("bfloat16", 4096, 4096, 32, 2)}
     cfg = e2e_suite.grid("gpu-quick")
     assert (cfg.hidden, cfg.intermediate, cfg.heads, cfg.kv_heads, cfg.layers) == (4096, 14336, 32, 8, 2)
     assert [(p.phase, p.batch) for p in e2e_suite.points(cfg)] == [("prefill", 8), ("decode", 1), ("decode", 8)]
@@ -122,7 +126,8 @@ def launches(monkeypatch):
     from molora_ops.impl import triton_backend as tb
 
     kernels, calls = tb._kernels(), []
-    for fn in ("launch_fused", "launch_shrink", "launch_shrink_reduce", "launch_expand", "launch_expand_dot"):
+    for fn in ("launch_fused", "launch_shrink", "launch_shrink_reduce", "launch_expand", "launch_expand_dot",
+               "launch_expand_grouped"):
         real = getattr(kernels, fn)
         monkeypatch.setattr(kernels, fn, lambda *a, _real=real, _fn=fn, **kw: (calls.append(_fn), _real(*a, **kw))[1])
     return calls
@@ -133,6 +138,7 @@ def launches(monkeypatch):
     ("triton:fused", {"launch_fused"}, {"launch_shrink", "launch_expand", "launch_expand_dot"}),
     ("triton:dot", {"launch_shrink", "launch_expand_dot"}, {"launch_fused", "launch_expand"}),
     ("triton:gather", {"launch_shrink", "launch_expand"}, {"launch_fused", "launch_expand_dot"}),
+    ("triton:grouped", {"launch_shrink", "launch_expand_grouped"}, {"launch_fused", "launch_expand", "launch_expand_dot"}),
     ("triton:split1", {"launch_shrink"}, {"launch_fused", "launch_shrink_reduce"}),
     ("triton:split4", {"launch_shrink", "launch_shrink_reduce"}, {"launch_fused"}),
     ("triton:atomic4", {"launch_shrink"}, {"launch_fused", "launch_shrink_reduce"}),
@@ -153,6 +159,22 @@ def test_forced_triton_providers_take_their_path_and_restore_settings(name, made
     assert tb.settings == before, "the forced settings hold only inside the call"
 
 
+def test_every_forced_triton_path_names_settings_fields_or_says_why_not():
+    """A forced path whose Settings fields exist is a provider; one that names a field the backend does not
+    have yet (a path still being written) is skipped with that reason, never silently run as another path."""
+    from molora_ops.impl import triton_backend as tb
+
+    fields = set(vars(tb.settings))
+    for path, how in ops_suite.FORCED["triton"].items():
+        why = ops_suite.forced_unavailable("triton", how)
+        assert (why is None) == (set(how) <= fields), (path, why)
+    avail = {"triton": ops_suite.Provider("triton", "ours", True, lambda p: None, lambda c: 0)}
+    made, skipped = ops_suite.forced_providers(avail)
+    names = {ops_suite.forced_name("triton", p) for p in ops_suite.FORCED["triton"]} | {"triton+ranks"}
+    assert set(made) | set(skipped) == names and not set(made) & set(skipped)
+    assert all("not landed" in r for r in skipped.values()), skipped
+
+
 def test_forced_cuda_path_is_set_only_inside_the_call(monkeypatch):
     monkeypatch.setenv("MOLORA_CUDA_PATH", "per_pair")
     seen = []
@@ -162,17 +184,15 @@ def test_forced_cuda_path_is_set_only_inside_the_call(monkeypatch):
     restore()
     assert seen == ["segmented"] and os.environ["MOLORA_CUDA_PATH"] == "per_pair"
     monkeypatch.delenv("MOLORA_CUDA_PATH")
-    apply, restore = ops_suite._forcing("cuda", None)  # cuda+plan: the heuristic
-    apply()
-    assert "MOLORA_CUDA_PATH" not in os.environ
-    restore()
 
 
 def test_unknown_and_unavailable_forced_providers():
     with pytest.raises(ValueError, match="triton:nope"):
         ops_suite.select_providers(torch.device("cpu"), ["triton:nope"])
-    chosen, skipped = ops_suite.select_providers(torch.device("cpu"), ["cuda:fused", "cuda+plan", "dense"])
-    assert list(chosen) == ["dense"] and set(skipped) == {"cuda:fused", "cuda+plan"}
+    with pytest.raises(ValueError, match="triton\\+plan"):  # the plan is always prebuilt: no such variant
+        ops_suite.select_providers(torch.device("cpu"), ["triton+plan"])
+    chosen, skipped = ops_suite.select_providers(torch.device("cpu"), ["cuda:fused", "cuda+ranks", "dense"])
+    assert list(chosen) == ["dense"] and set(skipped) == {"cuda:fused", "cuda+ranks"}
 
 
 def test_e2e_variant_with_a_backend(monkeypatch):
@@ -185,3 +205,27 @@ def test_e2e_variant_with_a_backend(monkeypatch):
     by = {r["variant"]: r for r in recs}
     assert by["ours-topk@torch"]["status"] == "ok", by["ours-topk@torch"].get("reason")
     assert by["dense@torch"]["status"] == "error" and "@backend" in by["dense@torch"]["reason"]
+
+
+# ------------------------------------------------------------------------------------------ compile check
+def test_compile_check_has_a_job_for_every_kernel_and_forced_path():
+    """Every @triton.jit kernel of routed_lora is compiled by some job (a new kernel fails this until
+    compile_check covers it), and the forced-only launches the benchmarks time are among the jobs."""
+    from molora_ops.kernels import compile_check as cc
+
+    assert cc.all_kernels() and cc.all_kernels() <= cc.kernels_covered()
+    names = {j.name for shape in cc.SHAPES for j in cc.jobs(shape, "bf16")}
+    assert {"shrink", "shrink_reduce", "expand", "expand_dot", "expand_grouped", "expand_reduce", "fused"} <= names
+    forced = {j.name for shape in cc.SHAPES for j in cc.jobs(shape, "bf16") if not j.heuristic}
+    assert {"expand_grouped", "fused"} <= forced
+
+
+def test_compile_check_compiles_for_sm90_without_a_gpu():
+    """The tool end to end on its cheapest kernel (the full run is step `compile` of gpu_check.sh quick: too
+    slow for two shared cores)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "molora_ops.kernels.compile_check", "--arch", "90", "--dtype", "bf16",
+                          "--only", "expand_reduce"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = [line for line in res.stdout.splitlines() if line.startswith("sm_90 bf16 expand_reduce")]
+    assert lines and all("regs" in line and "stack    0" in line for line in lines), res.stdout
