@@ -14,7 +14,9 @@ Ops (namespace ``molora``):
         ranks?) -> [T, H_out]
     routed_lora_(out!, x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs?, seg_offsets?, backend,
         ranks?) -> ()
-    shrink_backward, expand_backward, routed_lora_backward: the gradients of the three functional ops.
+    routed_lora_train(x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs?, seg_offsets?, backend, base?,
+        ranks?) -> (out [T, H_out], u [T, K, R] f32): routed_lora that also returns the unscaled shrink for its backward
+    shrink_backward, expand_backward, routed_lora_backward: the gradients of the functional ops.
 `scale` is the per-adapter scaling as a [N] float32 tensor; the plan tensors are optional (built from
 topk_ids when absent). `base`, when given, is a [T, H_out] tensor the delta is added to (out of place,
 rounded once): the result equals what the mutating form leaves in `out = base`, bit for bit.
@@ -27,12 +29,15 @@ result equals the padded computation (the padding is zero); h[t, k, r] = 0 for r
 never reads h[t, k, r] there. None means every adapter has rank R. The backward (one formula for every backend)
 runs on the weights with their padding selected to zero, so its gradients are those of the bounded forward.
 
-Autograd: shrink, expand and routed_lora have backward formulas w.r.t. x, lora_a, lora_b, topk_weights,
-scale, h and base (none for ids and plan tensors). Every backend uses the same backward, the grouped torch
-code of ``impl/torch_grouped.py`` run as the ``*_backward`` ops (opaque to tracing, so compiled graphs keep
-it; a fast backward kernel is separate work; double backward is not supported). The mutating ops have no
-backward: the wrappers use them only when nothing needs a gradient, and take ``out.copy_(op(..., base=out))``
-otherwise.
+Autograd: shrink, expand, routed_lora and routed_lora_train have backward formulas w.r.t. x, lora_a, lora_b,
+topk_weights, scale, h and base (none for ids and plan tensors), run as the ``*_backward`` ops (opaque to tracing,
+so compiled graphs keep them; double backward is not supported). Each backward op takes the forward's backend and
+dispatches on it (_backward_impl): the torch backend's grouped code (impl/torch_backward.py) for "torch", the
+Triton kernels (kernels/routed_lora_backward.py) for "triton" and also for "cuda", which has no backward kernels of
+its own. routed_lora recomputes the rank-space u = A x in its backward; routed_lora_train returns u as a second,
+non-differentiable output that its backward reads instead (the trade-off is in its docstring). The mutating ops
+have no backward: the wrappers use them only when nothing needs a gradient, and take
+``out.copy_(op(..., base=out))`` otherwise.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import impl as _backends
-from .impl import torch_grouped as _grouped
+from .impl import torch_backward as _torch_backward
 from ._validation import (
     can_read_ids, check_autograd_out, check_expand, check_routed_lora, check_shrink, scaling_vector,
 )
@@ -89,6 +94,16 @@ def _fake_grads(needs, likes) -> tuple:
 def _needed(grads, needs) -> tuple:
     """Map a backward op's outputs back to autograd's convention: None for inputs that need no gradient."""
     return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+def _backward_impl(backend: str):
+    """The module whose shrink/expand/routed_lora_backward functions run the backward of a call made with
+    `backend`: impl/torch_backward.py for "torch"; the Triton kernels (kernels/routed_lora_backward.py, through
+    impl/triton_backend.py) for "triton", and for "cuda" too, whose extension has no backward kernels (the torch
+    code when triton cannot run)."""
+    if backend == "torch" or (backend == "cuda" and not _backends.backends()["triton"]["available"]):
+        return _torch_backward
+    return _backends.get("triton")
 
 
 def _padding_zeroed(w: Tensor, ranks: Optional[Tensor], dim: int) -> Tensor:
@@ -147,22 +162,25 @@ def _shrink_backward_op(
     scale: Tensor,
     sorted_pairs: Optional[Tensor],
     seg_offsets: Optional[Tensor],
+    backend: str,
     needs: Sequence[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dA, dw, ds) for `needs` = which of (x, lora_a, topk_weights, scale) need one; [0] where not."""
+    """(dx, dA, dw, ds) for `needs` = which of (x, lora_a, topk_weights, scale) need one; [0] where not.
+    `backend`: the forward's backend (see _backward_impl)."""
     plan = _plan(topk_ids, lora_a.shape[0], sorted_pairs, seg_offsets)
-    grads = _grouped.shrink_backward(grad_h, x, lora_a, topk_weights, scale, plan, needs)
+    grads = _backward_impl(backend).shrink_backward(grad_h, x, lora_a, topk_ids, topk_weights, scale, plan, needs)
     return _grads_or_empty(grads, (x, lora_a, topk_weights, scale))
 
 
 @_shrink_backward_op.register_fake
-def _(grad_h, x, lora_a, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, needs):
+def _(grad_h, x, lora_a, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, backend, needs):
     return _fake_grads(needs, (x, lora_a, topk_weights, scale))
 
 
 def _shrink_setup_context(ctx, inputs, output):
-    x, lora_a, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, _backend, ranks = inputs
+    x, lora_a, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, backend, ranks = inputs
     ctx.save_for_backward(x, lora_a, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, ranks)
+    ctx.backend = backend
 
 
 def _shrink_backward(ctx, grad_h):
@@ -170,7 +188,9 @@ def _shrink_backward(ctx, grad_h):
     n = ctx.needs_input_grad
     needs = (n[0], n[1], n[3], n[4])
     grad_h = _within_ranks(grad_h, topk_ids, ranks)
-    grads = _shrink_backward_op(grad_h, x, lora_a, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, needs)
+    grads = _shrink_backward_op(
+        grad_h, x, lora_a, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, ctx.backend, needs
+    )
     dx, da, dw, ds = _needed(grads, needs)
     return dx, da, None, dw, ds, None, None, None, None
 
@@ -229,22 +249,24 @@ def _expand_backward_op(
     topk_ids: Tensor,
     sorted_pairs: Optional[Tensor],
     seg_offsets: Optional[Tensor],
+    backend: str,
     needs: Sequence[bool],
 ) -> tuple[Tensor, Tensor]:
     """(dh, dB) for `needs` = which of (h, lora_b) need one; [0] where not."""
     plan = _plan(topk_ids, lora_b.shape[0], sorted_pairs, seg_offsets)
-    grads = _grouped.expand_backward(grad_out, h, lora_b, plan, needs)
+    grads = _backward_impl(backend).expand_backward(grad_out, h, lora_b, topk_ids, plan, needs)
     return _grads_or_empty(grads, (h, lora_b))
 
 
 @_expand_backward_op.register_fake
-def _(grad_out, h, lora_b, topk_ids, sorted_pairs, seg_offsets, needs):
+def _(grad_out, h, lora_b, topk_ids, sorted_pairs, seg_offsets, backend, needs):
     return _fake_grads(needs, (h, lora_b))
 
 
 def _expand_setup_context(ctx, inputs, output):
-    h, lora_b, topk_ids, sorted_pairs, seg_offsets, _backend, _base, ranks = inputs
+    h, lora_b, topk_ids, sorted_pairs, seg_offsets, backend, _base, ranks = inputs
     ctx.save_for_backward(h, lora_b, topk_ids, sorted_pairs, seg_offsets, ranks)
+    ctx.backend = backend
 
 
 def _expand_backward(ctx, grad_out):
@@ -252,7 +274,7 @@ def _expand_backward(ctx, grad_out):
     n = ctx.needs_input_grad
     needs = (n[0], n[1])
     h, lora_b = _within_ranks(h, topk_ids, ranks), _padding_zeroed(lora_b, ranks, 2)
-    dh, db = _needed(_expand_backward_op(grad_out, h, lora_b, topk_ids, sorted_pairs, seg_offsets, needs), needs)
+    dh, db = _needed(_expand_backward_op(grad_out, h, lora_b, topk_ids, sorted_pairs, seg_offsets, ctx.backend, needs), needs)
     return dh, db, None, None, None, None, grad_out if n[6] else None, None
 
 
@@ -321,38 +343,95 @@ def _routed_lora_backward_op(
     scale: Tensor,
     sorted_pairs: Optional[Tensor],
     seg_offsets: Optional[Tensor],
+    u: Optional[Tensor],
+    backend: str,
     needs: Sequence[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dA, dB, dw, ds) for `needs` = which of (x, lora_a, lora_b, topk_weights, scale) need one;
-    [0] where not."""
+    [0] where not. `u`: the forward's unscaled shrink [T, K, R] (routed_lora_train), or None to recompute it."""
     plan = _plan(topk_ids, lora_a.shape[0], sorted_pairs, seg_offsets)
-    grads = _grouped.routed_lora_backward(grad_out, x, lora_a, lora_b, topk_weights, scale, plan, needs)
+    grads = _backward_impl(backend).routed_lora_backward(
+        grad_out, x, lora_a, lora_b, topk_ids, topk_weights, scale, plan, needs, u
+    )
     return _grads_or_empty(grads, (x, lora_a, lora_b, topk_weights, scale))
 
 
 @_routed_lora_backward_op.register_fake
-def _(grad_out, x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, needs):
+def _(grad_out, x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, u, backend, needs):
     return _fake_grads(needs, (x, lora_a, lora_b, topk_weights, scale))
 
 
 def _routed_lora_setup_context(ctx, inputs, output):
-    x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, _backend, _base, ranks = inputs
-    ctx.save_for_backward(x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, ranks)
+    x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, backend, _base, ranks = inputs
+    u = output[1] if isinstance(output, tuple) else None  # routed_lora_train saves its u
+    if u is not None:
+        ctx.mark_non_differentiable(u)
+    ctx.save_for_backward(x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, ranks, u)
+    ctx.backend = backend
 
 
-def _routed_lora_backward(ctx, grad_out):
-    x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, ranks = ctx.saved_tensors
+def _routed_lora_backward(ctx, grad_out, _grad_u=None):
+    x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, ranks, u = ctx.saved_tensors
     n = ctx.needs_input_grad
     needs = (n[0], n[1], n[2], n[4], n[5])
     lora_a, lora_b = _padding_zeroed(lora_a, ranks, 1), _padding_zeroed(lora_b, ranks, 2)
     grads = _routed_lora_backward_op(
-        grad_out, x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, needs
+        grad_out, x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, u, ctx.backend, needs
     )
     dx, da, db, dw, ds = _needed(grads, needs)
     return dx, da, db, None, dw, ds, None, None, None, grad_out if n[9] else None, None
 
 
 _routed_lora_op.register_autograd(_routed_lora_backward, setup_context=_routed_lora_setup_context)
+
+
+def _slot_coefficients(topk_ids: Tensor, topk_weights: Tensor, scale: Tensor) -> Tensor:
+    """[T, K, 1] w[t, k] * scale[e] in scale's dtype, selected to 0 where e is outside [0, N)."""
+    valid = (topk_ids >= 0) & (topk_ids < scale.shape[0])
+    coef = topk_weights.to(scale.dtype) * scale[torch.where(valid, topk_ids, 0).long()]
+    return torch.where(valid, coef, torch.zeros((), dtype=scale.dtype, device=scale.device)).unsqueeze(2)
+
+
+@torch.library.custom_op("molora::routed_lora_train", mutates_args=())
+def _routed_lora_train_op(
+    x: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    topk_ids: Tensor,
+    topk_weights: Tensor,
+    scale: Tensor,
+    sorted_pairs: Optional[Tensor],
+    seg_offsets: Optional[Tensor],
+    backend: str,
+    base: Optional[Tensor],
+    ranks: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """routed_lora for training: (out, exactly routed_lora's semantics; u [T, K, R] = lora_a[e] @ x[t] unscaled,
+    float32, zeros in empty slots and beyond ranks[e]). Its backward reads u instead of recomputing it.
+
+    The choice (saved, not recomputed): u costs T * K * R * 4 bytes per call kept for the backward (64 KiB for
+    1024 tokens, top-2, R = 8), and saves the backward one GEMM of M x R x H_in per adapter segment, the shrink,
+    which dB, dw and ds need (for router training with frozen adapters, dw alone: half the backward's GEMMs).
+    u is saved unscaled because dw = s * (u . dh) would need h / w, undefined where a weight is 0. The forward
+    runs the backend's shrink (unit weights and scale) and expand (h = c * u formed between them), never the
+    fused decode kernel, which keeps no h. `u` is an output for saving only: it is not differentiable."""
+    plan = _plan(topk_ids, lora_a.shape[0], sorted_pairs, seg_offsets)
+    impl = _backends.get(backend)
+    ones_w = torch.ones(topk_weights.shape, dtype=torch.float32, device=x.device)
+    u = impl.shrink(x, lora_a, topk_ids, ones_w, torch.ones_like(scale), plan, ranks)
+    h = u * _slot_coefficients(topk_ids, topk_weights, scale).to(u.dtype)
+    out, accumulate = _output(base, (x.shape[0], lora_b.shape[1]), x.dtype, x.device)
+    impl.expand(h, lora_b, topk_ids, plan, out, accumulate, ranks)
+    return out, u
+
+
+@_routed_lora_train_op.register_fake
+def _(x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, backend, base, ranks=None):
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty((x.shape[0], lora_b.shape[1])), x.new_empty((x.shape[0], topk_ids.shape[1], lora_a.shape[1]), dtype=dtype)
+
+
+_routed_lora_train_op.register_autograd(_routed_lora_backward, setup_context=_routed_lora_setup_context)
 
 
 # --------------------------------------------------------------------------------------- public wrappers

@@ -178,7 +178,7 @@ def test_grads_match_float64(backend, dtype, use_out):
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("use_out", (False, True), ids=("functional", "out"))
 def test_grads_match_float64_gpu(backend, dtype, use_out):
-    """Each backend's forward on CUDA tensors with the shared torch backward."""
+    """Each backend's forward and backward on CUDA tensors (cuda's backward is the Triton one)."""
     status = mo.backends()[backend]
     if not status["available"]:
         pytest.skip(status["reason"])
@@ -342,11 +342,14 @@ def test_opcheck_backward_ops(needs):
     h, gy = torch.randn(10, 2, 3), torch.randn(10, 7)
     for sp, so in ((None, None), (plan.sorted_pairs, plan.seg_offsets)):
         torch.library.opcheck(
-            ops.routed_lora_backward, (gy, p.x, p.lora_a, p.lora_b, ids, p.topk_weights, s, sp, so, list(needs))
+            ops.routed_lora_backward,
+            (gy, p.x, p.lora_a, p.lora_b, ids, p.topk_weights, s, sp, so, None, "torch", list(needs)),
         )
         shrink_needs = [needs[0], needs[1], needs[3], needs[4]]
-        torch.library.opcheck(ops.shrink_backward, (h, p.x, p.lora_a, ids, p.topk_weights, s, sp, so, shrink_needs))
-        torch.library.opcheck(ops.expand_backward, (gy, h, p.lora_b, ids, sp, so, [needs[0], needs[2]]))
+        torch.library.opcheck(
+            ops.shrink_backward, (h, p.x, p.lora_a, ids, p.topk_weights, s, sp, so, "torch", shrink_needs)
+        )
+        torch.library.opcheck(ops.expand_backward, (gy, h, p.lora_b, ids, sp, so, "torch", [needs[0], needs[2]]))
 
 
 # ------------------------------------------------------------------------------------- torch.compile

@@ -71,6 +71,8 @@ class Settings:
     split_k:        force the shrink's SPLIT_K (clamped so no split is empty)
     fused_stages:   force the fused kernel's H_in pipeline depth (tl.range num_stages; 1 = sequential)
     atomic_split_k: reduce split-K partials with fp32 atomics instead of the deterministic partial buffer
+    atomic_backward: split each adapter's dA/dB segment reduction across programs and add the float32 tiles
+                    with atomics (faster under skewed routing, not deterministic; off by default)
     expand:         force the expand variant, "gather" (CUDA-core, per-row weight gather), "dot"
                     (tensor cores, one dot per distinct adapter of a token tile; only for
                     R <= configs.DOT_EXPAND_MAX_RANK, larger ranks take "gather") or "grouped" (tensor cores
@@ -82,6 +84,7 @@ class Settings:
     split_k: Optional[int] = None
     expand: Optional[str] = None
     atomic_split_k: bool = os.environ.get("MOLORA_TRITON_ATOMIC_SPLITK") == "1"
+    atomic_backward: bool = os.environ.get("MOLORA_TRITON_ATOMIC_BACKWARD") == "1"
 
 
 settings = Settings()
@@ -285,3 +288,59 @@ def routed_lora(
         h = _shrink_rows(x, lora_a, topk_ids, topk_weights, scale, plan, ranks)
         _expand_into(h.view(num_tokens, top_k, rank), lora_b, topk_ids, plan, out, accumulate, ranks)
 
+
+# ---------------------------------------------------------------------------------------------- backward
+# Semantics and design: molora_ops/kernels/routed_lora_backward.py. Inputs as for the forward (validated by the
+# op layer); `needs` says which gradients to form, None for the others. T = 0 takes the torch code (no launch).
+def _backward_kernels():
+    from molora_ops.kernels import routed_lora_backward as kernels
+
+    return kernels
+
+
+def _backward_flags(dtype: torch.dtype) -> dict:
+    return dict(upcast=_upcast(dtype), atomic=settings.atomic_backward)
+
+
+def shrink_backward(grad_h, x, lora_a, topk_ids, topk_weights, scale, plan: RoutingPlan, needs):
+    """(dx, dA, dw, ds) of shrink given grad_h [T, K, R]."""
+    _check_dtype(x=x, lora_a=lora_a)
+    if x.shape[0] == 0:
+        from . import torch_backward
+
+        return torch_backward.shrink_backward(grad_h, x, lora_a, topk_ids, topk_weights, scale, plan, needs)
+    with _device_guard(x):
+        return _backward_kernels().shrink_backward(
+            grad_h, x, lora_a, topk_ids, topk_weights, scale, plan.sorted_pairs, plan.seg_offsets, needs,
+            **_backward_flags(x.dtype),
+        )
+
+
+def expand_backward(grad_out, h, lora_b, topk_ids, plan: RoutingPlan, needs):
+    """(dh, dB) of expand given grad_out [T, H_out]."""
+    _check_dtype(lora_b=lora_b)
+    if h.shape[0] == 0:
+        from . import torch_backward
+
+        return torch_backward.expand_backward(grad_out, h, lora_b, topk_ids, plan, needs)
+    with _device_guard(h):
+        return _backward_kernels().expand_backward(
+            grad_out, h, lora_b, topk_ids, plan.sorted_pairs, plan.seg_offsets, needs, **_backward_flags(lora_b.dtype)
+        )
+
+
+def routed_lora_backward(grad_out, x, lora_a, lora_b, topk_ids, topk_weights, scale, plan: RoutingPlan, needs,
+                         u_saved=None):
+    """(dx, dA, dB, dw, ds) of routed_lora given grad_out [T, H_out]; u_saved: the forward's unscaled shrink."""
+    _check_dtype(x=x, lora_a=lora_a, lora_b=lora_b)
+    if x.shape[0] == 0:
+        from . import torch_backward
+
+        return torch_backward.routed_lora_backward(
+            grad_out, x, lora_a, lora_b, topk_ids, topk_weights, scale, plan, needs, u_saved
+        )
+    with _device_guard(x):
+        return _backward_kernels().routed_lora_backward(
+            grad_out, x, lora_a, lora_b, topk_ids, topk_weights, scale, plan.sorted_pairs, plan.seg_offsets, needs,
+            u_saved, **_backward_flags(x.dtype),
+        )
