@@ -513,8 +513,9 @@ def _fused_kernel(
         a_rows = a_ptr + ids[:, None, None] * stride_ae + offs_r[None, :, None] * stride_ar  # [M, R, 1]
         mask_a = mask_rr[:, :, None]
         hk = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        k_end = tl.where(tl.max(r_lim, axis=0) > 0, h_in, 0)
-        for k0 in tl.range(0, k_end, BLOCK_K, num_stages=NUM_STAGES):
+        n_steps = tl.where(tl.max(r_lim, axis=0) > 0, tl.cdiv(h_in, BLOCK_K), 0)  # no H_in steps when all r_e = 0
+        for step in tl.range(0, n_steps, num_stages=NUM_STAGES):
+            k0 = step * BLOCK_K
             offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
             mask_k = offs_k < h_in
             xv = tl.load(x_rows + offs_k[None, :] * stride_xh, mask=mask_t[:, None] & mask_k[None, :], other=0.0)
