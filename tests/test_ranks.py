@@ -273,6 +273,11 @@ def test_patched_model_with_mixed_peft_ranks_matches_peft(tmp_path_factory, monk
         out = model(setup.ids).logits
     assert_logits_close(out, ref)
     assert any(s is not None and len(set(s)) > 1 for s in seen), seen
+    bounds = {n: m._buffers["molora_ranks"] for n, m in model.named_modules() if "molora_ranks" in m._buffers}
+    assert bounds and all(b.dtype == torch.int32 and len(set(b.tolist())) > 1 for b in bounds.values()), bounds
+    assert "molora_ranks" not in model.state_dict() and not any(k.endswith("molora_ranks") for k in model.state_dict())
+    mo.unpatch(model)
+    assert not any("molora_ranks" in m._buffers for m in model.modules())
 
 
 # ----------------------------------------------------------------------------------------------- on a GPU

@@ -88,11 +88,7 @@ class Slot:
         self.name = name
         self.block = block_index(state, name)
         self.in_f, self.out_f = in_f, out_f
-        self.ranks = ranks
-        # Mixed ranks: an int32 [N] bound passed to the runtime (per device, made once); uniform ranks: None, so
-        # the kernels take their unbounded path at no cost.
-        self._rank_bound = torch.tensor(ranks, dtype=torch.int32) if len(set(ranks)) > 1 else None
-        self._rank_bounds: dict = {}
+        self.ranks = ranks  # each adapter's real rank; mixed ranks are also the module's int32 `molora_ranks` buffer
         self.group: Optional[Group] = group
         self.rank_slice = rank_slice  # this member's columns of the group's shared rank space
         self._cast: dict = {}
@@ -104,19 +100,6 @@ class Slot:
         if self.tp is not None:
             text += f", {self.tp.describe()}"
         return text
-
-    def rank_bound(self, device: torch.device) -> Optional[torch.Tensor]:
-        """This module's per-adapter ranks as an int32 [N] tensor on `device` when they differ (None when uniform).
-        For a sibling group member they bound its expand within its rank_slice; the group's shared shrink over
-        the concatenated A is unbounded (its padding is zero)."""
-        if self._rank_bound is None:
-            return None
-        if torch.compiler.is_compiling():
-            return self._rank_bound.to(device)
-        hit = self._rank_bounds.get(device)
-        if hit is None:
-            hit = self._rank_bounds[device] = self._rank_bound.to(device)
-        return hit
 
     def _cast_to(self, owner: nn.Module, buffer: str, dtype: torch.dtype) -> torch.Tensor:
         """owner's stacked weight `buffer` in `dtype` (autocast: the base output's dtype), cast once. Read from
@@ -196,7 +179,9 @@ class Slot:
         lora_b = self._cast_to(module, "molora_lora_b", dtype)
         if self.tp is not None:
             check_inference(self.name, x2, o2, lora_b, r.topk_weights)
-        ranks = self.rank_bound(x2.device)
+        # mixed ranks: int32 [N] bound (a member's, within its rank_slice; the group's shared shrink is unbounded,
+        # its padding being zero); uniform ranks: no buffer, so the kernels take their unbounded path at no cost
+        ranks = module._buffers.get("molora_ranks")
         if self.group is None:
             lora_a = self._cast_to(module, "molora_lora_a", dtype)
             if self.tp is not None and self.tp.kind == "shard_in":  # partial shrink of this rank's columns, summed

@@ -427,6 +427,9 @@ def _register(state, mod, slot, a, b, s):
     mod.register_buffer("molora_lora_b", b, persistent=False)
     if s is not None:  # None: folded into b (sibling group members)
         mod.register_buffer("molora_scaling", s, persistent=False)
+    if len(set(slot.ranks)) > 1:  # mixed ranks: the kernels bound their rank loops by it
+        mod.register_buffer("molora_ranks", torch.tensor(slot.ranks, dtype=torch.int32, device=b.device),
+                            persistent=False)
     _install(state, mod, slot)
 
 
@@ -477,7 +480,7 @@ def _restore(state) -> None:
     for mod, orig in reversed(state.patched):
         tp.restore_forward(mod)
         mod.__class__ = orig
-        for buf in ("molora_lora_a", "molora_lora_b", "molora_scaling", "molora_bias_delta"):
+        for buf in ("molora_lora_a", "molora_lora_b", "molora_scaling", "molora_ranks", "molora_bias_delta"):
             mod._buffers.pop(buf, None)
         for attr in ("_molora_slot", "_molora_orig_class"):
             mod.__dict__.pop(attr, None)
