@@ -168,6 +168,26 @@ def test_store_refuses_clearly(sources, tmp_path):
         ctx_store.build(parse_name("route:ctx"))
 
 
+@needs_vllm
+def test_resolver_and_version_gate(sources, tmp_path):
+    """The resolver (no engine): plain names of the root resolve, unknown ones are left to other resolvers, ours
+    that are malformed raise; an unsupported vLLM version is refused by name."""
+    from molora_ops.vllm import compat
+    from molora_ops.vllm.resolver import MoloraResolver
+
+    _, root, _ = sources
+    resolver = MoloraResolver(_store(root, tmp_path))
+    request = asyncio.run(resolver.resolve_lora("tiny", "code"))
+    assert request.lora_name == "code" and os.path.isfile(os.path.join(request.lora_path, "adapter_config.json"))
+    assert asyncio.run(resolver.resolve_lora("tiny", "not-here")) is None
+    assert asyncio.run(resolver.resolve_lora("tiny", "some/org:model")) is None
+    with pytest.raises(ValueError, match="appears twice"):
+        asyncio.run(resolver.resolve_lora("tiny", "blend:code=1,code=1"))
+    compat.check_version("0.32.0")
+    with pytest.raises(RuntimeError, match="supports vLLM 0.32.x; this is vLLM 0.33.1"):
+        compat.check_version("0.33.1")
+
+
 # ------------------------------------------------------------------------------------------ the real engine
 @pytest.fixture(scope="module")
 def engine(sources, tmp_path_factory):
