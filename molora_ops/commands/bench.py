@@ -3,13 +3,15 @@
     python -m molora_ops bench --suite ops --grid cpu            # kernel sweep, CPU default grid
     python -m molora_ops bench --suite e2e --grid smoke --quick  # end-to-end toy, seconds
     python -m molora_ops bench --suite e2e --grid cpu            # issue 10's CPU model, eager and compiled
+    python -m molora_ops bench --suite train --grid cpu          # forward + backward: ours vs dense vs PEFT loop
 """
 
 from __future__ import annotations
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--suite", choices=("ops", "e2e"), default="ops", help="kernel sweep or end-to-end model")
+    parser.add_argument("--suite", choices=("ops", "e2e", "train"), default="ops",
+                        help="kernel sweep, end-to-end model, or training (forward + backward)")
     parser.add_argument("--grid", choices=("smoke", "cpu", "gpu", "gpu-quick"), default=None,
                         help="named grid (default: gpu on a CUDA device, else cpu; gpu-quick: bench/gpu_check.sh quick)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -49,6 +51,8 @@ def run(args) -> int:
     grid_name = args.grid or ("gpu" if device.type == "cuda" else "cpu")
     names = [n.strip() for n in args.providers.split(",")] if args.providers else None
 
+    if args.suite == "train":
+        return _run_train(args, device, grid_name, names)
     if args.suite == "ops":
         from molora_ops.benchmarking import ops_suite
 
@@ -96,4 +100,33 @@ def run(args) -> int:
     for r in bad:
         who = r.get("provider") or r.get("variant")
         print(f"{r['status'].upper()}: {who}: {r['reason']}")
+    return 1 if any(r["status"] == "wrong" for r in records) else 0
+
+
+def _run_train(args, device, grid_name: str, names) -> int:
+    import dataclasses
+
+    from tqdm.auto import tqdm
+
+    from molora_ops.benchmarking import results, train_suite
+    from molora_ops.benchmarking.env import device_slug
+
+    g = train_suite.grid(grid_name)
+    if args.threads:
+        g = dataclasses.replace(g, threads=args.threads)
+    if args.quick:
+        g = dataclasses.replace(g, rounds=min(g.rounds, 3), warmup=1)
+    bar = tqdm(total=len(g.points), desc="train", unit="point")
+    records = train_suite.run_train(g, device, grid_name=grid_name, providers=names,
+                                    progress=lambda d: (bar.set_postfix_str(d), bar.update(1)))
+    bar.close()
+    if not args.no_save:
+        out = args.out or str(results.default_results_dir() / f"train-{device_slug(device)}.jsonl")
+        print(f"appended {results.append(out, records)} records to {out}")
+    env = records[0]["env"] if records else {}
+    print(f"{env.get('device')}, torch {env.get('torch')}, {env.get('torch_threads')} threads, load "
+          f"{env.get('loadavg_1m')}, git {str(env.get('git_sha'))[:7]}; {g.rounds} interleaved rounds, medians")
+    print(train_suite.format_table(records))
+    for name, (x, target, ok) in train_suite.check_targets(records).items():
+        print(f"target {name}: ours {x:.2f}x dense (target >= {target}x) {'PASS' if ok else 'MISS'}")
     return 1 if any(r["status"] == "wrong" for r in records) else 0
