@@ -15,7 +15,8 @@ from .hf.merge import merge
 from .hf.patch import patch, unpatch
 from .hf.routers import ContextRouter, KeywordRouter, TokenRouter, load_router
 from .hf.routing import routing
-from .hf.train_router import train_router
+from .hf.train_experts import train_experts
+from .hf.train_router import load_balance_loss, train_router
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,8 @@ __all__ = [
     "unpatch",
     "routing",
     "train_router",
+    "train_experts",
+    "load_balance_loss",
     "merge",
     "TokenRouter",
     "ContextRouter",
