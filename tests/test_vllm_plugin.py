@@ -27,8 +27,8 @@ needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vllm is not importable in 
 NAMES = ("code", "math", "qa")
 VOCAB = 128
 MAX_NEW = 6
-# float32 on both sides; vLLM's CPU attention and GEMMs round differently from transformers' eager path
-LOGPROB_ATOL = 2e-4
+# float32 on both sides; vLLM's CPU attention and GEMMs round differently from transformers' eager path (seen: 4.8e-7)
+LOGPROB_ATOL = 2e-5
 
 
 def _llama():
