@@ -538,7 +538,9 @@ def routed_lora(
     Returns:
         [T, H_out] x.dtype.
 
-    Autograd: differentiable w.r.t. x, lora_a, lora_b, topk_weights, a tensor `scaling` and `out`. With `out`,
+    Autograd: differentiable w.r.t. x, lora_a, lora_b, topk_weights, a tensor `scaling` and `out`; when a
+    gradient is needed the forward saves the unscaled shrink u [T, K, R] float32 (routed_lora_train) so that the
+    backward does not recompute it. With `out`,
     when grad mode is on and any of these requires grad, the delta is added out of place (rounded once, the
     same bits as the in-place add) and copied into `out` as a tracked in-place op; `out` must then not be a
     leaf that requires grad (ValueError). Otherwise the add is in place in the kernel, outside autograd.
@@ -551,8 +553,10 @@ def routed_lora(
     name = _backends.resolve(backend, x.device)
     args = (x, lora_a, lora_b, topk_ids, topk_weights, scale, sorted_pairs, seg_offsets, name)
     if out is None:
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, lora_a, lora_b, topk_weights, scale)):
+            return _routed_lora_train_op(*args, None, ranks)[0]  # saves u = A x for the backward
         return _routed_lora_op(*args, None, ranks)
     if _out_needs_autograd(out, x, lora_a, lora_b, topk_weights, scaling):
-        return out.copy_(_routed_lora_op(*args, out, ranks))
+        return out.copy_(_routed_lora_train_op(*args, out, ranks)[0])
     _routed_lora_inplace_op(out, *args, ranks)
     return out

@@ -786,7 +786,7 @@ class RoutedBatch:
                 self.plan.seg_offsets, self.backend)
         if _grad_needed(x, lora_a, lora_b, out, self.topk_weights, scale):
             check_autograd_out(out, "write into a non-leaf (e.g. the output of the base layer)")
-            return out.copy_(torch.ops.molora.routed_lora(*args, out, ranks))
+            return out.copy_(torch.ops.molora.routed_lora_train(*args, out, ranks)[0])  # saves u = A x for backward
         torch.ops.molora.routed_lora_(out, *args, ranks)
         return out
 
