@@ -84,6 +84,19 @@ def test_merge_cat_equals_blend_and_linear_does_not(llama):
     assert "`linear` is NOT" in mo.merge.__doc__ and "`cat` is" in mo.merge.__doc__
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("weight", (1.0, 0.5))
+def test_merge_of_one_rslora_adapter_equals_routing_it(llama, weight):
+    """PEFT turns a one-adapter "cat" into "linear" and keeps the rslora flag of the source: its merged scaling
+    would be sqrt(r) (0.4 logits off here) unless merge resets it."""
+    assert llama.pm.peft_config["math"].use_rslora  # the case under test
+    pm = mo.merge(copy.deepcopy(llama.pm), {"math": weight}, adapter_name="one")
+    model = llama.patched()
+    with mo.routing(model, adapter_weights={"math": weight}):
+        ours = model(llama.ids).logits
+    assert_logits_close(ours, pm(llama.ids).logits)
+
+
 # -------------------------------------------------------------------------------------------- errors
 def test_missing_directory_and_files(tmp_path, llama):
     with pytest.raises(AdapterError, match="does not exist"):

@@ -13,9 +13,11 @@ Which combination means what (A_i [r, in], B_i [out, r], s_i = alpha_i / r_i):
 * Adapters that change biases (``bias="lora_only"``/``"all"``, ``lora_bias=True``) are refused: PEFT keeps one
   shared set of base biases, so no merge is their blend (routing them is exact).
 
-One PEFT quirk is corrected here for "cat": PEFT copies the *first* adapter's config for the merged adapter with
-lora_alpha = r_total, so if that adapter uses rslora the merged scaling becomes sqrt(r_total) instead of 1.
-``merge`` resets the merged adapter's scaling to exactly 1 (``fix_rslora_scaling=True``).
+One PEFT quirk is corrected here: every combination folds each adapter's scaling s_i into the merged factors
+and gives the merged adapter lora_alpha = its rank, copying the rest of the *first* adapter's config (PEFT also
+turns a single-adapter "cat" into "linear", which folds sqrt(w s) into both factors). So if that adapter uses
+rslora, the merged scaling becomes sqrt(rank) instead of 1, whatever the number of adapters. ``merge`` resets
+the merged adapter's scaling to exactly 1 (``fix_rslora_scaling=True``).
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ def merge(
         combination_type: PEFT's combination; "cat" (default) is the exact sum_i w_i s_i B_i A_i, "linear" is not
             (see the module docstring).
         set_active: make the merged adapter the active one.
-        fix_rslora_scaling: for "cat", force the merged adapter's scaling to 1 (PEFT gives sqrt(r) when the first
-            adapter uses rslora).
+        fix_rslora_scaling: force the merged adapter's scaling to 1 (PEFT gives sqrt(r) when the first adapter
+            uses rslora; its factors already carry every s_i).
         kwargs: passed to ``add_weighted_adapter`` (svd_rank, density, ...).
     """
     if isinstance(adapters, Mapping):
@@ -74,7 +76,7 @@ def merge(
             "molora_ops.patch + adapter_weights={...} adds sum_i w_i * (bias_i - bias) exactly"
         )
     peft_model.add_weighted_adapter(names, weights, adapter_name, combination_type=combination_type, **kwargs)
-    if combination_type == "cat" and fix_rslora_scaling and len(names) > 1:
+    if fix_rslora_scaling:
         from peft.tuners.lora import LoraLayer
 
         peft_model.peft_config[adapter_name].use_rslora = False
