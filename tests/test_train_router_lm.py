@@ -97,25 +97,13 @@ def _texts(n, seed, words=CODE + MATH):
                      for _ in range(rng.randint(6, 12))) for _ in range(n)]
 
 
-class _Float64Router(mo.TokenRouter):
-    """A TokenRouter whose gate is whatever weight and bias tensors were set last (gradcheck's inputs), with its
-    logits and top-k selection in float64: TokenRouter computes its logits, and select_topk its weights, in float32,
-    too coarse for finite differences. Same semantics as select_topk otherwise (top-k, renormalised)."""
-
-    def forward(self, hidden_states, **_):
-        return torch.softmax((hidden_states @ self.w.t() + self.b) / self.temperature, dim=-1)
-
-    def select(self, probs, top_k):
-        vals, ids = probs.topk(top_k, dim=-1)
-        return ids, vals / vals.sum(-1, keepdim=True)
-
-
 def test_router_gradient_through_patch_gradcheck(tiny):
     """d (LM loss) / d (router gate) through mo.patch (top-k selection, renormalisation, the registered ops'
     backward), float64, against finite differences."""
     base, adapters = tiny
     model = mo.patch(copy.deepcopy(base).double(), adapters=adapters, top_k=2, backend="torch")
-    router = _Float64Router(32, list(NAMES), temperature=0.7)
+    router = mo.TokenRouter(32, list(NAMES), temperature=0.7).double()  # the real router: float64 end to end
+    del router.gate.weight, router.gate.bias  # plain attributes, set per call to gradcheck's inputs
     torch.manual_seed(5)
     w0, b0 = torch.randn(3, 32, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
     state = state_of(model)
@@ -124,7 +112,7 @@ def test_router_gradient_through_patch_gradcheck(tiny):
     ids = torch.randint(1, VOCAB, (2, 5))
 
     def loss(weight, bias):
-        router.w, router.b = weight, bias
+        router.gate.weight, router.gate.bias = weight, bias
         logits = model(input_ids=ids, use_cache=False).logits
         return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
 

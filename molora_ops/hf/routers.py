@@ -36,13 +36,19 @@ ROUTER_CONFIG = "router.json"
 ROUTER_WEIGHTS = "router.safetensors"
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """t in float32, or float64 when it is float64 (so a float64 router stays gradcheck-able)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def select_topk(probs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[..., N] probabilities -> ids [..., K] (-1 where the probability is 0) and weights renormalised to sum 1."""
+    """[..., N] probabilities -> ids [..., K] (-1 where the probability is 0) and weights renormalised to sum 1
+    (float32, or float64 for float64 probabilities)."""
     k = min(int(top_k), probs.shape[-1])
-    vals, ids = probs.float().topk(k, dim=-1)
+    vals, ids = _wide(probs).topk(k, dim=-1)
     live = vals > 0
     total = (vals * live).sum(-1, keepdim=True)
-    weights = torch.where(live, vals / total.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(vals))
+    weights = torch.where(live, vals / total.clamp_min(torch.finfo(vals.dtype).tiny), torch.zeros_like(vals))
     return torch.where(live, ids, torch.full_like(ids, -1)), weights
 
 
@@ -121,12 +127,12 @@ class TokenRouter(Router):
         return dict(super()._config(), hidden_size=self.hidden_size, hidden=self.hidden, normalize=self.normalize)
 
     def _features(self, hidden_states):
-        h = hidden_states.float()
+        h = _wide(hidden_states)
         return nn.functional.layer_norm(h, h.shape[-1:]) if self.normalize else h
 
     def logits(self, hidden_states, **_):
         w = self.gate[0].weight if isinstance(self.gate, nn.Sequential) else self.gate.weight
-        return self.gate(self._features(hidden_states).to(w.dtype)).float()
+        return _wide(self.gate(self._features(hidden_states).to(w.dtype)))
 
     def forward(self, hidden_states, *, input_ids=None, attention_mask=None, past_len=0, state=None):
         return torch.softmax(self.logits(hidden_states) / self.temperature, dim=-1)
@@ -163,7 +169,7 @@ class ContextRouter(TokenRouter):
     def logits(self, hidden_states, *, attention_mask=None, past_len=0, state=None):
         mean = self.running_mean(hidden_states, attention_mask, past_len, state)
         w = self.gate[0].weight if isinstance(self.gate, nn.Sequential) else self.gate.weight
-        return self.gate(mean.to(w.dtype)).float()
+        return _wide(self.gate(mean.to(w.dtype)))
 
     def forward(self, hidden_states, *, input_ids=None, attention_mask=None, past_len=0, state=None):
         logits = self.logits(hidden_states, attention_mask=attention_mask, past_len=past_len, state=state)
