@@ -27,13 +27,16 @@
 #                                  weight pool larger than L2, do_bench points flush L2 (each row's `cache`)
 #   bench_e2e       -> bench.log, e2e-gpu.jsonl   grid gpu-quick: 2 layers of Llama-8B's shape, prefill 8x512,
 #                                  decode batch 1 and 8; base, ours (cuda, triton), PEFT mixed batch
-# plus summary.txt (one line per step: rc, seconds, last lines of its log): 7 files in $OUT.
+#   bench_train     -> bench.log, train-gpu.jsonl   grid gpu-quick: forward + backward of one layer (h 512,
+#                                  1024, 4096) and of a small model; ours vs dense vs the PEFT loop
+# plus summary.txt (one line per step: rc, seconds, last lines of its log): 8 files in $OUT (the most that return).
 #
 # Committing the results (a session, on its own machine, after the device call returns): the jsonl records
 # already carry device, versions and git sha (molora_ops.benchmarking.results). Append them to the files of
 # that device and commit only those, e.g.
 #   cat <files_at>/ops-gpu.jsonl >> bench/results/ops-cuda-nvidia-h200.jsonl
 #   cat <files_at>/e2e-gpu.jsonl >> bench/results/e2e-cuda-nvidia-h200.jsonl
+#   cat <files_at>/train-gpu.jsonl >> bench/results/train-cuda-nvidia-h200.jsonl
 #   git commit -m "H200 quick check results (<git sha of the run>)" -- bench/results/*-cuda-nvidia-h200.jsonl
 # then regenerate the README's performance section with `python -m molora_ops report`.
 #
@@ -56,14 +59,15 @@ cd "$(dirname "$0")/.."
 # the run order: correctness first.
 QUICK_STEPS=(
   "env:10:build"
-  "build:105:build"
+  "build:95:build"
   "compile:20:build"
-  "selfcheck:40:check"
+  "selfcheck:35:check"
   "tests:140:tests"
   "memcheck:40:check"
-  "racecheck:30:check"
+  "racecheck:25:check"
   "bench_ops:65:bench:ops-gpu.jsonl"
   "bench_e2e:30:bench:e2e-gpu.jsonl"
+  "bench_train:20:bench:train-gpu.jsonl"
 )
 # Every provider of ours builds its routing plan outside the timed call; "triton"/"cuda" are the shape
 # heuristics, "<backend>:<path>" forces one path, "<backend>+ranks" passes per-adapter ranks (mixed-rank points).
@@ -154,6 +158,10 @@ quick_bench_ops() {
     --out "$OUT/$1"
 }
 
+quick_bench_train() {  # forward + backward (issue 13): ours vs dense vs the PEFT loop, 3 interleaved rounds per point
+  "$PY" -m molora_ops bench --suite train --grid gpu-quick --quick --out "$OUT/$1"
+}
+
 quick_bench_e2e() {  # --quick: 3 interleaved rounds per point, each a do_bench median over 10 ms
   "$PY" -m molora_ops bench --suite e2e --grid gpu-quick --quick --providers "$(without_cuda "$QUICK_E2E_VARIANTS")" \
     --out "$OUT/$1"
@@ -177,7 +185,7 @@ run_quick() {  # run_quick [--dry-run]
   fi
   export PYTHONUNBUFFERED=1 OUT PY QUICK_OPS_PROVIDERS QUICK_E2E_VARIANTS SANITIZER_WORKLOAD
   export -f sanitizer without_cuda quick_env quick_build quick_compile quick_selfcheck quick_tests quick_memcheck quick_racecheck \
-    quick_bench_ops quick_bench_e2e
+    quick_bench_ops quick_bench_e2e quick_bench_train
   export CUDA_OK=0
   for entry in "${QUICK_STEPS[@]}"; do
     IFS=: read -r name limit log results <<< "$entry"

@@ -17,7 +17,8 @@ from molora_ops.benchmarking.timing import TimingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
-ORDER = ["env", "build", "compile", "selfcheck", "tests", "memcheck", "racecheck", "bench_ops", "bench_e2e"]
+ORDER = ["env", "build", "compile", "selfcheck", "tests", "memcheck", "racecheck", "bench_ops", "bench_e2e",
+         "bench_train"]
 LEASE_S = 480  # one device command may run 600 s; the machine's start and the transfers need the rest
 
 
@@ -52,7 +53,8 @@ def test_dry_run_fits_the_lease_in_order_and_writes_under_out(tmp_path):
     files = {Path(s[k]) for s in steps for k in ("log", "results") if k in s}
     assert all(f.parent == out for f in files), files
     assert len(files | {out / "summary.txt"}) <= 8, "the device tool brings back at most 8 files"
-    assert {Path(s["results"]).name for s in steps if "results" in s} == {"ops-gpu.jsonl", "e2e-gpu.jsonl"}
+    assert {Path(s["results"]).name for s in steps if "results" in s} == {"ops-gpu.jsonl", "e2e-gpu.jsonl",
+                                                                             "train-gpu.jsonl"}
     assert not out.exists(), "a dry run creates nothing"
 
 
@@ -81,7 +83,7 @@ def test_quick_runs_every_step_and_logs_into_out(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     files = sorted(p.name for p in out.iterdir())
     assert files == sorted(["summary.txt", "build.log", "check.log", "tests.log", "bench.log", "ops-gpu.jsonl",
-                            "e2e-gpu.jsonl"])
+                            "e2e-gpu.jsonl", "train-gpu.jsonl"])
     summary = (out / "summary.txt").read_text()
     for name in ORDER:
         assert f"=== {name}" in summary

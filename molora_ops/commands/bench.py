@@ -17,9 +17,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--providers", default=None,
                         help="ops: comma-separated providers (reference,peft-loop,dense,gather-bmm,torch,triton,cuda, and the "
-                             "forced paths of ops_suite.FORCED: triton+plan, triton:fused, cuda:segmented, ...); "
+                             "forced paths of ops_suite.FORCED: triton:grouped, triton:fused-pipelined, cuda:segmented, "
+                             "..., and <backend>+ranks for per-adapter ranks); "
                              "e2e: variants (base,ours-topk,ours-router,ours-names,peft-mixed,dense; ours-*@<backend> "
-                             "patches with that backend, e.g. ours-topk@triton)")
+                             "patches with that backend, e.g. ours-topk@triton); train: ours,dense,peft-loop")
     parser.add_argument("--out", default=None,
                         help="jsonl file to append to (default: bench/results/<suite>-<device>.jsonl)")
     parser.add_argument("--no-save", action="store_true", help="print the table without writing results")

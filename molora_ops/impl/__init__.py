@@ -1,11 +1,13 @@
 """Backend registry: which implementations exist, which can run here, and which one "auto" picks.
 
 Each backend module exposes the same three device-level functions (inputs already validated, `scale` a
-[N] float32 tensor, `plan` a RoutingPlan, `out` preallocated; `accumulate=False` means overwrite out):
-    shrink(x, lora_a, topk_ids, topk_weights, scale, plan) -> h [T, K, R] float32
-    expand(h, lora_b, topk_ids, plan, out, accumulate) -> None
-    routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale, plan, out, accumulate) -> None
-and a `status() -> (compiled, available, reason)`. Importing a backend module never raises because a
+[N] float32 tensor, `plan` a RoutingPlan, `out` preallocated; `accumulate=False` means overwrite out; `ranks`
+None or the int32 [N] real ranks that bound every rank loop, see molora_ops.ops):
+    shrink(x, lora_a, topk_ids, topk_weights, scale, plan, ranks=None) -> h [T, K, R] float32
+    expand(h, lora_b, topk_ids, plan, out, accumulate, ranks=None) -> None
+    routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale, plan, out, accumulate, ranks=None) -> None
+and a `status() -> (compiled, available, reason)`. The backward functions (shrink_backward, expand_backward,
+routed_lora_backward) live in torch_backward.py and triton_backend.py only; molora_ops.ops picks one per call. Importing a backend module never raises because a
 toolchain or library is missing; status() says why it cannot run instead.
 """
 
