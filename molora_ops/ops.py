@@ -413,14 +413,17 @@ def _routed_lora_train_op(
     1024 tokens, top-2, R = 8), and saves the backward one GEMM of M x R x H_in per adapter segment, the shrink,
     which dB, dw and ds need (for router training with frozen adapters, dw alone: half the backward's GEMMs).
     u is saved unscaled because dw = s * (u . dh) would need h / w, undefined where a weight is 0. The forward
-    runs the backend's shrink (unit weights and scale) and expand (h = c * u formed between them), never the
-    fused decode kernel, which keeps no h. `u` is an output for saving only: it is not differentiable."""
+    runs the backend's routed_lora_train where it has one (torch: the grouped pass of routed_lora, keeping u),
+    else its shrink (unit weights and scale) and expand (h = c * u formed between them), never the fused decode
+    kernel, which keeps no h. `u` is an output for saving only: it is not differentiable."""
     plan = _plan(topk_ids, lora_a.shape[0], sorted_pairs, seg_offsets)
     impl = _backends.get(backend)
+    out, accumulate = _output(base, (x.shape[0], lora_b.shape[1]), x.dtype, x.device)
+    if hasattr(impl, "routed_lora_train"):  # the torch backend: one pass that also keeps u
+        return out, impl.routed_lora_train(x, lora_a, lora_b, topk_ids, topk_weights, scale, plan, out, accumulate, ranks)
     ones_w = torch.ones(topk_weights.shape, dtype=torch.float32, device=x.device)
     u = impl.shrink(x, lora_a, topk_ids, ones_w, torch.ones_like(scale), plan, ranks)
     h = u * _slot_coefficients(topk_ids, topk_weights, scale).to(u.dtype)
-    out, accumulate = _output(base, (x.shape[0], lora_b.shape[1]), x.dtype, x.device)
     impl.expand(h, lora_b, topk_ids, plan, out, accumulate, ranks)
     return out, u
 

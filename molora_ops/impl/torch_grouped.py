@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..plan import RoutingPlan
+from .pair_rows import PairRows
 
 name = "torch"
 
@@ -81,14 +82,50 @@ def expand(h, lora_b, topk_ids, plan: RoutingPlan, out: torch.Tensor, accumulate
     _write_out(out, delta, accumulate)
 
 
+def _pairs_forward(x, lora_a, lora_b, topk_weights, scale, plan: RoutingPlan, out, accumulate: bool):
+    """routed_lora into `out` over the plan's pair rows (impl/pair_rows.py): one gather of x, the shrink and the
+    expand as one grouped GEMM each over all routed pairs, one index_add_ of the rows into the tokens. Returns the
+    unscaled shrink u [P_r, R] in plan order (float32, float64 for float64 inputs)."""
+    cd = _compute_dtype(x, scale)
+    rows = PairRows(plan)
+    u = rows.mm(rows.gather(x, cd), lora_a.to(cd).transpose(1, 2))
+    w, s = rows.coefficients(topk_weights, scale, cd)
+    y = rows.mm(u * (w * s)[:, None], lora_b.to(cd).transpose(1, 2))
+    if accumulate and out.dtype == cd:
+        rows.scatter_add_(out, y)
+    else:
+        _write_out(out, rows.scatter_add_(torch.zeros(out.shape, dtype=cd, device=out.device), y), accumulate)
+    return rows, u
+
+
 def routed_lora(
     x, lora_a, lora_b, topk_ids, topk_weights, scale, plan: RoutingPlan, out, accumulate: bool, ranks=None
 ) -> None:
-    """Shrink and expand per active adapter, each cut to its rank, without materialising h for the batch."""
+    """Shrink and expand per active adapter, each cut to its rank (ranks given: one adapter at a time; else the
+    grouped pair rows of _pairs_forward)."""
     del topk_ids
+    if ranks is None:
+        _pairs_forward(x, lora_a, lora_b, topk_weights, scale, plan, out, accumulate)
+        return
     cd = _compute_dtype(x, scale)
     delta = torch.zeros(out.shape, dtype=cd, device=out.device)
     for e, pairs, tokens, r in _bounded_segments(plan, ranks, lora_a.shape[1]):
         h = _shrink_segment(x, lora_a, topk_weights, scale, e, pairs, tokens, cd, r)
         delta.index_add_(0, tokens, h @ lora_b[e, :, :r].to(cd).t())
     _write_out(out, delta, accumulate)
+
+
+def routed_lora_train(
+    x, lora_a, lora_b, topk_ids, topk_weights, scale, plan: RoutingPlan, out, accumulate: bool, ranks=None
+) -> torch.Tensor:
+    """routed_lora into `out`, returning the unscaled shrink u [T, K, R] (lora_a[e] @ x[t]; float32, float64 for
+    float64 inputs; zeros in empty slots and beyond ranks[e]) for the backward. `out` gets exactly routed_lora's
+    result (the same code path), so the autograd and in-place forms agree bit for bit."""
+    num_tokens, top_k, rank = x.shape[0], plan.top_k, lora_a.shape[1]
+    if ranks is not None:
+        ones = torch.ones(topk_weights.shape, dtype=torch.float32, device=x.device)
+        u = shrink(x, lora_a, topk_ids, ones, torch.ones_like(scale), plan, ranks)
+        routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale, plan, out, accumulate, ranks)
+        return u
+    rows, u = _pairs_forward(x, lora_a, lora_b, topk_weights, scale, plan, out, accumulate)
+    return rows.to_pairs(u, num_tokens * top_k).view(num_tokens, top_k, rank)
