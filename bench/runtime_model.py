@@ -10,7 +10,8 @@ decode: one KV-cached step (context 32) per call; providers base, names (one ada
 (adapter_weights, per-token top-2) and, with --strategies, topk with the CPU strategy forced (to re-check
 choose_strategy in the model, where cache effects differ from bench/runtime_strategies.py).
 prefill: one forward of batch x seq tokens; providers base, names, topk (top-2 drawn per sequence), topk/token
-(drawn per token), topk[no-runs] (topk with the grouped strategy's row-slice runs off) and topk/token[no-pad]
+(drawn per token), names[loop] (names with the rows strategy's batched bmm form off: a matmul pair per run),
+topk[no-runs] (topk with the grouped strategy's row-slice runs off) and topk/token[no-pad]
 (topk/token with the grouped strategy's padded layout off: one matmul pair per adapter).
 """
 
@@ -122,6 +123,7 @@ def prefill_fns(cfg, base, ours, names, batch: int, seq: int, gen) -> dict:
         return run
 
     fns = {k: call(m, kw) for k, (m, kw) in kws.items()}
+    fns["names[loop]"] = _with("_BATCHED_MIN_SEQ", float("inf"), fns["names"])
     fns["topk[no-runs]"] = _with("_MIN_RUN", float("inf"), fns["topk"])
     fns["topk/token[no-pad]"] = _with("_PAD_WASTE", -1.0, fns["topk/token"])
     return fns

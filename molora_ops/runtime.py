@@ -186,13 +186,22 @@ def _bounds(ranks: Optional[Tensor], num_adapters: int, rank: int) -> list:
 
 
 class _Rows:
-    """Runs (e, start, stop) of consecutive rows that all use adapter e with weight 1."""
+    """Runs (e, start, stop) of consecutive rows that all use adapter e with weight 1.
 
-    def __init__(self, runs: list, num_tokens: int):
-        self.runs = runs
+    seqs: None, or (seq_ids [B] int64, seq_len) when every one of B > 1 sequences of seq_len rows is routed and
+    the runs are more than one (:func:`_batched_rows_pay`): then x is viewed [B, seq_len, H_in] and each side is one
+    bmm against the sequences' gathered weights (B's rows scaled per sequence), which splits over the intra-op
+    threads where a matmul pair per run does not (a [~256, 16] @ [16, H_out] addmm_ on a row slice runs on one)."""
+
+    def __init__(self, runs: list, num_tokens: int, seqs: Optional[tuple] = None):
+        self.runs, self.seqs = runs, seqs
         self.whole = len(runs) == 1 and runs[0][1] == 0 and runs[0][2] == num_tokens
 
     def shrink(self, x, a):
+        if self.seqs is not None:
+            seq_ids, seq_len = self.seqs
+            at = a.detach().index_select(0, seq_ids).transpose(1, 2)  # [B, H_in, R]
+            return torch.bmm(x.reshape(seq_ids.shape[0], seq_len, x.shape[1]), at).view(x.shape[0], a.shape[1])
         at = _a_views(a)
         if self.whole:
             return torch.mm(x, at[self.runs[0][0]])
@@ -202,6 +211,13 @@ class _Rows:
         return h
 
     def expand_(self, h, b, acc, scale):
+        if self.seqs is not None and acc.is_contiguous():
+            seq_ids, seq_len = self.seqs
+            bt = _b_stack(b).index_select(0, seq_ids)  # [B, R, H_out], a fresh copy
+            if scale is not None:
+                bt.mul_(_as(scale, bt.dtype).index_select(0, seq_ids).view(-1, 1, 1))
+            acc.view(seq_ids.shape[0], seq_len, acc.shape[1]).baddbmm_(h.view(seq_ids.shape[0], seq_len, -1), bt)
+            return
         alphas, bt = _alphas(scale), _b_views(b)
         if self.whole:
             e = self.runs[0][0]
@@ -653,7 +669,9 @@ class RoutedBatch:
         """The CPU strategy's index tensors and coefficients in compute dtype cd (built once per dtype)."""
         with torch.no_grad():
             if self.strategy == "rows":
-                return _Rows(self._runs, self.num_tokens)
+                seq_ids, seq_len = self._seq
+                batched = seq_ids is not None and _batched_rows_pay(self._runs, seq_ids.shape[0], seq_len)
+                return _Rows(self._runs, self.num_tokens, (seq_ids.long(), seq_len) if batched else None)
             if self.strategy in TRACED_STRATEGIES:
                 return _TRACED[self.strategy](self.topk_ids, self.topk_weights, self.num_adapters, cd)
             if self.strategy in ("per_adapter", "dense"):
@@ -826,6 +844,16 @@ def _rows_pay(runs: list, seq_len: int) -> bool:
     return len(runs) <= 4 or seq_len >= 8
 
 
+def _batched_rows_pay(runs: list, num_seqs: int, seq_len: int) -> bool:
+    """Whether the rows strategy takes its batched form (one bmm per side over [B, seq_len, H]): every sequence
+    routed (the runs cover all B * seq_len rows), more than one run, and prefill-long sequences (seq_len >=
+    _BATCHED_MIN_SEQ: at decode sizes the per-call weight gathers cost more than the few matmuls they replace).
+    Measured: see bench/runtime_model.py prefill, names vs names[loop]."""
+    covered = sum(hi - lo for _, lo, hi in runs) == num_seqs * seq_len
+    return covered and len(runs) > 1 and seq_len >= _BATCHED_MIN_SEQ
+
+
+_BATCHED_MIN_SEQ = 8  # rows: the batched (bmm) form from this sequence length (_batched_rows_pay)
 _MIN_RUN = 32  # grouped: row slices instead of gather + index_add when runs of consecutive tokens average this long
 _PAD_WASTE = 0.25  # grouped without runs: padded while padding adds at most this share of pairs (_padding_pays)
 _HOST_SLOTS = 256  # routings with at most this many (token, slot) entries are read on the host as lists

@@ -124,6 +124,8 @@ SEQ_CASES = (  # (seq_ids, seq_len)
     ([0, 3, 3, 1, 2, 0, 1, 4], 1),  # decode batch 8
     ([4, 4, 4], 7),  # one run over the whole batch
     ([1, 2], 0),  # T = 0
+    ([0, 3, 3, 1], 9),  # prefill, every sequence routed: the batched (bmm) form, a merged run inside it
+    ([2, 4], 8),  # the batched form at its shortest sequence length
 )
 
 
@@ -136,6 +138,8 @@ def test_for_sequences_rows(case, dtype):
     chosen = RoutedBatch.for_sequences(seq_ids, seq_len, n, backend="torch")
     assert chosen.num_tokens == len(seq) * seq_len and chosen.top_k == 1
     batch = chosen._with_strategy("rows")
+    batched = seq_len >= runtime._BATCHED_MIN_SEQ and min(seq) >= 0 and len(set(seq)) > 1
+    assert (batch._strategy(torch.float32).seqs is not None) == batched
     ids = seq_ids.repeat_interleave(seq_len)[:, None]
     p = make_problem(ids.shape[0], 1, n, r, h_in, h_out, dtype)
     p.topk_ids, p.topk_weights = ids, torch.ones(ids.shape)
