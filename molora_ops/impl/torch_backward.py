@@ -47,17 +47,19 @@ def _unscaled_u(rows: PairRows, xs: Optional[Tensor], lora_a: Tensor, u_saved: O
     return rows.mm(xs, lora_a.to(cd).transpose(1, 2))
 
 
-def _shrink_side(rows: PairRows, xs, dh, u, x, lora_a, topk_weights, scale, needs, cd):
-    """(dx, dA, dw, ds) given dh [P_r, R] in row order (u [P_r, R] only needed for dw and ds)."""
+def _shrink_side(rows, xs, dh, u, coef, x, lora_a, topk_weights, scale, needs, cd):
+    """(dx, dA, dw, ds) given dh [P_r, R] in row order, coef = rows.coefficients(...) (u [P_r, R] only needed for
+    dw and ds). The dx rows are written into xs where it was gathered, dead once dA is formed (no fresh
+    [P_r, H_in] buffer)."""
     need_x, need_a, need_w, need_s = needs
-    w, s = rows.coefficients(topk_weights, scale, cd)
+    w, s = coef
     dx = da = dw = ds = None
     if need_x or need_a:
         du = dh * (w * s)[:, None]
         if need_a:
             da = rows.outer(du, xs)
         if need_x:
-            dx = rows.scatter_add_(torch.zeros(x.shape, dtype=cd, device=x.device), rows.mm(du, lora_a.to(cd)))
+            dx = rows.scatter_add_(torch.zeros(x.shape, dtype=cd, device=x.device), rows.mm(du, lora_a.to(cd), out=xs))
     if need_w or need_s:
         u_dot_dh = (u * dh).sum(dim=1)
         if need_w:
@@ -80,7 +82,8 @@ def shrink_backward(grad_h, x, lora_a, topk_ids, topk_weights, scale, plan: Rout
     xs = rows.gather(x, cd) if (needs[1] or needs[2] or needs[3]) else None
     dh = rows.gather_pairs(grad_h.reshape(-1, grad_h.shape[-1]), cd)
     u = _unscaled_u(rows, xs, lora_a, None, cd) if needs[2] or needs[3] else None
-    return _shrink_side(rows, xs, dh, u, x, lora_a, topk_weights, scale, needs, cd)
+    coef = rows.coefficients(topk_weights, scale, cd)
+    return _shrink_side(rows, xs, dh, u, coef, x, lora_a, topk_weights, scale, needs, cd)
 
 
 def expand_backward(grad_out, h, lora_b, topk_ids, plan: RoutingPlan, needs):
@@ -120,12 +123,10 @@ def routed_lora_backward(grad_out, x, lora_a, lora_b, topk_ids, topk_weights, sc
     xs = rows.gather(x, cd) if (need_a or (u_saved is None and need_u)) else None
     dys = rows.gather(grad_out, cd)
     u = _unscaled_u(rows, xs, lora_a, u_saved, cd) if need_u else None
-    db = None
-    if need_b:
-        w, s = rows.coefficients(topk_weights, scale, cd)
-        db = _outer_b(rows, dys, u * (w * s)[:, None], lora_b)
+    coef = rows.coefficients(topk_weights, scale, cd)
+    db = _outer_b(rows, dys, u * (coef[0] * coef[1])[:, None], lora_b) if need_b else None
     dx = da = dw = ds = None
     if any(shrink_needs):
         dh = rows.mm(dys, lora_b.to(cd))
-        dx, da, dw, ds = _shrink_side(rows, xs, dh, u, x, lora_a, topk_weights, scale, shrink_needs, cd)
+        dx, da, dw, ds = _shrink_side(rows, xs, dh, u, coef, x, lora_a, topk_weights, scale, shrink_needs, cd)
     return dx, da, db, dw, ds

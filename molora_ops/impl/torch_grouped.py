@@ -88,11 +88,13 @@ def _pairs_forward(x, lora_a, lora_b, topk_weights, scale, plan: RoutingPlan, ou
     unscaled shrink u [P_r, R] in plan order (float32, float64 for float64 inputs)."""
     cd = _compute_dtype(x, scale)
     rows = PairRows(plan)
-    u = rows.mm(rows.gather(x, cd), lora_a.to(cd).transpose(1, 2))
+    xs = rows.gather(x, cd)
+    u = rows.mm(xs, lora_a.to(cd).transpose(1, 2))
     w, s = rows.coefficients(topk_weights, scale, cd)
-    y = rows.mm(u * (w * s)[:, None], lora_b.to(cd).transpose(1, 2))
-    if accumulate and out.dtype == cd:
-        rows.scatter_add_(out, y)
+    reuse = xs if xs.shape[1] == lora_b.shape[1] else None  # xs is dead once u is formed: no fresh [P_r, H] buffer
+    y = rows.mm(u * (w * s)[:, None], lora_b.to(cd).transpose(1, 2), out=reuse)
+    if out.dtype == cd:
+        rows.scatter_add_(out if accumulate else out.zero_(), y)
     else:
         _write_out(out, rows.scatter_add_(torch.zeros(out.shape, dtype=cd, device=out.device), y), accumulate)
     return rows, u
