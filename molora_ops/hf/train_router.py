@@ -40,7 +40,7 @@ from .state import is_patched, state_of
 from .routers import ContextRouter, Router, TokenRouter
 from .routing import routing
 
-__all__ = ["train_router", "load_balance_loss"]
+__all__ = ["train_router", "load_balance_loss", "lm_objective"]
 
 
 # The feature capture of the train_router call running in this thread / task (other threads' forwards through
@@ -385,6 +385,29 @@ def _routed_step(model, router, ids, mask):
     return logits, calls[0]
 
 
+def lm_objective(model, router, ids, mask, *, top_k: int, balance_weight: float = 0.0, label_weight: float = 0.0,
+                 labels: Optional[torch.Tensor] = None) -> dict:
+    """One routed forward of ``objective="lm"``: the training loss, with its graph, and its parts.
+
+    `router` must be the patched `model`'s installed router; ids, mask [B, W] (mask 1 for real tokens); labels [B]
+    the texts' adapter positions (needed when label_weight > 0). Returns {"loss", "lm", "balance", "label",
+    "tokens"}: loss = lm + balance_weight x balance (+ label_weight x label), lm the mean next-token loss over
+    `tokens` real target tokens, balance :func:`load_balance_loss` of the top_k choices."""
+    if label_weight > 0 and labels is None:
+        raise ValueError("lm_objective: label_weight > 0 needs labels (a [B] tensor of adapter positions)")
+    logits, probs = _routed_step(model, router, ids, mask)
+    lm_sum, count = _next_token_loss(logits, ids, mask)
+    lm = lm_sum / count.clamp_min(1.0)
+    topk_ids, _ = router.select(probs, top_k)
+    balance = load_balance_loss(probs, topk_ids, mask)
+    loss = lm + balance_weight * balance
+    label = torch.zeros(())
+    if label_weight > 0:
+        label = _label_loss(probs, mask, labels)
+        loss = loss + label_weight * label
+    return {"loss": loss, "lm": lm, "balance": balance, "label": label, "tokens": count}
+
+
 def _fit_lm(model, state, router, encoded, labels, train_idx, val_idx, epochs, lr, batch_size, seed, device,
             progress, balance_weight, label_weight, install) -> dict:
     """Adam on LM loss + balance_weight * load balance (+ label_weight * classification) through the patched model,
@@ -406,23 +429,15 @@ def _fit_lm(model, state, router, encoded, labels, train_idx, val_idx, epochs, l
             tokens = 0.0
             for i in range(0, len(perm), batch_size):
                 ids, mask, y = _token_batch(encoded, labels, perm[i : i + batch_size], device)
-                logits, probs = _routed_step(model, router, ids, mask)
-                lm_sum, count = _next_token_loss(logits, ids, mask)
-                lm = lm_sum / count.clamp_min(1.0)
-                topk_ids, _ = router.select(probs, state.top_k)
-                balance = load_balance_loss(probs, topk_ids, mask)
-                loss = lm + balance_weight * balance
-                label = torch.zeros(())
-                if label_weight > 0:
-                    label = _label_loss(probs, mask, y)
-                    loss = loss + label_weight * label
+                terms = lm_objective(model, router, ids, mask, top_k=state.top_k, balance_weight=balance_weight,
+                                     label_weight=label_weight, labels=y)
                 opt.zero_grad()
-                loss.backward(inputs=params)
+                terms["loss"].backward(inputs=params)
                 opt.step()
-                n = float(count)
+                n = float(terms["tokens"])
                 tokens += n
-                for key, value in (("lm", lm), ("balance", balance), ("label", label)):
-                    sums[key] += float(value.detach()) * n
+                for key in ("lm", "balance", "label"):
+                    sums[key] += float(terms[key].detach()) * n
             last = {k: v / max(tokens, 1.0) for k, v in sums.items()}
             bar.set_postfix(lm=f"{last['lm']:.4f}", balance=f"{last['balance']:.3f}")
         after = _lm_eval(model, router, encoded, labels, val_idx, batch_size, device)
