@@ -73,7 +73,7 @@ def test_artifacts(quick):
 
 
 CLAIMS = ("router_sequence_accuracy_ge_95", "routed_within_5pct_of_own_adapter", "routed_clearly_below_base",
-          "sequential_forgets_an_earlier_domain")
+          "sequential_forgets_an_earlier_domain", "lm_router_no_worse_and_better_in_one")
 DIFFS = ("routed_minus_base", "own_minus_base", "routed_minus_own", "sequential_minus_routed")
 
 
@@ -118,6 +118,13 @@ def test_claims_structure(quick):
     assert claims["routed_clearly_below_base"] == all(p["routed_clearly_below_base"] for p in per.values())
     assert claims["sequential_forgets_an_earlier_domain"] == any(
         per[d]["sequential_forgets"] for d in r["sequential_order"][:-1])
+    molora = r["molora"]["loss_ci"]["domains"]
+    verdicts = []
+    for d in DOMAINS:
+        lo, hi = molora[d]["lm_minus_supervised"]["ci"]
+        verdicts.append("better" if hi < 0 else "worse" if lo > 0 else "no difference shown")
+        assert per[d]["lm_vs_supervised"] == verdicts[-1], d
+    assert claims["lm_router_no_worse_and_better_in_one"] == ("worse" not in verdicts and "better" in verdicts)
 
 
 def test_claims_direction(quick):
@@ -159,3 +166,108 @@ def test_user_model_path(quick, tmp_path):
         for key in ("base", "routed", f"adapter:{d}"):
             assert mine["loss"][d][key] == pytest.approx(r["loss"][d][key], rel=1e-4), (d, key)
     assert mine["router_accuracy"]["sequence"] == pytest.approx(r["router_accuracy"]["sequence"])
+
+
+# ------------------------------------------------------------------------------------------ the MoLoRA stage
+MOLORA_DIFFS = ("lm_minus_supervised", "dense_minus_supervised", "lm_minus_dense")
+
+
+def test_molora_stage_rows(quick):
+    """The stage ran in --quick: an LM-trained top-k router and a dense (all adapters) router, each evaluated on
+    every domain, with paired CIs of the three comparisons, and printed in the table."""
+    out, r = quick
+    m = r["molora"]
+    assert m["routers"]["lm"]["top_k"] == r["settings"]["top_k"] == 2
+    assert m["routers"]["dense"]["top_k"] == len(DOMAINS)  # every adapter on every token
+    for v in ("lm", "dense"):
+        rep = m["routers"][v]["report"]
+        assert rep["objective"] == "lm" and rep["top_k"] == m["routers"][v]["top_k"]
+        assert rep["balance_weight"] == r["settings"]["molora_balance_weight"]
+        assert rep["val_lm_loss"] < rep["val_lm_loss_before"], v  # training through the LM loss did something
+        acc = m["router_accuracy"][v]
+        assert _finite(acc["sequence"]) and 0 <= acc["sequence"] <= 1 and _finite(acc["token"])
+    assert set(m["loss"]) == set(m["loss_ci"]["domains"]) == set(DOMAINS)
+    for d in DOMAINS:
+        assert set(m["loss"][d]) == {"supervised", "lm", "dense"}
+        assert all(_finite(v) for v in m["loss"][d].values())
+        row = m["loss_ci"]["domains"][d]
+        assert set(row) == {"sequences", *MOLORA_DIFFS}
+        for key in MOLORA_DIFFS:
+            lo, hi = row[key]["ci"]
+            assert lo <= row[key]["mean"] <= hi, (d, key)
+    assert (out / "router_lm" / "router.json").is_file()
+    from molora_ops.demo.pipeline import format_table
+
+    table = format_table(r)
+    assert "MoLoRA stage" in table and "lm - supervised" in table and "tokens/s" in table
+
+
+def test_molora_throughput(quick):
+    """Training throughput measured for both routers in the same run, interleaved, on the same batch."""
+    _, r = quick
+    tp = r["molora"]["throughput"]
+    assert tp["rounds"] == r["settings"]["throughput_rounds"] >= 3
+    tokens = tp["batch"][0] * tp["batch"][1]
+    assert tokens > 0
+    for v in ("lm", "dense"):
+        st = tp[v]
+        assert 0 < st["p20_ms"] <= st["median_ms"] <= st["p80_ms"], v
+        assert st["tokens_per_s"] == pytest.approx(tokens / (st["median_ms"] / 1e3), rel=1e-9), v
+    assert tp["lm"]["top_k"] == 2 and tp["dense"]["top_k"] == len(DOMAINS)
+    assert tp["lm_vs_dense"] == pytest.approx(tp["lm"]["tokens_per_s"] / tp["dense"]["tokens_per_s"])
+
+
+def test_molora_same_heldout_data(quick):
+    """The three routers are compared on the very sequences of the demo's main evaluation: the supervised row is
+    the main table's routed loss, counts match, and the paired means are the differences of the mean losses."""
+    _, r = quick
+    m = r["molora"]
+    for d in DOMAINS:
+        row, loss = m["loss_ci"]["domains"][d], m["loss"][d]
+        assert loss["supervised"] == r["loss"][d]["routed"], d
+        assert row["sequences"] == r["loss_ci"]["domains"][d]["sequences"] == r["settings"]["eval_blocks"]
+        assert row["lm_minus_supervised"]["mean"] == pytest.approx(loss["lm"] - loss["supervised"], abs=1e-9)
+        assert row["dense_minus_supervised"]["mean"] == pytest.approx(loss["dense"] - loss["supervised"], abs=1e-9)
+        assert row["lm_minus_dense"]["mean"] == pytest.approx(loss["lm"] - loss["dense"], abs=1e-9)
+    for v in ("lm", "dense"):
+        acc = m["router_accuracy"][v]
+        assert acc["sequences"] == r["router_accuracy"]["sequences"], v
+        assert acc["tokens"] == r["router_accuracy"]["tokens"], v
+
+
+def test_molora_paired_comparisons_refuse_unpaired():
+    from molora_ops.demo.molora import paired_comparisons
+
+    g = torch.Generator().manual_seed(3)
+    per = {"code": {k: torch.rand(7, generator=g, dtype=torch.float64) + 1 for k in ("supervised", "lm", "dense")}}
+    got = paired_comparisons(per, seed=0, resamples=200, level=0.95)["code"]
+    assert got["sequences"] == 7
+    assert got["lm_minus_dense"]["mean"] == pytest.approx(float((per["code"]["lm"] - per["code"]["dense"]).mean()))
+    per["code"]["dense"] = per["code"]["dense"][:-1]
+    with pytest.raises(ValueError, match="different numbers of sequences"):
+        paired_comparisons(per, seed=0, resamples=200, level=0.95)
+
+
+def test_molora_lm_row_recomputed_from_heldout(quick):
+    """The saved LM-trained router, reloaded into a fresh patch of the saved base and adapters, gives the lm row's
+    losses on the demo's held-out blocks (rebuilt from the seeded corpora): the row is that router on that data."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from molora_ops.demo import data as data_mod
+    from molora_ops.demo import evaluate as ev
+    from molora_ops.demo.model import encode_blocks
+    from molora_ops.demo.pipeline import QUICK
+    from molora_ops.hf.routers import load_router
+
+    out, r = quick
+    tokenizer = AutoTokenizer.from_pretrained(out / "base")
+    base = AutoModelForCausalLM.from_pretrained(out / "base").eval()
+    router = load_router(str(out / "router_lm"), tokenizer=tokenizer)
+    patched = molora_ops.patch(base, adapters={d: str(out / "adapters" / d) for d in DOMAINS}, router=router,
+                               top_k=r["molora"]["routers"]["lm"]["top_k"])
+    corpora = data_mod.build_corpora(QUICK.chars_per_domain, QUICK.heldout_fraction, 0)
+    for d in DOMAINS:
+        blocks = encode_blocks(corpora[d].heldout, tokenizer, QUICK.seq_len)[: QUICK.eval_blocks]
+        got = ev.heldout_losses(patched, blocks, batch_size=QUICK.eval_batch, device="cpu")
+        assert got.numel() == r["molora"]["loss_ci"]["domains"][d]["sequences"]
+        assert float(got.mean()) == pytest.approx(r["molora"]["loss"][d]["lm"], rel=1e-5), d

@@ -54,6 +54,13 @@ class Settings:
     router_epochs: int = 15
     router_lr: float = 1e-2
     top_k: int = 2
+    # the MoLoRA stage (molora.py): routers trained through the LM loss on the supervised router's texts
+    molora_kind: str = "context"
+    molora_epochs: int = 2
+    molora_lr: float = 0.1
+    molora_batch: int = 16
+    molora_balance_weight: float = 0.01
+    throughput_rounds: int = 10
     eval_blocks: int = 256  # held-out blocks evaluated per domain, at most (the built-in sets have 82-137: all)
     eval_batch: int = 16
     gen_tokens: int = 32
@@ -62,7 +69,8 @@ class Settings:
 
 DEFAULT = Settings()
 QUICK = replace(DEFAULT, chars_per_domain=200_000, pretrain_steps=60, adapter_steps=40, router_texts=120,
-                router_epochs=15, eval_blocks=16, gen_tokens=16, timing_repeats=3)
+                router_epochs=15, eval_blocks=16, gen_tokens=16, timing_repeats=3, molora_epochs=1,
+                throughput_rounds=3)
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -239,8 +247,23 @@ def _pairs(items, flag):
 
 
 # ------------------------------------------------------------------------------------------- evaluation
+def router_texts(pieces: dict, names: list[str], per_adapter: int, seed: int) -> dict[str, list[str]]:
+    """{adapter: texts}: `per_adapter` training blocks per adapter, drawn with `seed`, decoded. Every router the
+    demo trains (supervised, and the MoLoRA stage's) learns from these."""
+    tokenizer = pieces["tokenizer"]
+    gen = torch.Generator().manual_seed(seed)
+    texts = {}
+    for name in names:
+        pool = pieces["router_train"][name]
+        idx = torch.randperm(pool.shape[0], generator=gen)[:per_adapter]
+        texts[name] = [tokenizer.decode(pool[i]) for i in idx.tolist()]
+    return texts
+
+
 def evaluate(pieces: dict, settings: Settings, out: Path, device, seed: int, log, router_dir: str | None = None,
-             plot: bool = True):
+             plot: bool = True, molora: bool = False):
+    """Stages 5-7: the supervised router, evaluation through mo.patch, generations and timing; with `molora`
+    also the MoLoRA stage (molora.py) on the same texts and held-out blocks."""
     from peft import PeftModel
 
     from . import evaluate as ev
@@ -251,6 +274,7 @@ def evaluate(pieces: dict, settings: Settings, out: Path, device, seed: int, log
     names = list(pieces["adapters"])
     heldout = {d: x[: settings.eval_blocks] if settings.eval_blocks else x for d, x in pieces["heldout"].items()}
     stages = pieces["stages"]
+    texts = router_texts(pieces, names, settings.router_texts, seed) if molora or not router_dir else None
 
     # 5. the router, trained on training text with the base and the adapters frozen
     t0 = time.perf_counter()
@@ -262,12 +286,6 @@ def evaluate(pieces: dict, settings: Settings, out: Path, device, seed: int, log
         log(f"router: loaded {type(router).__name__} from {router_dir}")
     else:
         patched = mo.patch(copy.deepcopy(base), adapters=pieces["adapters"], router=None, top_k=settings.top_k)
-        gen = torch.Generator().manual_seed(seed)
-        texts = {}
-        for name in names:
-            pool = pieces["router_train"][name]
-            idx = torch.randperm(pool.shape[0], generator=gen)[: settings.router_texts]
-            texts[name] = [tokenizer.decode(pool[i]) for i in idx.tolist()]
         router = mo.train_router(
             patched, texts, tokenizer, kind=settings.router_kind, layer=settings.router_layer,
             epochs=settings.router_epochs, lr=settings.router_lr, max_length=settings.seq_len, val_fraction=0.1,
@@ -303,6 +321,16 @@ def evaluate(pieces: dict, settings: Settings, out: Path, device, seed: int, log
         losses[domain] = {k: float(v.mean()) for k, v in per.items()}
     loss_ci = paired_differences(per_seq, seed=seed)
     stages["evaluate_loss"] = time.perf_counter() - t0
+
+    # 7. the MoLoRA stage: routers trained through the LM loss, top-k and dense, against the supervised one
+    molora_results = None
+    if molora:
+        from .molora import run_stage
+
+        t0 = time.perf_counter()
+        molora_results = run_stage(pieces, texts, heldout, routed_losses, settings, out=out, device=device,
+                                   seed=seed, resamples=BOOTSTRAP_RESAMPLES, level=CI_LEVEL, log=log)
+        stages["molora"] = time.perf_counter() - t0
 
     # the mixed prompt's routing heat map, and greedy generations with the KV cache
     t0 = time.perf_counter()
@@ -357,6 +385,7 @@ def evaluate(pieces: dict, settings: Settings, out: Path, device, seed: int, log
         "heatmap": None if heatmap is None else str(heatmap),
         "adapters": names,
         "sequential_order": pieces["sequential_order"],
+        "molora": molora_results,
     }
 
 
@@ -388,7 +417,16 @@ CLAIM_DEFINITIONS = {
     "sequential_forgets_an_earlier_domain": "on at least one domain the sequential LoRA trained before its last "
                                             "domain, the 95% paired bootstrap CI of (sequential - routed) lies "
                                             "entirely above 0 AND the sequential loss is more than 2% above routed",
+    "lm_router_no_worse_and_better_in_one": "MoLoRA stage: in every domain, the 95% paired bootstrap CI of the mean "
+                                            "per-sequence difference (LM-trained top-k router - supervised router) "
+                                            "does not lie entirely above 0 (no worse), AND in at least one domain "
+                                            "it lies entirely below 0 (better)",
 }
+
+
+def _verdict(ci: list) -> str:
+    """'better' (CI entirely below 0), 'worse' (entirely above 0) or 'no difference shown'."""
+    return "better" if ci[1] < 0 else "worse" if ci[0] > 0 else "no difference shown"
 
 
 def paired_differences(per_seq: dict, *, seed: int, resamples: int = BOOTSTRAP_RESAMPLES,
@@ -447,6 +485,14 @@ def check_claims(results: dict) -> dict:
             sr is not None and sr["ci"][0] > 0 and loss[d]["sequential"] > (1 + FORGET_MARGIN) * loss[d]["routed"])
     claims["sequential_forgets_an_earlier_domain"] = (
         any(per_domain[d]["sequential_forgets"] for d in earlier) if earlier else None)
+    molora = results.get("molora")
+    if molora:
+        for d, row in molora["loss_ci"]["domains"].items():
+            per_domain.setdefault(d, {})["lm_vs_supervised"] = _verdict(row["lm_minus_supervised"]["ci"])
+        verdicts = [per_domain[d]["lm_vs_supervised"] for d in molora["loss_ci"]["domains"]]
+        claims["lm_router_no_worse_and_better_in_one"] = "worse" not in verdicts and "better" in verdicts
+    else:
+        claims["lm_router_no_worse_and_better_in_one"] = None
     claims["per_domain"] = per_domain
     claims["definitions"] = dict(CLAIM_DEFINITIONS)
     return claims
@@ -495,6 +541,8 @@ def format_table(results: dict) -> str:
         lines.append(f"  same routing as PEFT's mixed batch: {t['speedup_vs_peft_mixed_batch']:.2f}x PEFT's speed; "
                      f"max |logit difference| vs PEFT {results['peft_parity_max_abs_logit_diff']:.2e}")
     lines.append(f"greedy decode with the KV cache and the router: {t['decode_tokens_per_s']:.1f} tokens/s")
+    if results.get("molora"):
+        lines.extend(format_molora(results["molora"]))
     lines.append("generations (greedy, KV cache; routing = runs of tokens by top adapter, | = start of generation):")
     for g in results["generations"]:
         lines.append(f"  {g['prompt']!r} -> {g['text']!r}")
@@ -512,8 +560,41 @@ def format_table(results: dict) -> str:
         if name == "routed_clearly_below_base" and claims.get("per_domain"):
             detail = "  (" + ", ".join(f"{d} {'yes' if p['routed_clearly_below_base'] else 'no'}"
                                        for d, p in claims["per_domain"].items()) + ")"
+        if name == "lm_router_no_worse_and_better_in_one" and ok is not None:
+            detail = "  (" + ", ".join(f"{d} {p['lm_vs_supervised']}" for d, p in claims["per_domain"].items()
+                                       if "lm_vs_supervised" in p) + ")"
         lines.append(f"  [{mark}] {name}{detail}")
     return "\n".join(lines)
+
+
+def format_molora(m: dict) -> list[str]:
+    """The MoLoRA stage's rows: held-out loss of the three routers, paired CIs, accuracy, training throughput."""
+    ci = m["loss_ci"]
+    pct = round(100 * ci["level"])
+    r, tp = m["routers"], m["throughput"]
+    cfg = m["settings"]
+    lines = [f"MoLoRA stage: {r['lm']['kind']}s trained through the LM loss ({cfg['epochs']} epochs, lr {cfg['lr']}, "
+             f"balance weight {cfg['balance_weight']}; base and adapters frozen), same texts and held-out sequences "
+             "as the supervised router",
+             f"  lm = top-{r['lm']['top_k']} routed; dense = all {r['dense']['top_k']} adapters, softmax weights "
+             f"(X-LoRA's setting); mean [{pct}% paired bootstrap CI, {ci['resamples']} resamples] (relative to the "
+             "second)",
+             f"{'domain':<8}{'seqs':>5}{'supervised':>11}{'lm':>8}{'dense':>8}"
+             + "".join(f"  {label:<33}" for label in ("lm - supervised", "dense - supervised", "lm - dense"))]
+    for d, row in ci["domains"].items():
+        loss = m["loss"][d]
+        cells = [f"{st['mean']:+.3f} [{st['ci'][0]:+.3f}, {st['ci'][1]:+.3f}] ({100 * st['relative']:+.1f}%)"
+                 for st in (row[k] for k in ("lm_minus_supervised", "dense_minus_supervised", "lm_minus_dense"))]
+        lines.append(f"{d:<8}{row['sequences']:>5}{loss['supervised']:>11.3f}{loss['lm']:>8.3f}{loss['dense']:>8.3f}"
+                     + "".join(f"  {c:<33}" for c in cells))
+    acc = m["router_accuracy"]
+    lines.append("  router accuracy on held-out text (sequence / token): " + ", ".join(
+        f"{v} {100 * acc[v]['sequence']:.1f}% / {100 * acc[v]['token']:.1f}%" for v in acc))
+    lines.append(f"  training throughput (router step: routed forward + loss + backward, batch {tp['batch'][0]}x"
+                 f"{tp['batch'][1]} on {tp['device']}, {tp['rounds']} interleaved rounds, medians): lm "
+                 f"{tp['lm']['tokens_per_s']:.0f} tokens/s, dense {tp['dense']['tokens_per_s']:.0f} tokens/s "
+                 f"({tp['lm_vs_dense']:.2f}x dense)")
+    return lines
 
 
 # optional dependencies: (module, what needs it, how to install it)
@@ -571,7 +652,8 @@ def run(args) -> int:
         if args.adapter or args.router:
             raise SystemExit("--adapter and --router go with --model")
         pieces = build_builtin(settings, out, device, args.seed, log)
-    results = evaluate(pieces, settings, out, device, args.seed, log, router_dir=args.router, plot=not args.no_plot)
+    results = evaluate(pieces, settings, out, device, args.seed, log, router_dir=args.router, plot=not args.no_plot,
+                       molora=not args.model)
     results["claims"] = check_claims(results)
     results["seconds"] = time.perf_counter() - start
     results["settings"] = asdict(settings)
@@ -581,6 +663,7 @@ def run(args) -> int:
     results["data"] = pieces["data"]
     results["artifacts"] = {"out": str(out), "base": pieces["base_dir"], "adapters": pieces["adapters"],
                             "sequential": pieces["sequential"], "router": args.router or str(out / "router"),
+                            "router_lm": str(out / "router_lm") if results["molora"] else None,
                             "heatmap": results["heatmap"]}
     results["versions"] = _versions()
     print()
