@@ -24,7 +24,8 @@ that strategy's index tensors and coefficients (on the first call that needs the
     no host sync (the torch backend on a GPU syncs in its own segment listing; use triton or cuda there).
   * a CPU strategy (eager, no grad, torch backend on CPU), fixed at build:
       - ``rows``: one adapter per sequence (:meth:`RoutedBatch.for_sequences`): runs of consecutive rows that
-        share an adapter, ``out[rows].addmm_(x[rows] @ A[e].T, B[e].T)``; no gathers, no index_add.
+        share an adapter, ``out[rows].addmm_(x[rows] @ A[e].T, B[e].T)``; no gathers, no index_add. At prefill
+        with every sequence routed, one bmm per side over [B, seq_len, H] instead (:func:`_batched_rows_pay`).
       - ``per_adapter``: few (adapter, token) pairs: one matmul pair per pair, the routing weight (a host float
         read once at build) as the second GEMM's alpha.
       - ``dense``: most adapters active in a small batch: one GEMM over every adapter's A ([N * R, H_in]), a
@@ -313,32 +314,45 @@ def _b_stack(b: Tensor) -> Tensor:
 
 class _Padded:
     """The grouped pairs as one padded batch: each of the Na active adapters' pairs (plan order) padded to a common
-    length M (a multiple of 16). idx [Na, M] int64: the token of each row (padding rows read token 0); coef
+    length M (a multiple of 16). idx [Na, M] int32: the token of each row (padding rows read token 0); coef
     [Na, M, 1] (0 in padding rows); pad [Na, M, 1] bool; adapters [Na] int64, or None when every adapter is active.
-    One index_select, one bmm per side and one index_add, whatever Na; padding rows are set to exactly 0 after the
-    shrink (and after the expand when B is non-finite), so they add nothing to token 0."""
+    One index_select, one bmm per side and one index_add, whatever Na; padding rows add nothing to token 0: their
+    coefficient is 0, and they are set to exactly 0 after the shrink when x[0] or A holds a non-finite value (after
+    the expand when B does). add_ folds the per-adapter scale into the shrink's coefficients (a [Na, M, 1] product)
+    instead of scaling h. Every op here runs in parallel regions, so the layout keeps their number low.
+
+    idx is int32 on purpose: ATen's index_add_ takes a sort-based scatter path for an int64 index, ~10 parallel
+    regions per call, and a serial loop over the rows for int32. Alone at 1 thread the loop is 1.4-2x slower
+    (0.2 vs 0.1 ms at [2048, 512]), but this layout runs with more than one thread, where on this 2-core shared
+    machine every parallel region waits for a busy core (int64: 116 ms per call at load 3.6, int32 0.2-0.6 ms)."""
 
     def __init__(self, idx: Tensor, coef: Tensor, pad: Tensor, adapters: Optional[Tensor]):
         self.idx, self.coef, self.pad, self.adapters = idx, coef, pad, adapters
+        self.padded = bool(pad.any())
 
     def _pick(self, w: Tensor) -> Tensor:
         return w if self.adapters is None else w[self.adapters]
 
-    def shrink(self, x, a):
+    def shrink(self, x, a, coef: Optional[Tensor] = None):
+        """[Na, M, R] rows times coef (default self.coef)."""
         na, m = self.idx.shape
         xg = x.index_select(0, self.idx.view(-1)).view(na, m, x.shape[1])
-        return torch.bmm(xg, self._pick(a).transpose(1, 2)).mul_(self.coef).masked_fill_(self.pad, 0)
+        h = torch.bmm(xg, self._pick(a).transpose(1, 2)).mul_(self.coef if coef is None else coef)
+        if self.padded and not (_all_finite(a) and bool(torch.isfinite(x[0]).all())):
+            h.masked_fill_(self.pad, 0)
+        return h
 
     def expand_(self, h, b, acc, scale):
         if scale is not None:
             h = h * self._pick(_as(scale, h.dtype)).view(-1, 1, 1)
         y = torch.bmm(h, self._pick(_b_stack(b)))
-        if not _all_finite(b):
+        if self.padded and not _all_finite(b):
             y.masked_fill_(self.pad, 0)
         acc.index_add_(0, self.idx.view(-1), y.view(-1, y.shape[2]))
 
     def add_(self, x, a, b, acc, scale):
-        self.expand_(self.shrink(x, a), b, acc, scale)
+        coef = None if scale is None else self.coef * self._pick(_as(scale, self.coef.dtype)).view(-1, 1, 1)
+        self.expand_(self.shrink(x, a, coef), b, acc, None)
 
 
 def _padded(tokens: Tensor, coef: Tensor, segments: list, num_adapters: int) -> _Padded:
@@ -346,7 +360,7 @@ def _padded(tokens: Tensor, coef: Tensor, segments: list, num_adapters: int) -> 
     na = len(segments)
     m = -(-max((hi - lo for _, lo, hi in segments), default=0) // 16) * 16
     rows = torch.tensor([j * m + i for j, (_, lo, hi) in enumerate(segments) for i in range(hi - lo)], dtype=torch.long)
-    idx = torch.zeros(na * m, dtype=torch.long).index_copy_(0, rows, tokens)
+    idx = torch.zeros(na * m, dtype=torch.int32).index_copy_(0, rows, tokens.int())
     padded_coef = coef.new_zeros(na * m, 1).index_copy_(0, rows, coef)
     pad = torch.ones(na * m, 1, dtype=torch.bool).index_fill_(0, rows, False)
     adapters = None if na == num_adapters else torch.tensor([e for e, _, _ in segments], dtype=torch.long)

@@ -250,6 +250,25 @@ def test_grouped_padded_isolates_non_finite_values(bad, monkeypatch):
     _check_non_finite_isolation(bad, lambda p, base: _add_and_split(_batch(p, "grouped"), p, base))
 
 
+def test_grouped_padded_padding_rows_with_non_finite_a(monkeypatch):
+    """x finite (token 0 too) but adapter 1's A holds a NaN: the padding rows of its block (which read token 0)
+    must not reach token 0, which does not route to adapter 1; every token that does not is exact."""
+    _force_padded(monkeypatch)
+    p = _problem((40, 2, 5, 4, 15, 9), torch.float32)
+    ids = p.topk_ids
+    ids[ids == 1] = 2
+    ids[3:6, 0] = 1  # 3 pairs in adapter 1's block: 13 padding rows
+    p.lora_a[1, 2, 5] = float("nan")
+    base = torch.randn(40, 9)
+    expected = reference.routed_lora(p.x, p.lora_a, p.lora_b, ids, p.topk_weights, scaling=p.scaling, out=base.clone())
+    with torch.no_grad():
+        for got in _add_and_split(_batch(p, "grouped"), p, base):
+            keep = torch.ones(40, dtype=torch.bool)
+            keep[3:6] = False
+            assert torch.isfinite(got[keep]).all()
+            assert_close(got[keep], expected[keep], **TOLERANCE[torch.float32])
+
+
 def test_padding_rule():
     """Padded with more than one thread while padding each active adapter's pairs to a multiple of 16 adds at
     most _PAD_WASTE of the pairs."""
