@@ -1,8 +1,10 @@
 """The demo end to end: data -> tokenizer -> base -> PEFT adapters (+ sequential baseline) -> router ->
-evaluation through mo.patch -> table, JSON, heat map. `run(args)` is what ``python -m molora_ops demo`` calls.
+evaluation through mo.patch -> the MoLoRA stage (routers trained through the LM loss, molora.py) -> table, JSON,
+heat map. `run(args)` is what ``python -m molora_ops demo`` calls.
 
 With ``--model DIR --adapter NAME=DIR ...`` the first four stages are skipped: the user's local Hugging Face
-model and PEFT adapters are routed and evaluated instead (a router is trained unless ``--router DIR`` is given).
+model and PEFT adapters are routed and evaluated instead (a router is trained unless ``--router DIR`` is given), and
+the MoLoRA stage, which trains through the whole model, is left out.
 """
 
 from __future__ import annotations
