@@ -2,7 +2,9 @@
 
 Builds three domains from what Python ships (stdlib code, generated math, documentation prose), trains a
 tokenizer, a tiny GPT-2 base, one PEFT LoRA per domain and a sequential baseline, trains a context router with
-``mo.train_router``, then evaluates everything through ``mo.patch`` on held-out text. See molora_ops.demo.
+``mo.train_router``, then evaluates everything through ``mo.patch`` on held-out text. A MoLoRA stage then trains
+a top-2 router and a dense all-adapter router through the LM loss (``objective="lm"``) and compares them with the
+supervised router on the same held-out text, with training throughput. See molora_ops.demo.
 """
 
 from __future__ import annotations
