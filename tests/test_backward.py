@@ -149,9 +149,12 @@ def test_torch_pair_rows_paths_match_reference(grouped, shape, monkeypatch):
     assert_close(out, exact, **TOLERANCE[torch.float32], name="out")
     assert_close(u, _unscaled_u(p), **TOLERANCE[torch.float32], name="u")
     grad_out = torch.randn(shape[0], shape[5])
-    _check(torch.autograd.grad(out, leaves, grad_out), _exact_grads(p, grad_out), torch.float32)
+    grads = torch.autograd.grad(out, leaves, grad_out, retain_graph=True)
+    _check(grads, _exact_grads(p, grad_out), torch.float32)
     expected = (4 + (shape[4] != shape[5])) if grouped and shape[0] else 0
     assert len(calls) == expected, calls
+    again = torch.autograd.grad(out, leaves, grad_out)
+    assert all(torch.equal(g, h) for g, h in zip(grads, again)), "the torch backward must be bit-reproducible"
 
 
 @needs_triton
