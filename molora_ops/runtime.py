@@ -25,7 +25,8 @@ that strategy's index tensors and coefficients (on the first call that needs the
   * a CPU strategy (eager, no grad, torch backend on CPU), fixed at build:
       - ``rows``: one adapter per sequence (:meth:`RoutedBatch.for_sequences`): runs of consecutive rows that
         share an adapter, ``out[rows].addmm_(x[rows] @ A[e].T, B[e].T)``; no gathers, no index_add. At prefill
-        with every sequence routed, one bmm per side over [B, seq_len, H] instead (:func:`_batched_rows_pay`).
+        with every sequence routed and more than one thread, one bmm per side over [B, seq_len, H] instead
+        (:func:`_batched_rows_pay`).
       - ``per_adapter``: few (adapter, token) pairs: one matmul pair per pair, the routing weight (a host float
         read once at build) as the second GEMM's alpha.
       - ``dense``: most adapters active in a small batch: one GEMM over every adapter's A ([N * R, H_in]), a
@@ -684,7 +685,8 @@ class RoutedBatch:
         with torch.no_grad():
             if self.strategy == "rows":
                 seq_ids, seq_len = self._seq
-                batched = seq_ids is not None and _batched_rows_pay(self._runs, seq_ids.shape[0], seq_len)
+                batched = seq_ids is not None and _batched_rows_pay(self._runs, seq_ids.shape[0], seq_len,
+                                                                    torch.get_num_threads())
                 return _Rows(self._runs, self.num_tokens, (seq_ids.long(), seq_len) if batched else None)
             if self.strategy in TRACED_STRATEGIES:
                 return _TRACED[self.strategy](self.topk_ids, self.topk_weights, self.num_adapters, cd)
@@ -858,13 +860,18 @@ def _rows_pay(runs: list, seq_len: int) -> bool:
     return len(runs) <= 4 or seq_len >= 8
 
 
-def _batched_rows_pay(runs: list, num_seqs: int, seq_len: int) -> bool:
-    """Whether the rows strategy takes its batched form (one bmm per side over [B, seq_len, H]): every sequence
-    routed (the runs cover all B * seq_len rows), more than one run, and prefill-long sequences (seq_len >=
-    _BATCHED_MIN_SEQ: at decode sizes the per-call weight gathers cost more than the few matmuls they replace).
-    Measured: see bench/runtime_model.py prefill, names vs names[loop]."""
+def _batched_rows_pay(runs: list, num_seqs: int, seq_len: int, threads: int) -> bool:
+    """Whether the rows strategy takes its batched form (one bmm per side over [B, seq_len, H]): with more than one
+    intra-op thread, every sequence routed (the runs cover all B * seq_len rows), more than one run, and
+    prefill-long sequences (seq_len >= _BATCHED_MIN_SEQ: at decode sizes the per-call weight gathers cost more than
+    the few matmuls they replace).
+
+    Measured in the model (bench/runtime_model.py prefill 4x256, names vs names[loop]; torch 2.13 CPU, 2-core
+    shared x86_64, interleaved medians, time / base): 2 threads 1.02x / 1.15x / 1.47x batched against 1.17x /
+    1.24x / 2.45x per-run (loads 3-5); 1 thread (thread time) 1.11x / 1.14x against 1.08x / 1.09x, so one thread
+    keeps the loop."""
     covered = sum(hi - lo for _, lo, hi in runs) == num_seqs * seq_len
-    return covered and len(runs) > 1 and seq_len >= _BATCHED_MIN_SEQ
+    return threads > 1 and covered and len(runs) > 1 and seq_len >= _BATCHED_MIN_SEQ
 
 
 _BATCHED_MIN_SEQ = 8  # rows: the batched (bmm) form from this sequence length (_batched_rows_pay)

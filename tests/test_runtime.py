@@ -131,7 +131,8 @@ SEQ_CASES = (  # (seq_ids, seq_len)
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", SEQ_CASES, ids=lambda c: f"{c[0]}x{c[1]}")
-def test_for_sequences_rows(case, dtype):
+def test_for_sequences_rows(case, dtype, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the batched form is taken with more than one thread
     seq, seq_len = case
     n, r, h_in, h_out = 5, 4, 37, 19
     seq_ids = torch.tensor(seq)
@@ -695,6 +696,15 @@ def test_decision_rule():
     assert choose_strategy(32, 8, 2, 64) == "grouped"  # decode batch 32, few adapters active
     assert choose_strategy(1024, 8, 8, 2048) == "grouped"  # prefill
     assert choose_strategy(0, 8, 0, 0) == "per_adapter"  # nothing to do
+
+
+def test_batched_rows_rule():
+    runs = [(0, 0, 9), (3, 9, 27), (1, 27, 36)]  # 4 sequences of 9, the middle two merged
+    assert runtime._batched_rows_pay(runs, 4, 9, 2)
+    assert not runtime._batched_rows_pay(runs, 4, 9, 1)  # one thread: a matmul pair per run
+    assert not runtime._batched_rows_pay(runs[:2], 4, 9, 2)  # a base sequence (-1): rows not covered
+    assert not runtime._batched_rows_pay([(0, 0, 4), (1, 4, 8)], 4, 2, 2)  # decode-short sequences
+    assert not runtime._batched_rows_pay([(2, 0, 36)], 4, 9, 2)  # one run: one matmul pair already
 
 
 @pytest.mark.parametrize("seq,seq_len,expected", (
