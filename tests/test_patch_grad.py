@@ -356,8 +356,9 @@ def test_triton_backend_input_and_router_grads(gpt2, monkeypatch):
 
     triton_backend = importlib.import_module("molora_ops.impl.triton_backend")
     calls = []
-    real = triton_backend.routed_lora
-    monkeypatch.setattr(triton_backend, "routed_lora", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for fn in ("shrink", "expand", "routed_lora"):  # under grad: routed_lora_train = shrink, then expand
+        real = getattr(triton_backend, fn)
+        monkeypatch.setattr(triton_backend, fn, lambda *a, _real=real, _fn=fn, **k: calls.append(_fn) or _real(*a, **k))
     setup = gpt2
     embeds, R = _inputs(setup)
     embeds, R = embeds[:2, :5], R[:2, :5]
@@ -367,7 +368,7 @@ def test_triton_backend_input_and_router_grads(gpt2, monkeypatch):
     logits, grad, _ = _grad(lambda e: model(inputs_embeds=e, adapter_names=names).logits, embeds, R)
     assert_logits_close(logits, ref_logits)
     assert_logits_close(grad, ref_grad, name="d loss / d inputs_embeds (triton)")
-    assert calls, "the Triton backend's routed_lora never ran"
+    assert {"shrink", "expand"} <= set(calls), f"the Triton backend's kernels did not run: {calls}"
 
     router = _router("token", _hidden(setup))
     ref_router = copy.deepcopy(router)
