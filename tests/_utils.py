@@ -90,6 +90,20 @@ def make_problem(
     ).to(device)
 
 
+def edge_case_problem(shape, dtype, device="cpu") -> Problem:
+    """make_problem(*shape) whose routing has, wherever T and K allow, an empty slot, a token with the same
+    adapter in two slots, and always an adapter (N - 1) with no tokens: the gradient tests' grid."""
+    T, K, N = shape[:3]
+    p = make_problem(*shape, dtype, empty_frac=0.25, duplicate_frac=0.4)
+    ids = p.topk_ids
+    ids[ids == N - 1] = N - 2
+    if T and K > 1:
+        ids[0, 1] = ids[0, 0] = 0
+    if T > 1:
+        ids[-1, -1] = -1
+    return p.to(device)
+
+
 def naive_lowp(problem: Problem) -> torch.Tensor:
     """Plain PyTorch in the inputs' own precision (per-slot matmuls, sums in that dtype): the error yardstick
     for the flash-attention tolerance rule."""

@@ -9,7 +9,7 @@ import torch
 import molora_ops as mo
 from molora_ops import reference
 
-from _utils import TOLERANCE, assert_close, make_problem
+from _utils import TOLERANCE, assert_close, edge_case_problem
 
 F64 = torch.float64
 ops = torch.ops.molora
@@ -42,20 +42,6 @@ def _shape_id(shape):
     return "T{}K{}N{}R{}_{}x{}".format(*shape)
 
 
-def _problem(shape, dtype):
-    """Random inputs whose routing has, wherever T and K allow, an empty slot, a token with the same adapter
-    in two slots, and always an adapter (N - 1) with no tokens."""
-    T, K, N = shape[:3]
-    p = make_problem(*shape, dtype, empty_frac=0.25, duplicate_frac=0.4)
-    ids = p.topk_ids
-    ids[ids == N - 1] = N - 2
-    if T and K > 1:
-        ids[0, 1] = ids[0, 0] = 0
-    if T > 1:
-        ids[-1, -1] = -1
-    return p
-
-
 def _leaves(p, dtype=None):
     """(x, lora_a, lora_b, topk_weights, scaling) as fresh leaves that require grad, optionally cast."""
     return tuple(
@@ -83,7 +69,7 @@ def _assert_grads(got, want, tol, names=NAMES):
 @pytest.mark.parametrize("with_plan", (False, True), ids=("no_plan", "plan"))
 @pytest.mark.parametrize("shape", GRADCHECK_SHAPES, ids=_shape_id)
 def test_gradcheck_routed_lora(shape, with_plan):
-    p = _problem(shape, F64)
+    p = edge_case_problem(shape, F64)
     ids = p.topk_ids
     plan = mo.build_plan(ids, shape[2]) if with_plan else None
     inputs = _leaves(p, F64)
@@ -102,7 +88,7 @@ def test_gradcheck_routed_lora(shape, with_plan):
 
 @pytest.mark.parametrize("shape", GRADCHECK_SHAPES, ids=_shape_id)
 def test_gradcheck_shrink_and_expand(shape):
-    p = _problem(shape, F64)
+    p = edge_case_problem(shape, F64)
     ids = p.topk_ids
     x, a, b, w, s = _leaves(p, F64)
     h = reference.lora_shrink(p.x, p.lora_a, ids, p.topk_weights.to(F64), scaling=p.scaling.to(F64))
@@ -128,7 +114,7 @@ def test_gradcheck_shrink_and_expand(shape):
 
 def test_gradcheck_out_path():
     """out= under autograd: gradients reach x, the adapters, the weights, the scaling and the base output."""
-    p = _problem((9, 3, 4, 3, 7, 5), F64)
+    p = edge_case_problem((9, 3, 4, 3, 7, 5), F64)
     ids = p.topk_ids
     base = torch.randn(9, 5, dtype=F64, requires_grad=True)
     h = torch.randn(9, 3, 3, dtype=F64, requires_grad=True)
@@ -149,7 +135,7 @@ def _check_grads_against_float64(backend, dtype, use_out, device="cpu"):
     """Gradients in the inputs' dtypes (accumulated in float32) against float64 autograd through the
     reference on the same (rounded) inputs, at the dtype's table tolerance."""
     shape = (19, 3, 6, 5, 37, 23)
-    p = _problem(shape, dtype).to(device)
+    p = edge_case_problem(shape, dtype).to(device)
     ids = p.topk_ids
     grad_out = torch.randn(shape[0], shape[5]).to(dtype).to(device)
     base = torch.randn(shape[0], shape[5]).to(dtype).to(device)
@@ -187,7 +173,7 @@ def test_grads_match_float64_gpu(backend, dtype, use_out):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_shrink_expand_grads_float32_match_float64(backend):
-    p = _problem((23, 2, 5, 7, 41, 29), torch.float32)
+    p = edge_case_problem((23, 2, 5, 7, 41, 29), torch.float32)
     ids = p.topk_ids
     grad_h, grad_y = torch.randn(23, 2, 7), torch.randn(23, 29)
     h = torch.randn(23, 2, 7)
@@ -210,7 +196,7 @@ def test_shrink_expand_grads_float32_match_float64(backend):
 @pytest.mark.parametrize("only", NAMES)
 def test_one_input_requires_grad(only):
     """Only the gradient asked for is computed (e.g. router training with frozen adapters), and it is right."""
-    p = _problem((17, 3, 5, 4, 13, 11), F64)
+    p = edge_case_problem((17, 3, 5, 4, 13, 11), F64)
     ids = p.topk_ids
     inputs = [t.to(F64).detach().clone() for t in (p.x, p.lora_a, p.lora_b, p.topk_weights, p.scaling)]
     i = NAMES.index(only)
@@ -226,7 +212,7 @@ def test_one_input_requires_grad(only):
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
 def test_out_path_bits_equal_with_and_without_grad(backend, dtype):
     """The autograd form of out= (out-of-place, then copied) gives the in-place kernel's result bit for bit."""
-    p = _problem((21, 2, 5, 8, 33, 19), dtype)
+    p = edge_case_problem((21, 2, 5, 8, 33, 19), dtype)
     base = torch.randn(21, 19).to(dtype)
     args = (p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights)
     plain = base.clone()
@@ -249,7 +235,7 @@ def test_out_path_bits_equal_with_and_without_grad(backend, dtype):
 def test_out_path_grads_equal_out_of_place(backend):
     """A base projection plus the delta added into its (strided view of the) output: x.grad includes the LoRA
     term, topk_weights and scaling get gradients, and all of them equal the out-of-place form's."""
-    p = _problem((15, 3, 5, 4, 21, 13), torch.float32)
+    p = edge_case_problem((15, 3, 5, 4, 21, 13), torch.float32)
     ids = p.topk_ids
     weight = torch.randn(13, 21, requires_grad=True)
     grad_out = torch.randn(15, 13)
@@ -274,7 +260,7 @@ def test_out_path_grads_equal_out_of_place(backend):
 
 
 def test_out_leaf_that_requires_grad_is_refused():
-    p = _problem((6, 2, 3, 4, 9, 7), torch.float32)
+    p = edge_case_problem((6, 2, 3, 4, 9, 7), torch.float32)
     args = (p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights)
     h = torch.randn(6, 2, 4)
     for x_grad in (False, True):
@@ -295,7 +281,7 @@ def test_out_leaf_that_requires_grad_is_refused():
 def test_saved_ids_modified_before_backward_raises():
     """The backward reuses the forward's routing; ids changed in place in between are an error, never a
     silently wrong gradient."""
-    p = _problem((8, 2, 4, 3, 9, 5), torch.float32)
+    p = edge_case_problem((8, 2, 4, 3, 9, 5), torch.float32)
     x = p.x.clone().requires_grad_()
     y = mo.routed_lora(x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights)
     p.topk_ids.fill_(0)
@@ -305,7 +291,7 @@ def test_saved_ids_modified_before_backward_raises():
 
 # ------------------------------------------------------------------------------------------ opcheck
 def _opcheck_cases(backend, dtype, with_plan):
-    p = _problem((11, 3, 5, 4, 13, 9), dtype)
+    p = edge_case_problem((11, 3, 5, 4, 13, 9), dtype)
     ids = p.topk_ids
     plan = mo.build_plan(ids, 5) if with_plan else None
     sp, so = (plan.sorted_pairs, plan.seg_offsets) if plan else (None, None)
@@ -336,7 +322,7 @@ def test_opcheck_with_autograd(backend, dtype, with_plan):
 
 @pytest.mark.parametrize("needs", ((True, True, True, True, True), (True, False, False, True, False)), ids=str)
 def test_opcheck_backward_ops(needs):
-    p = _problem((10, 2, 4, 3, 11, 7), torch.float32)
+    p = edge_case_problem((10, 2, 4, 3, 11, 7), torch.float32)
     ids, s = p.topk_ids, p.scaling.float()
     plan = mo.build_plan(ids, 4)
     h, gy = torch.randn(10, 2, 3), torch.randn(10, 7)
@@ -357,7 +343,7 @@ def test_opcheck_backward_ops(needs):
 def test_torch_compile_backward(backend):
     """fullgraph compile (aot_eager) of a projection that uses out= and the functional form; the backward
     graph holds the backward ops, and its gradients equal eager ones."""
-    p = _problem((13, 2, 5, 8, 32, 24), torch.float32)
+    p = edge_case_problem((13, 2, 5, 8, 32, 24), torch.float32)
     linear = torch.nn.Linear(32, 24)
 
     def forward(x, a, b, w, s, ids):

@@ -13,7 +13,7 @@ import molora_ops as mo
 from molora_ops import reference
 from molora_ops.impl import torch_backward, triton_backend
 
-from _utils import TOLERANCE, assert_close, make_problem
+from _utils import TOLERANCE, assert_close, edge_case_problem
 
 F64 = torch.float64
 ops = torch.ops.molora
@@ -29,20 +29,6 @@ SHAPES_SMOKE = ((0, 2, 3, 3, 5, 4), (1, 1, 3, 2, 7, 5), (3, 3, 4, 5, 9, 6), (7, 
 
 def _shape_id(shape):
     return "T{}K{}N{}R{}_{}x{}".format(*shape)
-
-
-def _problem(shape, dtype, device="cpu"):
-    """Random inputs whose routing has, wherever T and K allow, an empty slot, a token with one adapter in two
-    slots, and always an adapter (N - 1) with no tokens."""
-    T, K, N = shape[:3]
-    p = make_problem(*shape, dtype, empty_frac=0.25, duplicate_frac=0.4)
-    ids = p.topk_ids
-    ids[ids == N - 1] = N - 2
-    if T and K > 1:
-        ids[0, 1] = ids[0, 0] = 0
-    if T > 1:
-        ids[-1, -1] = -1
-    return p.to(device)
 
 
 def _exact_grads(p, grad_out):
@@ -76,7 +62,7 @@ def _check(got, want, dtype, names=NAMES):
 @pytest.mark.parametrize("saved_u", (False, True), ids=("recompute", "saved_u"))
 @pytest.mark.parametrize("shape", SHAPES_SMOKE, ids=_shape_id)
 def test_routed_lora_backward_matches_reference(backend, dtype, saved_u, shape):
-    p = _problem(shape, dtype)
+    p = edge_case_problem(shape, dtype)
     grad_out = torch.randn(shape[0], shape[5]).to(dtype)
     got = _backend_grads(backend, p, grad_out, u=_unscaled_u(p) if saved_u else None)
     assert [g.dtype for g in got] == [dtype, dtype, dtype, torch.float32, torch.float32]
@@ -89,7 +75,7 @@ def test_routed_lora_backward_matches_reference(backend, dtype, saved_u, shape):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES_SMOKE[1:], ids=_shape_id)
 def test_shrink_and_expand_backward_match_reference(backend, shape):
-    p = _problem(shape, torch.float32)
+    p = edge_case_problem(shape, torch.float32)
     ids, plan = p.topk_ids, mo.build_plan(p.topk_ids, shape[2])
     impl = torch_backward if backend == "torch" else triton_backend
     grad_h, grad_y, h = torch.randn(shape[0], shape[1], shape[3]), torch.randn(shape[0], shape[5]), torch.randn(shape[0], shape[1], shape[3])
@@ -108,7 +94,7 @@ def test_shrink_and_expand_backward_match_reference(backend, shape):
 @pytest.mark.parametrize("needs", ((False, False, False, True, False), (True, False, True, False, True),
                                    (False, True, False, False, False)), ids=str)
 def test_only_needed_gradients_are_formed(backend, needs):
-    p = _problem((7, 2, 4, 3, 11, 9), torch.float32)
+    p = edge_case_problem((7, 2, 4, 3, 11, 9), torch.float32)
     grad_out = torch.randn(7, 9)
     got = _backend_grads(backend, p, grad_out, needs)
     want = _exact_grads(p, grad_out)
@@ -140,7 +126,7 @@ def test_torch_pair_rows_paths_match_reference(grouped, shape, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(pair_rows, "_GROUPED_MM", counted if grouped else None)
-    p = _problem(shape, torch.float32)
+    p = edge_case_problem(shape, torch.float32)
     scale = p.scaling.float()
     leaves = [t.detach().clone().requires_grad_() for t in (p.x, p.lora_a, p.lora_b, p.topk_weights, scale)]
     out, u = ops.routed_lora_train(*leaves[:3], p.topk_ids, leaves[3], leaves[4], None, None, "torch", None)
@@ -159,7 +145,7 @@ def test_torch_pair_rows_paths_match_reference(grouped, shape, monkeypatch):
 
 @needs_triton
 def test_triton_backward_is_deterministic_and_atomic_switch_agrees():
-    p = _problem((23, 3, 4, 5, 37, 29), torch.float32)
+    p = edge_case_problem((23, 3, 4, 5, 37, 29), torch.float32)
     grad_out = torch.randn(23, 29)
     first = _backend_grads("triton", p, grad_out)
     again = _backend_grads("triton", p, grad_out)
@@ -177,7 +163,7 @@ def test_backward_ops_dispatch_on_the_forward_backend(backend, monkeypatch):
     impl = torch_backward if backend == "torch" else triton_backend
     real = impl.routed_lora_backward
     monkeypatch.setattr(impl, "routed_lora_backward", lambda *a: called.append(backend) or real(*a))
-    p = _problem((5, 2, 3, 4, 7, 6), torch.float32)
+    p = edge_case_problem((5, 2, 3, 4, 7, 6), torch.float32)
     x = p.x.clone().requires_grad_()
     mo.routed_lora(x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights, scaling=p.scaling, backend=backend).sum().backward()
     assert called == [backend]
@@ -185,7 +171,7 @@ def test_backward_ops_dispatch_on_the_forward_backend(backend, monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_routed_lora_train_saves_u_and_matches_routed_lora(backend):
-    p = _problem((9, 3, 4, 5, 13, 11), torch.float32)
+    p = edge_case_problem((9, 3, 4, 5, 13, 11), torch.float32)
     scale = p.scaling.float()
     leaves = [t.detach().clone().requires_grad_() for t in (p.x, p.lora_a, p.lora_b, p.topk_weights, scale)]
     args = (*leaves[:3], p.topk_ids, leaves[3], leaves[4], None, None, backend, None)
@@ -199,7 +185,7 @@ def test_routed_lora_train_saves_u_and_matches_routed_lora(backend):
 
 @pytest.mark.parametrize("shape", SHAPES_SMOKE, ids=_shape_id)
 def test_gradcheck_float64_through_both_routed_ops(shape):
-    p = _problem(shape, F64)
+    p = edge_case_problem(shape, F64)
     ids = p.topk_ids
     leaves = [t.detach().to(F64).requires_grad_() for t in (p.x, p.lora_a, p.lora_b, p.topk_weights, p.scaling)]
     for op in (ops.routed_lora, lambda *a: ops.routed_lora_train(*a)[0]):
@@ -209,7 +195,7 @@ def test_gradcheck_float64_through_both_routed_ops(shape):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("with_plan", (False, True), ids=("no_plan", "plan"))
 def test_opcheck_train_op_and_backward_ops(backend, with_plan):
-    p = _problem((6, 2, 4, 3, 9, 7), torch.float32)
+    p = edge_case_problem((6, 2, 4, 3, 9, 7), torch.float32)
     ids, s = p.topk_ids, p.scaling.float()
     plan = mo.build_plan(ids, 4)
     sp, so = (plan.sorted_pairs, plan.seg_offsets) if with_plan else (None, None)
@@ -261,7 +247,7 @@ def test_backward_on_cuda_matches_reference(backend, dtype):
     status = mo.backends()[backend]
     if not status["available"]:
         pytest.skip(status["reason"])
-    p = _problem((133, 2, 8, 16, 123, 2049), dtype, device="cuda")
+    p = edge_case_problem((133, 2, 8, 16, 123, 2049), dtype, device="cuda")
     leaves = [t.detach().clone().requires_grad_() for t in (p.x, p.lora_a, p.lora_b, p.topk_weights, p.scaling)]
     grad_out = torch.randn(133, 2049, device="cuda").to(dtype)
     out = mo.routed_lora(*leaves[:3], p.topk_ids, leaves[3], scaling=leaves[4], backend=backend)
