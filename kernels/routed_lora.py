@@ -96,6 +96,28 @@ def _segment_tile(tile_id, seg_offsets_ptr, num_pairs, num_adapters, BLOCK_M: tl
 
 # ------------------------------------------------------------------------------------------------- shrink
 @triton.jit
+def _segment_bounds(seg_offsets_ptr, e, num_pairs):
+    """[start, end) of adapter e's segment of the plan order, clamped to [0, P] (the plan is not trusted)."""
+    start = tl.minimum(tl.maximum(tl.load(seg_offsets_ptr + e), 0), num_pairs)
+    end = tl.minimum(tl.maximum(tl.load(seg_offsets_ptr + e + 1), start), num_pairs)
+    return start, end
+
+
+@triton.jit
+def _segment_pairs(sorted_pairs_ptr, ids_ptr, offs_m, end, e, num_pairs, top_k, stride_idt, stride_idk):
+    """The plan rows offs_m (those < end) of adapter e's segment: (pairs, tokens, slots, keep) with pair
+    p = t * K + k, and keep = the row is in the segment, p in [0, P) and ids[t, k] == e (a stale plan may list
+    pairs of another adapter, which stay untouched)."""
+    mask_m = offs_m < end
+    pairs = tl.load(sorted_pairs_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+    mask_m = mask_m & (pairs >= 0) & (pairs < num_pairs)
+    tokens = pairs // top_k
+    slots = pairs - tokens * top_k
+    keep = mask_m & (tl.load(ids_ptr + tokens * stride_idt + slots * stride_idk, mask=mask_m, other=-1) == e)
+    return pairs, tokens, slots, keep
+
+
+@triton.jit
 def _shrink_kernel(
     # pointers
     x_ptr, a_ptr, ids_ptr, w_ptr, scale_ptr, sorted_pairs_ptr, seg_offsets_ptr, ranks_ptr, out_ptr,
@@ -136,8 +158,7 @@ def _shrink_kernel(
     if e < 0:
         return
 
-    seg_start = tl.minimum(tl.maximum(tl.load(seg_offsets_ptr + e), 0), num_pairs)
-    seg_end = tl.minimum(tl.maximum(tl.load(seg_offsets_ptr + e + 1), seg_start), num_pairs)
+    seg_start, seg_end = _segment_bounds(seg_offsets_ptr, e, num_pairs)
     row_start = seg_start + tile * BLOCK_M
 
     offs_m = row_start + tl.arange(0, BLOCK_M)
@@ -404,15 +425,10 @@ def _expand_grouped_kernel(
     if rank_e == 0:
         return
 
-    seg_start = tl.minimum(tl.maximum(tl.load(seg_offsets_ptr + e), 0), num_pairs)
-    seg_end = tl.minimum(tl.maximum(tl.load(seg_offsets_ptr + e + 1), seg_start), num_pairs)
+    seg_start, seg_end = _segment_bounds(seg_offsets_ptr, e, num_pairs)
     offs_m = seg_start + tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < seg_end
-    pairs = tl.load(sorted_pairs_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
-    mask_m = mask_m & (pairs >= 0) & (pairs < num_pairs)
-    tokens = pairs // top_k
-    slots = pairs - tokens * top_k
-    keep = mask_m & (tl.load(ids_ptr + tokens * stride_idt + slots * stride_idk, mask=mask_m, other=-1) == e)
+    pairs, tokens, slots, keep = _segment_pairs(sorted_pairs_ptr, ids_ptr, offs_m, seg_end, e, num_pairs, top_k,
+                                                stride_idt, stride_idk)
 
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < h_out

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .configs import cdiv, expand_grouped_config, next_pow2, shrink_config
-from .routed_lora import _dot_f32_rows, launch_expand_grouped, launch_shrink
+from .routed_lora import _dot_f32_rows, _segment_bounds, _segment_pairs, launch_expand_grouped, launch_shrink
 
 Tensor = torch.Tensor
 
@@ -66,8 +66,7 @@ def _segment_outer_kernel(
     pid_r = pid_rh // tiles_h
     pid_h = pid_rh - pid_r * tiles_h
 
-    seg_start = tl.minimum(tl.maximum(tl.load(seg_offsets_ptr + e), 0), num_pairs)
-    seg_end = tl.minimum(tl.maximum(tl.load(seg_offsets_ptr + e + 1), seg_start), num_pairs)
+    seg_start, seg_end = _segment_bounds(seg_offsets_ptr, e, num_pairs)
     per_split = tl.cdiv(seg_end - seg_start, SPLIT_M)
     lo = seg_start + pid_s * per_split
     hi = tl.minimum(lo + per_split, seg_end)
@@ -78,13 +77,8 @@ def _segment_outer_kernel(
     mask_h = offs_h < width
     acc = tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32)
     for m0 in range(lo, hi, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < hi
-        pairs = tl.load(sorted_pairs_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
-        mask_m = mask_m & (pairs >= 0) & (pairs < num_pairs)
-        tokens = pairs // top_k
-        slots = pairs - tokens * top_k
-        keep = mask_m & (tl.load(ids_ptr + tokens * stride_idt + slots * stride_idk, mask=mask_m, other=-1) == e)
+        pairs, tokens, _, keep = _segment_pairs(sorted_pairs_ptr, ids_ptr, m0 + tl.arange(0, BLOCK_M), hi, e,
+                                                num_pairs, top_k, stride_idt, stride_idk)
         rv = tl.load(rows_ptr + pairs[:, None] * stride_rp + offs_r[None, :] * stride_rr,
                      mask=keep[:, None] & mask_r[None, :], other=0.0)
         av = tl.load(act_ptr + tokens[:, None] * stride_at + offs_h[None, :] * stride_ah,
@@ -113,17 +107,11 @@ def _segment_sum_kernel(
     """Semantics: out[e] = sum_{p in segment e, ids[t, k] == e} vals[p] (vals [P] float32, contiguous),
     summed in fixed BLOCK_M chunks of the plan order. Grid: (N,); every element of out written once."""
     e = tl.program_id(0)
-    seg_start = tl.minimum(tl.maximum(tl.load(seg_offsets_ptr + e), 0), num_pairs)
-    seg_end = tl.minimum(tl.maximum(tl.load(seg_offsets_ptr + e + 1), seg_start), num_pairs)
+    seg_start, seg_end = _segment_bounds(seg_offsets_ptr, e, num_pairs)
     acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for m0 in range(seg_start, seg_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < seg_end
-        pairs = tl.load(sorted_pairs_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
-        mask_m = mask_m & (pairs >= 0) & (pairs < num_pairs)
-        tokens = pairs // top_k
-        slots = pairs - tokens * top_k
-        keep = mask_m & (tl.load(ids_ptr + tokens * stride_idt + slots * stride_idk, mask=mask_m, other=-1) == e)
+        pairs, _, _, keep = _segment_pairs(sorted_pairs_ptr, ids_ptr, m0 + tl.arange(0, BLOCK_M), seg_end, e,
+                                           num_pairs, top_k, stride_idt, stride_idk)
         acc += tl.load(vals_ptr + pairs, mask=keep, other=0.0)
     tl.store(out_ptr + e, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty))
 
