@@ -1,9 +1,13 @@
-"""Build script for the optional CUDA extension; all package metadata lives in pyproject.toml.
+"""Build script for the C++ extensions; all package metadata lives in pyproject.toml.
 
-`pip install --no-build-isolation -e .` (or a wheel build) compiles csrc/ into molora_ops/_C*.so with CMake and
-Ninja when nvcc is found. It never touches the network. Environment:
+`pip install --no-build-isolation -e .` (or a wheel build) compiles
+  * csrc/cpu/ into molora_ops/_cpu*.so with the C++ compiler setuptools finds (the CPU runtime's fused kernels,
+    molora_ops/impl/cpu_fused.py; a few seconds), and
+  * csrc/*.cu into molora_ops/_C*.so with CMake and Ninja when nvcc is found (the cuda backend).
+It never touches the network. Environment:
 
-    MOLORA_SKIP_CUDA_BUILD=1   skip the extension: a pure-Python install (the cuda backend reports why)
+    MOLORA_SKIP_CPU_BUILD=1    skip the CPU extension (the CPU runtime then uses its pure-PyTorch strategies)
+    MOLORA_SKIP_CUDA_BUILD=1   skip the CUDA extension (the cuda backend reports why)
     MOLORA_CUDA_ARCHS          ";"- or ","-separated SM versions, default "80;86;89;90". Each gets SASS and
                                the highest also gets PTX (so newer GPUs JIT it). CI may use e.g. "80" alone.
     CUDACXX / CUDA_HOME        which nvcc to use (default: nvcc on PATH, then /usr/local/cuda/bin/nvcc)
@@ -28,6 +32,7 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 EXT_NAME = "molora_ops._C"
+CPU_EXT_NAME = "molora_ops._cpu"
 DEFAULT_ARCHS = "80;86;89;90"
 
 
@@ -76,11 +81,42 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[])
 
 
+class TorchCppExtension(Extension):
+    """A C++ library against torch's headers and libraries (no Python API: it registers torch ops, loaded with
+    torch.ops.load_library); torch's paths and ABI are filled in at build time, when torch is importable."""
+
+    def __init__(self, name: str, sources: list[str]):
+        # optional: a machine without a working C++ compiler still installs (the CPU runtime then reports why its
+        # kernels are missing and uses the pure-PyTorch strategies); CI requires the library (cpu_fused)
+        super().__init__(name, sources=sources, language="c++", optional=True)
+
+    def configure(self) -> None:
+        import torch
+        import torch.utils.cpp_extension as cpp_ext
+
+        torch_lib = str(Path(torch.__file__).resolve().parent / "lib")
+        self.include_dirs += cpp_ext.include_paths()
+        self.library_dirs.append(torch_lib)
+        self.libraries += ["c10", "torch_cpu"]
+        self.extra_compile_args += ["-O3", "-std=c++20", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+        if sys.platform.startswith("linux"):
+            # torch's OpenMP runtime (the torch wheel ships its libgomp in torch/lib, found through the rpath), so
+            # at::parallel_for shares torch's intra-op threads instead of starting a second pool
+            self.extra_compile_args.append("-fopenmp")
+            self.extra_link_args += ["-fopenmp", f"-Wl,-rpath,{torch_lib}"]
+        elif sys.platform == "darwin":
+            self.extra_link_args.append(f"-Wl,-rpath,{torch_lib}")  # no OpenMP flag: at::parallel_for runs serially
+
+
 class CMakeBuild(build_ext):
     """Configure and build CMakeLists.txt with Ninja; the library lands where setuptools expects the extension
     (inside the source tree for editable installs)."""
 
     def build_extension(self, ext: Extension) -> None:
+        if isinstance(ext, TorchCppExtension):
+            _log(f"building the CPU extension {ext.name}")
+            ext.configure()
+            return super().build_extension(ext)
         if not isinstance(ext, CMakeExtension):
             return super().build_extension(ext)
         import torch
@@ -126,11 +162,15 @@ def _module_bin(module: str, attr: str, exe: str) -> str | None:
     return str(path) if path.is_file() else None
 
 
+ext_modules = []
+if os.environ.get("MOLORA_SKIP_CPU_BUILD", "") not in ("", "0"):
+    _log("not building the CPU extension: MOLORA_SKIP_CPU_BUILD is set")
+else:
+    ext_modules.append(TorchCppExtension(CPU_EXT_NAME, ["csrc/cpu/routed_lora_cpu.cpp"]))
 reason = skip_reason()
 if reason:
     _log(f"not building the CUDA extension: {reason}")
-    ext_modules = []
 else:
-    ext_modules = [CMakeExtension(EXT_NAME)]
+    ext_modules.append(CMakeExtension(EXT_NAME))
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": CMakeBuild})

@@ -59,6 +59,7 @@ import torch
 
 from . import impl as _backends
 from ._validation import can_read_ids, check_autograd_out, check_routing
+from .impl import cpu_fused
 from .plan import RoutingPlan, build_plan
 
 __all__ = ["RoutedBatch", "RankSpace", "choose_strategy", "choose_traced_strategy"]
@@ -704,6 +705,9 @@ class RoutedBatch:
             segments = [(e, offsets[e], offsets[e + 1]) for e in range(self.num_adapters) if offsets[e + 1] > offsets[e]]
             tokens = pairs // self.top_k
             runs, coef = _token_runs(tokens, offsets, _MIN_RUN), w.reshape(-1)[pairs].unsqueeze(1)
+            if runs is None and _FUSED and cpu_fused.available():
+                return cpu_fused.FusedPairs(tokens, coef, self.plan.seg_offsets.long(), self.num_tokens,
+                                            torch.get_num_threads())
             if runs is None and _padding_pays(segments, torch.get_num_threads()):
                 return _padded(tokens, coef, segments, self.num_adapters)
             return _Grouped(tokens, coef, segments, runs)
@@ -755,10 +759,12 @@ class RoutedBatch:
             _backends.get(self.backend).expand(hs, lora_b, self.topk_ids, self.plan, out, True, ranks)
             return out
         cd = _compute_dtype(h.x)
-        data = h.data
-        if rank_slice is not None:
+        data, extra = h.data, {}
+        if rank_slice is not None and getattr(self._strategy(cd), "sliced", False):
+            extra = {"rank_slice": rank_slice}  # the strategy reads the slice's columns itself
+        elif rank_slice is not None:
             data = [d[:, rank_slice] for d in data] if isinstance(data, list) else data[..., rank_slice]
-        return self._cpu_run("expand_", out, cd, ranks, data, _as(lora_b, cd), scale)
+        return self._cpu_run("expand_", out, cd, ranks, data, _as(lora_b, cd), scale, **extra)
 
     def add_(self, x: Tensor, lora_a: Tensor, lora_b: Tensor, out: Tensor, *, scale=None, ranks=None) -> Tensor:
         """out [T, H_out] += the routed_lora delta of x [T, H_in] through lora_a [N, R, H_in] and lora_b
@@ -773,12 +779,12 @@ class RoutedBatch:
         cd = _compute_dtype(x)
         return self._cpu_run("add_", out, cd, ranks, _as(x, cd, cache=False), _as(lora_a, cd), _as(lora_b, cd), scale)
 
-    def _cpu_run(self, method: str, out: Tensor, cd, ranks, *args) -> Tensor:
-        """Run the CPU strategy's `method`(*args[:-1], acc, scale=args[-1]) into out (with `ranks` for the
+    def _cpu_run(self, method: str, out: Tensor, cd, ranks, *args, **extra) -> Tensor:
+        """Run the CPU strategy's `method`(*args[:-1], acc, scale=args[-1], **extra) into out (with `ranks` for the
         strategies that bound by them): directly when out is in cd, else into a cd buffer added to out once (one
         rounding)."""
         strategy = self._strategy(cd)
-        run, kw = getattr(strategy, method), _bound_kw(strategy, ranks)
+        run, kw = getattr(strategy, method), {**_bound_kw(strategy, ranks), **extra}
         if out.dtype == cd:
             run(*args[:-1], out, args[-1], **kw)
             return out
@@ -876,6 +882,7 @@ def _batched_rows_pay(runs: list, num_seqs: int, seq_len: int, threads: int) -> 
 
 _BATCHED_MIN_SEQ = 8  # rows: the batched (bmm) form from this sequence length (_batched_rows_pay)
 _MIN_RUN = 32  # grouped: row slices instead of gather + index_add when runs of consecutive tokens average this long
+_FUSED = True  # grouped without runs: the C++ kernels (impl/cpu_fused.py) when they are built
 _PAD_WASTE = 0.25  # grouped without runs: padded while padding adds at most this share of pairs (_padding_pays)
 _HOST_SLOTS = 256  # routings with at most this many (token, slot) entries are read on the host as lists
 

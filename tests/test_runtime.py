@@ -11,7 +11,7 @@ from molora_ops.runtime import STRATEGIES, TRACED_STRATEGIES, RoutedBatch, choos
 
 from _utils import TOLERANCE, assert_close, assert_parity, make_problem, naive_lowp
 
-TOPK_STRATEGIES = ("per_adapter", "grouped", "dense")
+TOPK_STRATEGIES = ("per_adapter", "grouped", "grouped[torch]", "dense")  # grouped: the C++ kernels where built
 ALL_TOPK = TOPK_STRATEGIES + TRACED_STRATEGIES  # the traced ones are plain torch ops: they run eagerly too
 # (T, K, N, R, H_in, H_out): T = 0 and 1, odd sizes, K from 1 to 3.
 SHAPES_SMOKE = (
@@ -53,7 +53,20 @@ def _expected(p, base):
 
 def _batch(p, strategy):
     batch = RoutedBatch.build(p.topk_ids, p.topk_weights, p.lora_a.shape[0], backend="torch")
+    if strategy == "grouped[torch]":  # grouped's pure-PyTorch layouts, as where the C++ kernels are not built
+        return _without_fused_kernels(batch._with_strategy("grouped"))
     return batch if strategy is None else batch._with_strategy(strategy)
+
+
+def _without_fused_kernels(batch):
+    """batch with its CPU strategy prepared (float32 and float64) while the C++ kernels are switched off."""
+    fused, runtime._FUSED = runtime._FUSED, False
+    try:
+        for cd in (torch.float32, torch.float64):
+            batch._strategy(cd)
+    finally:
+        runtime._FUSED = fused
+    return batch
 
 
 def _siblings(p):
@@ -198,7 +211,7 @@ def _check_grouped_layout(shape, dtype, uses_layout):
 def test_grouped_runs_on_random_routing(shape, dtype, monkeypatch):
     """Row-slice runs forced for every routing (_MIN_RUN = 1: runs of one token, duplicates, -1 slots, T = 0/1)."""
     monkeypatch.setattr(runtime, "_MIN_RUN", 1)
-    _check_grouped_layout(shape, dtype, lambda prepared: prepared.runs is not None)
+    _check_grouped_layout(shape, dtype, lambda prepared: getattr(prepared, "runs", None) is not None)
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
@@ -231,6 +244,7 @@ def test_grouped_runs_isolate_non_finite_values(bad, monkeypatch):
 
 # --------------------------------------------------------------------------- grouped as one padded batch
 def _force_padded(monkeypatch):
+    monkeypatch.setattr(runtime, "_FUSED", False)
     monkeypatch.setattr(runtime, "_MIN_RUN", float("inf"))
     monkeypatch.setattr(runtime, "_PAD_WASTE", float("inf"))
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)

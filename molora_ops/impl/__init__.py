@@ -37,7 +37,10 @@ def get(name: str) -> ModuleType:
 def _status(name: str) -> tuple[bool, bool, str]:
     """(compiled, available, reason). Under torch.compile it runs once at trace time and is a constant."""
     if name == "torch":
-        return True, True, "plain PyTorch: grouped by adapter, one matmul per active adapter"
+        from . import cpu_fused
+
+        kernels = "loaded" if cpu_fused.available() else f"not used, {cpu_fused.status()[1]}"
+        return True, True, f"plain PyTorch: grouped by adapter, one matmul per active adapter; C++ CPU kernels {kernels}"
     try:
         module = get(name)
     except ImportError as exc:  # a broken install must not break `import molora_ops` or `backends()`
