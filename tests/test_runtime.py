@@ -393,10 +393,12 @@ def test_weight_cache_does_not_keep_weights_alive():
 
 # ------------------------------------------------------------------------- large routings read on the host
 @pytest.mark.parametrize("case", ("few_pairs_among_empty_slots", "dense_with_large_k"))
-def test_large_routing_summaries_match_reference(case):
+def test_large_routing_summaries_match_reference(case, monkeypatch):
     """Routings with more than 256 (token, slot) entries are counted on the tensor side and read only at their
     routed slots: 300 tokens with 3 routed slots (two of them one token's duplicate pair) take per_adapter; 40 tokens with
-    K = 9 over N = 8 (duplicates, empty slots) take dense. Both equal the reference."""
+    K = 9 over N = 8 (duplicates, empty slots) take dense. Both equal the reference. (The summaries are taken only
+    where the C++ kernels are not loaded.)"""
+    monkeypatch.setattr(runtime, "_FUSED", False)
     if case == "few_pairs_among_empty_slots":
         T, K, N = 300, 1, 8
         p = make_problem(T, K, N, 4, 23, 17, torch.float32)
@@ -724,14 +726,31 @@ def test_batched_rows_rule():
 @pytest.mark.parametrize("seq,seq_len,expected", (
     ([3], 1, "rows"), ([1, 1, 6, 6], 1, "rows"), (list(range(8)), 1, "dense"), (list(range(8)), 64, "rows"),
 ))
-def test_for_sequences_strategy(seq, seq_len, expected):
+def test_for_sequences_strategy(seq, seq_len, expected, monkeypatch):
+    monkeypatch.setattr(runtime, "_FUSED", False)  # the rule without the C++ kernels
     assert RoutedBatch.for_sequences(torch.tensor(seq), seq_len, 8, backend="torch").strategy == expected
 
 
-def test_build_picks_by_regime():
+def test_build_picks_by_regime(monkeypatch):
+    monkeypatch.setattr(runtime, "_FUSED", False)  # the rule without the C++ kernels
+
     def pick(ids):
         return RoutedBatch.build(torch.tensor(ids), torch.rand(len(ids), len(ids[0])), 8, backend="torch").strategy
 
     assert pick([[2, 2]]) == "per_adapter"  # a duplicate slot counts once
     assert pick([[e, (e + 3) % 8] for e in range(8)]) == "dense"
     assert pick([[e % 2, -1] for e in range(200)]) == "grouped"
+
+
+def test_build_takes_the_kernels_at_every_size():
+    """With the C++ kernels loaded, per-token top-k routing is grouped whatever its size (decode batch 1 and 8,
+    prefill), and per-sequence routing keeps rows where rows pays."""
+    from molora_ops.impl import cpu_fused
+
+    if not cpu_fused.available():
+        pytest.skip(cpu_fused.status()[1])
+    for ids in ([[2, 5]], [[e, (e + 3) % 8] for e in range(8)], [[e % 8, (e + 1) % 8] for e in range(1024)]):
+        batch = RoutedBatch.build(torch.tensor(ids), torch.rand(len(ids), 2), 8, backend="torch")
+        assert batch.strategy == "grouped"
+        assert isinstance(batch._strategy(torch.float32), cpu_fused.FusedPairs)
+    assert RoutedBatch.for_sequences(torch.tensor([3]), 1, 8, backend="torch").strategy == "rows"
