@@ -712,6 +712,14 @@ class RoutedBatch:
                 if self.strategy == "per_adapter":
                     return _PerAdapter(self._pairs, self.num_tokens)
                 return _dense_from_pairs(self._pairs, self.num_tokens, self.num_adapters, cd)
+            if _FUSED and cpu_fused.available():
+                fused, runs = cpu_fused.prepare(self.topk_ids, self.topk_weights.detach().to(cd), self.num_adapters,
+                                                torch.get_num_threads(), _MIN_RUN)
+                if runs is None:
+                    return fused
+                offsets = fused.offsets.tolist()
+                segments = [(e, offsets[e], offsets[e + 1]) for e in range(self.num_adapters) if offsets[e + 1] > offsets[e]]
+                return _Grouped(fused.tokens, fused.coef.unsqueeze(1), segments, runs)
             ids = self.topk_ids.long()
             valid = (ids >= 0) & (ids < self.num_adapters)
             w = torch.where(valid, self.topk_weights.detach().to(cd), torch.zeros((), dtype=cd))
@@ -720,9 +728,6 @@ class RoutedBatch:
             segments = [(e, offsets[e], offsets[e + 1]) for e in range(self.num_adapters) if offsets[e + 1] > offsets[e]]
             tokens = pairs // self.top_k
             runs, coef = _token_runs(tokens, offsets, _MIN_RUN), w.reshape(-1)[pairs].unsqueeze(1)
-            if runs is None and _FUSED and cpu_fused.available():
-                return cpu_fused.FusedPairs(tokens, coef, self.plan.seg_offsets.long(), self.num_tokens,
-                                            torch.get_num_threads())
             if runs is None and _padding_pays(segments, torch.get_num_threads()):
                 return _padded(tokens, coef, segments, self.num_adapters)
             return _Grouped(tokens, coef, segments, runs)

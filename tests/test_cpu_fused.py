@@ -223,3 +223,37 @@ def test_runtime_falls_back_without_the_kernels(monkeypatch):
     with torch.no_grad():
         got = batch.add_(p.x, p.lora_a, p.lora_b, base.clone(), scale=p.scaling)
     assert_close(got, base.double() + p.exact(), **TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("min_run", (1, 3, 10**9))
+@pytest.mark.parametrize("case", ("per_token", "per_sequence", "empty_and_bad_ids", "no_tokens"))
+def test_prepare_matches_the_python_plan(case, min_run):
+    """prepare's plan order, runs and expand order against the pure-PyTorch construction (build_plan, then
+    (adapter, slot, token) order and runs of consecutive tokens); ids outside [0, N) count as empty slots."""
+    n, k = 6, 2
+    if case == "per_token":
+        ids = torch.randint(0, n, (301, k))
+    elif case == "per_sequence":  # runs of consecutive tokens, one adapter pair per sequence of 50
+        ids = torch.randint(0, n, (6, 1, k)).expand(6, 50, k).reshape(300, k).clone()
+    elif case == "empty_and_bad_ids":
+        ids = torch.randint(-1, n + 2, (77, k)).int()
+    else:
+        ids = torch.zeros(0, k, dtype=torch.long)
+    w = torch.rand(ids.shape, dtype=torch.float64)
+    fused, runs = cpu_fused.prepare(ids, w, n, 2, min_run)
+    valid = (ids >= 0) & (ids < n)
+    plan_ids = torch.where(valid, ids.long(), -1)
+    offsets = torch.bincount(plan_ids[valid], minlength=n).cumsum(0).tolist()
+    pairs = runtime._slot_major(RoutedBatch.build(plan_ids, w, n, backend="torch").plan.sorted_pairs[: (offsets or [0])[-1]].long(),
+                                plan_ids, k)
+    assert fused.offsets.tolist() == [0] + offsets
+    assert torch.equal(fused.tokens, pairs // k)
+    assert torch.equal(fused.coef, w.reshape(-1)[pairs])
+    assert runs == runtime._token_runs(pairs // k, [0] + offsets, min_run)
+    block = cpu_fused._expand_block(ids.shape[0], 2)
+    adapter = torch.repeat_interleave(torch.arange(n), torch.tensor([0] + offsets).diff())
+    key = (fused.tokens // block) * n + adapter
+    assert torch.equal(fused.order, torch.argsort(key, stable=True))
+    assert torch.equal(fused.etokens, fused.tokens[fused.order])
+    blocks = max(1, -(-ids.shape[0] // block))
+    assert fused.block_offsets.tolist() == [0] + torch.bincount(key, minlength=blocks * n).cumsum(0).tolist()

@@ -242,15 +242,91 @@ void expand_(at::Tensor out, const at::Tensor& u, int64_t rank_start, const at::
   });
 }
 
+// The routed pairs of one forward, sorted on the host in O(T * K + blocks * N) (two counting sorts): see
+// molora_ops/impl/cpu_fused.py's prepare() for the outputs. topk_ids [T, K] int32/int64 (ids outside [0, N) are empty
+// slots), weights [T, K] float32/float64 (the compute dtype); block >= 1 tokens per expand item; min_run >= 1.
+std::vector<at::Tensor> prepare(const at::Tensor& topk_ids, const at::Tensor& weights, int64_t num_adapters,
+                                int64_t block, int64_t min_run) {
+  check_cpu(topk_ids, "topk_ids");
+  check_cpu(weights, "topk_weights");
+  TORCH_CHECK(topk_ids.dim() == 2 && (topk_ids.scalar_type() == at::kLong || topk_ids.scalar_type() == at::kInt),
+              "molora_cpu: topk_ids must be a [T, K] int32 or int64 tensor, got ", topk_ids.scalar_type(), " ",
+              topk_ids.sizes());
+  TORCH_CHECK(weights.sizes() == topk_ids.sizes() &&
+              (weights.scalar_type() == at::kFloat || weights.scalar_type() == at::kDouble),
+              "molora_cpu: topk_weights must be float32 or float64 of topk_ids' shape ", topk_ids.sizes(), ", got ",
+              weights.scalar_type(), " ", weights.sizes());
+  TORCH_CHECK(num_adapters >= 1 && block >= 1 && min_run >= 1, "molora_cpu: num_adapters, block and min_run must be "
+              ">= 1, got ", num_adapters, ", ", block, ", ", min_run);
+  const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
+  const at::Tensor w = weights.contiguous();
+  const int64_t num_tokens = ids.size(0), top_k = ids.size(1), n = num_adapters;
+  const int64_t* idp = ids.data_ptr<int64_t>();
+  const auto lng = at::TensorOptions().dtype(at::kLong);
+  // plan order: (adapter, slot, token)
+  std::vector<int64_t> count(n + 1, 0);
+  for (int64_t i = 0; i < num_tokens * top_k; ++i)
+    if (idp[i] >= 0 && idp[i] < n) ++count[idp[i] + 1];
+  for (int64_t e = 0; e < n; ++e) count[e + 1] += count[e];
+  const int64_t pairs = count[n];
+  at::Tensor offsets = at::empty({n + 1}, lng), tokens = at::empty({pairs}, lng), slots = at::empty({pairs}, lng);
+  std::copy(count.begin(), count.end(), offsets.data_ptr<int64_t>());
+  int64_t* tp = tokens.data_ptr<int64_t>();
+  int64_t* sp = slots.data_ptr<int64_t>();  // t * K + k of each pair
+  std::vector<int64_t> fill(count.begin(), count.end() - 1);
+  for (int64_t k = 0; k < top_k; ++k)
+    for (int64_t t = 0; t < num_tokens; ++t) {
+      const int64_t e = idp[t * top_k + k];
+      if (e >= 0 && e < n) {
+        tp[fill[e]] = t;
+        sp[fill[e]++] = t * top_k + k;
+      }
+    }
+  at::Tensor coef = w.view(-1).index_select(0, slots);
+  // runs of consecutive tokens inside one adapter's segment: (e, lo, hi, first token), kept when they average at
+  // least min_run pairs
+  std::vector<int64_t> runs;  // flattened (e, lo, hi, t)
+  for (int64_t e = 0; e < n; ++e)
+    for (int64_t i = count[e]; i < count[e + 1]; ++i)
+      if (i == count[e] || tp[i] != tp[i - 1] + 1)
+        runs.insert(runs.end(), {e, i, i + 1, tp[i]});  // a new run
+      else
+        runs[runs.size() - 2] = i + 1;  // the current run grows
+  const int64_t num_runs = static_cast<int64_t>(runs.size()) / 4;
+  at::Tensor run_t = (pairs > 0 && num_runs * min_run <= pairs)
+                         ? at::from_blob(runs.data(), {num_runs, 4}, lng).clone()
+                         : at::empty({0, 4}, lng);
+  // expand order: (token block, adapter, plan row)
+  const int64_t blocks = std::max<int64_t>(1, (num_tokens + block - 1) / block);
+  std::vector<int64_t> bcount(blocks * n + 1, 0);
+  for (int64_t e = 0; e < n; ++e)
+    for (int64_t i = count[e]; i < count[e + 1]; ++i) ++bcount[(tp[i] / block) * n + e + 1];
+  for (int64_t j = 0; j < blocks * n; ++j) bcount[j + 1] += bcount[j];
+  at::Tensor block_offsets = at::empty({blocks * n + 1}, lng), order = at::empty({pairs}, lng),
+             etokens = at::empty({pairs}, lng);
+  std::copy(bcount.begin(), bcount.end(), block_offsets.data_ptr<int64_t>());
+  int64_t* op = order.data_ptr<int64_t>();
+  int64_t* ep = etokens.data_ptr<int64_t>();
+  for (int64_t e = 0; e < n; ++e)
+    for (int64_t i = count[e]; i < count[e + 1]; ++i) {
+      const int64_t key = (tp[i] / block) * n + e;
+      op[bcount[key]] = i;
+      ep[bcount[key]++] = tp[i];
+    }
+  return {tokens, coef, offsets, order, etokens, block_offsets, run_t};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(molora_cpu, m) {
+  m.def("prepare(Tensor topk_ids, Tensor topk_weights, int num_adapters, int block, int min_run) -> Tensor[]");
   m.def("shrink(Tensor x, Tensor lora_a, Tensor tokens, Tensor offsets, Tensor coef, Tensor? ranks=None) -> Tensor");
   m.def("expand_(Tensor(a!) out, Tensor u, int rank_start, Tensor lora_b, Tensor order, Tensor tokens, "
         "Tensor block_offsets, Tensor? alpha=None, Tensor? ranks=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(molora_cpu, CPU, m) {
+  m.impl("prepare", &prepare);
   m.impl("shrink", &shrink);
   m.impl("expand_", &expand_);
 }

@@ -64,6 +64,20 @@ def _load() -> dict:
     return {"available": True, "reason": f"C++ CPU kernels ({path.name})"}
 
 
+def prepare(topk_ids: Tensor, topk_weights: Tensor, num_adapters: int, threads: int, min_run: float):
+    """(FusedPairs, runs) for a routing: topk_ids [T, K] int (ids outside [0, N) are empty slots), topk_weights
+    [T, K] in the compute dtype. The pairs are in plan order: by adapter, then slot, then token, so a sequence that
+    routes one adapter from one slot is a run of consecutive tokens. runs: None, or [(e, lo, hi, t)] (the maximal
+    ranges of plan rows lo..hi-1 of adapter e whose tokens are t..t+hi-lo-1) when they average at least min_run
+    pairs. One C++ call (two counting sorts on the host), instead of the ~25 tensor ops of a plan and its orders."""
+    block = _expand_block(topk_ids.shape[0], threads)
+    min_run = int(min(max(min_run, 1), 2**62))
+    tokens, coef, offsets, order, etokens, block_offsets, runs = torch.ops.molora_cpu.prepare(
+        topk_ids, topk_weights, num_adapters, block, min_run)
+    pairs = FusedPairs(tokens, coef, offsets, order, etokens, block_offsets)
+    return pairs, ([tuple(r) for r in runs.tolist()] if runs.shape[0] else None)
+
+
 def _expand_block(num_tokens: int, threads: int) -> int:
     """Tokens per expand work item: at least two items per thread, at most 256 tokens (larger blocks make the
     per-adapter GEMMs longer, but their [m, H_out] outputs must stay in cache), at least 32.
@@ -83,17 +97,10 @@ class FusedPairs:
     bounded = True  # its methods take `ranks` and bound each adapter's GEMMs by them
     sliced = True  # expand_ takes the rank slice itself (no column-sliced copy of u)
 
-    def __init__(self, tokens: Tensor, coef: Tensor, offsets: Tensor, num_tokens: int, threads: int):
-        self.tokens, self.coef, self.offsets = tokens.contiguous(), coef.reshape(-1).contiguous(), offsets
-        num_adapters = offsets.shape[0] - 1
-        block = _expand_block(num_tokens, threads)
-        blocks = max(1, -(-num_tokens // block))
-        adapter = torch.repeat_interleave(torch.arange(num_adapters), offsets.diff(), output_size=tokens.shape[0])
-        key = torch.div(self.tokens, block, rounding_mode="floor") * num_adapters + adapter
-        self.order = torch.argsort(key, stable=True)
-        self.etokens = self.tokens.index_select(0, self.order)
-        counts = torch.bincount(key, minlength=blocks * num_adapters)
-        self.block_offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    def __init__(self, tokens: Tensor, coef: Tensor, offsets: Tensor, order: Tensor, etokens: Tensor,
+                 block_offsets: Tensor):
+        self.tokens, self.coef, self.offsets = tokens, coef, offsets
+        self.order, self.etokens, self.block_offsets = order, etokens, block_offsets
 
     def shrink(self, x: Tensor, a: Tensor, ranks: Optional[Tensor] = None) -> Tensor:
         """u [P, R] (compute dtype): coef * A[e] @ x[token] per plan row; columns >= ranks[e] are 0."""
