@@ -66,7 +66,7 @@ __all__ = ["RoutedBatch", "RankSpace", "choose_strategy", "choose_traced_strateg
 
 Tensor = torch.Tensor
 STRATEGIES = ("rows", "per_adapter", "grouped", "dense")
-TRACED_STRATEGIES = ("traced_gather", "traced_dense")
+TRACED_STRATEGIES = ("traced_gather", "traced_dense", "traced_fused")
 
 
 # ------------------------------------------------------------------------------------------- weight cache
@@ -555,7 +555,18 @@ class _TracedDense:
         self.expand_(self.shrink(x, a), b, acc, scale)
 
 
-_TRACED = {"traced_gather": _TracedGather, "traced_dense": _TracedDense}
+def _traced_fused(topk_ids: Tensor, topk_weights: Tensor, num_adapters: int, cd: torch.dtype):
+    """The C++ kernels' pairs (impl/cpu_fused.py: static shapes, opaque custom ops with fake implementations)."""
+    return cpu_fused.prepare(topk_ids, topk_weights.detach().to(cd), num_adapters, _threads())
+
+
+@torch.compiler.assume_constant_result
+def _threads() -> int:
+    """torch's intra-op thread count (a constant while torch.compile traces: it sizes the expand blocks)."""
+    return torch.get_num_threads()
+
+
+_TRACED = {"traced_gather": _TracedGather, "traced_dense": _TracedDense, "traced_fused": _traced_fused}
 
 
 def choose_traced_strategy(num_tokens: int, top_k: int, num_adapters: int) -> str:
@@ -572,6 +583,8 @@ def choose_traced_strategy(num_tokens: int, top_k: int, num_adapters: int) -> st
     (every adapter's weights read once) plus ~4 us per token; they tie at T * K = 64 = 8 * N. Gather is taken
     while T * K <= 4 * N, safely inside its winning range.
     """
+    if _kernels_on():
+        return "traced_fused"
     return "traced_gather" if num_tokens * top_k <= 4 * num_adapters else "traced_dense"
 
 
@@ -675,7 +688,7 @@ class RoutedBatch:
             runs = _runs(seq_ids.tolist() if seq_list is None else seq_list, seq_len, num_adapters)
             if _rows_pay(runs, seq_len):
                 return cls(topk_ids, topk_weights, num_adapters, name, requested, plan, "rows", seq, runs)
-        if _FUSED and cpu_fused.available():  # grouped at every size (see choose_strategy): no routing summary
+        if _kernels_on():  # grouped at every size (see choose_strategy): no routing summary
             return cls(topk_ids, topk_weights, num_adapters, name, requested, plan, "grouped", seq, runs)
         num_active, num_pairs, pairs = _summary(topk_ids, topk_weights, num_adapters)
         strategy = choose_strategy(topk_ids.shape[0], num_adapters, num_active, num_pairs)
@@ -712,14 +725,15 @@ class RoutedBatch:
                 if self.strategy == "per_adapter":
                     return _PerAdapter(self._pairs, self.num_tokens)
                 return _dense_from_pairs(self._pairs, self.num_tokens, self.num_adapters, cd)
-            if _FUSED and cpu_fused.available():
-                fused, runs = cpu_fused.prepare(self.topk_ids, self.topk_weights.detach().to(cd), self.num_adapters,
-                                                torch.get_num_threads(), _MIN_RUN)
+            if _kernels_on():
+                fused = cpu_fused.prepare(self.topk_ids, self.topk_weights.detach().to(cd), self.num_adapters,
+                                          torch.get_num_threads())
+                runs = cpu_fused.token_runs(fused, _MIN_RUN)
                 if runs is None:
                     return fused
                 offsets = fused.offsets.tolist()
                 segments = [(e, offsets[e], offsets[e + 1]) for e in range(self.num_adapters) if offsets[e + 1] > offsets[e]]
-                return _Grouped(fused.tokens, fused.coef.unsqueeze(1), segments, runs)
+                return _Grouped(fused.tokens[: offsets[-1]], fused.coef[: offsets[-1], None], segments, runs)
             ids = self.topk_ids.long()
             valid = (ids >= 0) & (ids < self.num_adapters)
             w = torch.where(valid, self.topk_weights.detach().to(cd), torch.zeros((), dtype=cd))
@@ -902,7 +916,14 @@ def _batched_rows_pay(runs: list, num_seqs: int, seq_len: int, threads: int) -> 
 
 _BATCHED_MIN_SEQ = 8  # rows: the batched (bmm) form from this sequence length (_batched_rows_pay)
 _MIN_RUN = 32  # grouped: row slices instead of gather + index_add when runs of consecutive tokens average this long
-_FUSED = True  # grouped without runs: the C++ kernels (impl/cpu_fused.py) when they are built
+_FUSED = True  # the C++ kernels (impl/cpu_fused.py) when they are built: grouped without runs, traced_fused
+
+
+@torch.compiler.assume_constant_result
+def _kernels_on() -> bool:
+    """Whether the CPU strategies use the C++ kernels (a constant while torch.compile traces)."""
+    return _FUSED and cpu_fused.available()
+
 _PAD_WASTE = 0.25  # grouped without runs: padded while padding adds at most this share of pairs (_padding_pays)
 _HOST_SLOTS = 256  # routings with at most this many (token, slot) entries are read on the host as lists
 

@@ -163,7 +163,7 @@ def _op_args(num_tokens=6, pairs=5):
 @pytest.mark.parametrize("bad, message", (
     ("token", "tokens\\[2\\] = 6 is outside \\[0, 6\\)"),
     ("offsets", "offsets must be non-decreasing"),
-    ("offsets_end", "offsets must run from 0 to 5"),
+    ("offsets_end", "offsets must run from 0 to at most 5"),
     ("dtype", "lora_a must be Float"),
     ("coef", "coef must be \\[5\\]"),
     ("ranks", "ranks\\[1\\] = 5 is outside \\[0, 4\\]"),
@@ -176,7 +176,7 @@ def test_shrink_rejects_bad_arguments(bad, message):
     elif bad == "offsets":
         offsets[1] = 3
     elif bad == "offsets_end":
-        offsets[3] = 4
+        offsets[3] = 6
     elif bad == "dtype":
         a = a.double()
     elif bad == "coef":
@@ -228,8 +228,9 @@ def test_runtime_falls_back_without_the_kernels(monkeypatch):
 @pytest.mark.parametrize("min_run", (1, 3, 10**9))
 @pytest.mark.parametrize("case", ("per_token", "per_sequence", "empty_and_bad_ids", "no_tokens"))
 def test_prepare_matches_the_python_plan(case, min_run):
-    """prepare's plan order, runs and expand order against the pure-PyTorch construction (build_plan, then
-    (adapter, slot, token) order and runs of consecutive tokens); ids outside [0, N) count as empty slots."""
+    """prepare's plan order, expand order and token_runs against the pure-PyTorch construction (build_plan, then
+    (adapter, slot, token) order and runs of consecutive tokens); ids outside [0, N) count as empty slots; the
+    arrays have T * K entries whatever the routing, zero beyond the routed pairs."""
     n, k = 6, 2
     if case == "per_token":
         ids = torch.randint(0, n, (301, k))
@@ -240,20 +241,25 @@ def test_prepare_matches_the_python_plan(case, min_run):
     else:
         ids = torch.zeros(0, k, dtype=torch.long)
     w = torch.rand(ids.shape, dtype=torch.float64)
-    fused, runs = cpu_fused.prepare(ids, w, n, 2, min_run)
+    fused = cpu_fused.prepare(ids, w, n, 2)
+    runs = cpu_fused.token_runs(fused, min_run)
     valid = (ids >= 0) & (ids < n)
     plan_ids = torch.where(valid, ids.long(), -1)
-    offsets = torch.bincount(plan_ids[valid], minlength=n).cumsum(0).tolist()
-    pairs = runtime._slot_major(RoutedBatch.build(plan_ids, w, n, backend="torch").plan.sorted_pairs[: (offsets or [0])[-1]].long(),
+    offsets = [0] + torch.bincount(plan_ids[valid], minlength=n).cumsum(0).tolist()
+    num_pairs, slots = offsets[-1], ids.numel()
+    pairs = runtime._slot_major(RoutedBatch.build(plan_ids, w, n, backend="torch").plan.sorted_pairs[:num_pairs].long(),
                                 plan_ids, k)
-    assert fused.offsets.tolist() == [0] + offsets
-    assert torch.equal(fused.tokens, pairs // k)
-    assert torch.equal(fused.coef, w.reshape(-1)[pairs])
-    assert runs == runtime._token_runs(pairs // k, [0] + offsets, min_run)
+    for name in ("tokens", "coef", "order", "etokens"):
+        t = getattr(fused, name)
+        assert t.shape == (slots,) and not t[num_pairs:].any(), name
+    assert fused.offsets.tolist() == offsets
+    assert torch.equal(fused.tokens[:num_pairs], pairs // k)
+    assert torch.equal(fused.coef[:num_pairs], w.reshape(-1)[pairs])
+    assert runs == runtime._token_runs(pairs // k, offsets, min_run)
     block = cpu_fused._expand_block(ids.shape[0], 2)
-    adapter = torch.repeat_interleave(torch.arange(n), torch.tensor([0] + offsets).diff())
-    key = (fused.tokens // block) * n + adapter
-    assert torch.equal(fused.order, torch.argsort(key, stable=True))
-    assert torch.equal(fused.etokens, fused.tokens[fused.order])
+    adapter = torch.repeat_interleave(torch.arange(n), torch.tensor(offsets).diff())
+    key = (pairs // k // block) * n + adapter
+    assert torch.equal(fused.order[:num_pairs], torch.argsort(key, stable=True))
+    assert torch.equal(fused.etokens[:num_pairs], (pairs // k)[fused.order[:num_pairs]])
     blocks = max(1, -(-ids.shape[0] // block))
     assert fused.block_offsets.tolist() == [0] + torch.bincount(key, minlength=blocks * n).cumsum(0).tolist()

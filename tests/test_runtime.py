@@ -7,6 +7,7 @@ import torch
 
 import molora_ops as mo
 from molora_ops import reference, runtime
+from molora_ops.impl import cpu_fused
 from molora_ops.runtime import STRATEGIES, TRACED_STRATEGIES, RoutedBatch, choose_strategy, choose_traced_strategy
 
 from _utils import TOLERANCE, assert_close, assert_parity, make_problem, naive_lowp
@@ -52,6 +53,8 @@ def _expected(p, base):
 
 
 def _batch(p, strategy):
+    if strategy == "traced_fused" and not cpu_fused.available():
+        pytest.skip(f"C++ CPU kernels not available: {cpu_fused.status()[1]}")
     batch = RoutedBatch.build(p.topk_ids, p.topk_weights, p.lora_a.shape[0], backend="torch")
     if strategy == "grouped[torch]":  # grouped's pure-PyTorch layouts, as where the C++ kernels are not built
         return _without_fused_kernels(batch._with_strategy("grouped"))
@@ -625,11 +628,18 @@ def _graph_ops(fn, *args) -> set:
 
 
 def test_traced_path_builds_no_plan_and_calls_no_custom_op():
+    """The traced strategies sort nothing and call none of the registered (autograd) ops; traced_fused calls the
+    C++ kernels' ops (molora_cpu), the others plain torch ops only."""
     p = _problem((9, 2, 4, 3, 11, 6), torch.float32)
     args = (p.x, p.lora_a, p.lora_b, torch.zeros(9, 6), torch.zeros(9, 6), p.topk_ids, p.topk_weights, p.scaling)
     for strategy in (None,) + TRACED_STRATEGIES:
+        if strategy == "traced_fused" and not cpu_fused.available():
+            continue
         ops = _graph_ops(_traced_fn(strategy), *args)
-        assert not any("sort" in o or "molora" in o for o in ops), sorted(ops)
+        kernels = strategy == "traced_fused" or (strategy is None and runtime._kernels_on())
+        assert not any("sort" in o or ("molora" in o and "molora_cpu" not in o) for o in ops), sorted(ops)
+        # (a forced strategy's batch was first built with the default one: its prepare may be in the graph)
+        assert any("molora_cpu.shrink" in o or "molora_cpu.expand_" in o for o in ops) == kernels, sorted(ops)
     ops = _graph_ops(_traced_fn("ops"), *args)  # the check can fail: the registered-op path sorts a plan
     assert any("sort" in o for o in ops) and any("molora" in o for o in ops), sorted(ops)
 
@@ -649,8 +659,12 @@ def test_compiled_under_autograd_takes_the_registered_ops():
     assert_close(got, expected, atol=1e-12, rtol=1e-12)
 
 
-def test_traced_decision_rule():
-    """The regimes bench/runtime_strategies.py measured compiled (N = 8, K = 2)."""
+def test_traced_decision_rule(monkeypatch):
+    """The regimes bench/runtime_strategies.py measured compiled (N = 8, K = 2), without the C++ kernels; with
+    them, traced_fused everywhere."""
+    if cpu_fused.available():
+        assert {choose_traced_strategy(t, 2, 8) for t in (1, 8, 32, 1024)} == {"traced_fused"}
+    monkeypatch.setattr(runtime, "_FUSED", False)
     assert choose_traced_strategy(1, 2, 8) == "traced_gather"  # decode batch 1
     assert choose_traced_strategy(8, 2, 8) == "traced_gather"  # decode batch 8
     assert choose_traced_strategy(32, 2, 8) == "traced_dense"  # a tie, dense from here

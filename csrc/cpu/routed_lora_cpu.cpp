@@ -1,5 +1,9 @@
-// The CPU kernels of the routing runtime's "fused" strategy (molora_ops/impl/cpu_kernels.py): the routed pairs'
+// The CPU kernels of the routing runtime's "fused" strategy (molora_ops/impl/cpu_fused.py): the routed pairs'
 // shrink and expand without a [pairs, H] intermediate, in parallel over torch's intra-op threads.
+//
+// Shapes are static (a function of T, K, N and the block size only), so the ops trace under torch.compile with
+// fake implementations and no data-dependent sizes: the pair arrays hold S = T * K entries, of which the first
+// P = offsets[N] are the routed pairs (plan order); the rest are padding no kernel reads.
 //
 // Semantics are routed_lora's (molora_ops/reference.py), on the routed pairs of one forward only (an empty slot has
 // no pair, so it reads nothing and adds nothing):
@@ -65,12 +69,12 @@ std::vector<int64_t> bounds_of(const c10::optional<at::Tensor>& ranks, int64_t n
   return out;
 }
 
-// Segment offsets [n + 1], checked to be non-decreasing from 0 to `total`.
+// Segment offsets [n + 1], checked to be non-decreasing from 0 to at most `total`.
 std::vector<int64_t> offsets_of(const at::Tensor& offsets, int64_t n, int64_t total, const char* name) {
   check_index(offsets, name, n + 1);
   const int64_t* p = offsets.data_ptr<int64_t>();
-  TORCH_CHECK(p[0] == 0 && p[n] == total, "molora_cpu: ", name, " must run from 0 to ", total, ", got ", p[0],
-              " .. ", p[n]);
+  TORCH_CHECK(p[0] == 0 && p[n] <= total, "molora_cpu: ", name, " must run from 0 to at most ", total, ", got ",
+              p[0], " .. ", p[n]);
   for (int64_t i = 0; i < n; ++i)
     TORCH_CHECK(p[i] <= p[i + 1], "molora_cpu: ", name, " must be non-decreasing (entry ", i, ")");
   return std::vector<int64_t>(p, p + n + 1);
@@ -173,9 +177,9 @@ void check_float(const at::Tensor& t, const char* name, at::ScalarType dtype) {
   TORCH_CHECK(t.scalar_type() == dtype, "molora_cpu: ", name, " must be ", dtype, ", got ", t.scalar_type());
 }
 
-// u [P, R] (P = offsets[N]): see the file comment. x [T, H_in] contiguous float32/float64; lora_a [N, R, H_in] with
-// unit stride along H_in; tokens [P] int64 (plan order); offsets [N + 1] int64; coef [P] (x's dtype); ranks None or
-// [N] int (bounds in [0, R]).
+// u [S, R]: see the file comment (rows >= P are 0). x [T, H_in] contiguous float32/float64; lora_a [N, R, H_in] with
+// unit stride along H_in; tokens [S] int64 (plan order); offsets [N + 1] int64 (offsets[N] = P <= S); coef [S]
+// (x's dtype); ranks None or [N] int (bounds in [0, R]).
 at::Tensor shrink(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& tokens, const at::Tensor& offsets,
                   const at::Tensor& coef, const c10::optional<at::Tensor>& ranks) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "molora_cpu: x must be a contiguous [T, H_in] tensor, got ",
@@ -197,14 +201,16 @@ at::Tensor shrink(const at::Tensor& x, const at::Tensor& lora_a, const at::Tenso
   at::Tensor u = ranks.has_value() ? at::zeros({pairs, rank}, x.options()) : at::empty({pairs, rank}, x.options());
   const char* poison = std::getenv("MOLORA_POISON_OUTPUTS");  // tests: every element must be written
   if (!ranks.has_value() && poison != nullptr && std::string(poison) == "1") u.fill_(NAN);
-  if (pairs == 0 || rank == 0) return u;
+  if (!ranks.has_value() && off[n] < pairs) u.narrow(0, off[n], pairs - off[n]).zero_();  // the padding rows
+  if (off[n] == 0 || rank == 0) return u;
   AT_DISPATCH_FLOATING_TYPES(dt, "molora_cpu_shrink", [&] { shrink_impl<scalar_t>(x, lora_a, tokens, off, coef, bound, u); });
   return u;
 }
 
-// out [T, H_out] (unit stride along H_out) += the expand of u [P, R_u] columns [rank_start, rank_start + R_i) through
-// lora_b [N, H_out, R_i]; order [P] (u's rows in expand order), tokens [P] (their tokens), block_offsets
-// [blocks * N + 1] (the expand-order rows of block blk and adapter e are [block_offsets[blk * N + e], ... + 1));
+// out [T, H_out] (unit stride along H_out) += the expand of u [S, R_u] columns [rank_start, rank_start + R_i) through
+// lora_b [N, H_out, R_i]; order [S] (u's rows in expand order), tokens [S] (their tokens), block_offsets
+// [blocks * N + 1] (the expand-order rows of block blk and adapter e are [block_offsets[blk * N + e], ... + 1);
+// the last entry is P <= S);
 // alpha None or [N] (a per-adapter factor: the scaling); ranks None or [N] int (bounds in [0, R_i]).
 void expand_(at::Tensor out, const at::Tensor& u, int64_t rank_start, const at::Tensor& lora_b, const at::Tensor& order,
              const at::Tensor& tokens, const at::Tensor& block_offsets, const c10::optional<at::Tensor>& alpha,
@@ -235,18 +241,20 @@ void expand_(at::Tensor out, const at::Tensor& u, int64_t rank_start, const at::
     al = alpha->to(dt).contiguous();
     TORCH_CHECK(al.dim() == 1 && al.size(0) == n, "molora_cpu: alpha must be [", n, "], got ", al.sizes());
   }
-  if (pairs == 0 || out.size(1) == 0) return;
+  if (boff.back() == 0 || out.size(1) == 0) return;
   AT_DISPATCH_FLOATING_TYPES(dt, "molora_cpu_expand", [&] {
     expand_impl<scalar_t>(out, u, rank_start, lora_b, order, tokens, boff, blocks,
                           alpha.has_value() ? al.data_ptr<scalar_t>() : nullptr, bound);
   });
 }
 
-// The routed pairs of one forward, sorted on the host in O(T * K + blocks * N) (two counting sorts): see
-// molora_ops/impl/cpu_fused.py's prepare() for the outputs. topk_ids [T, K] int32/int64 (ids outside [0, N) are empty
-// slots), weights [T, K] float32/float64 (the compute dtype); block >= 1 tokens per expand item; min_run >= 1.
+// The routed pairs of one forward, sorted on the host in O(T * K + blocks * N) (two counting sorts); static shapes
+// (S = T * K): tokens [S], coef [S] (weights' dtype), offsets [N + 1], order [S], etokens [S], block_offsets
+// [blocks * N + 1], blocks = ceil(T / block) (at least 1). Plan order is (adapter, slot, token); the expand order is
+// (token block, adapter, plan row). Entries >= P are 0. topk_ids [T, K] int32/int64 (ids outside [0, N) are empty
+// slots), weights [T, K] float32/float64 (the compute dtype); block >= 1 tokens per expand item.
 std::vector<at::Tensor> prepare(const at::Tensor& topk_ids, const at::Tensor& weights, int64_t num_adapters,
-                                int64_t block, int64_t min_run) {
+                                int64_t block) {
   check_cpu(topk_ids, "topk_ids");
   check_cpu(weights, "topk_weights");
   TORCH_CHECK(topk_ids.dim() == 2 && (topk_ids.scalar_type() == at::kLong || topk_ids.scalar_type() == at::kInt),
@@ -256,23 +264,22 @@ std::vector<at::Tensor> prepare(const at::Tensor& topk_ids, const at::Tensor& we
               (weights.scalar_type() == at::kFloat || weights.scalar_type() == at::kDouble),
               "molora_cpu: topk_weights must be float32 or float64 of topk_ids' shape ", topk_ids.sizes(), ", got ",
               weights.scalar_type(), " ", weights.sizes());
-  TORCH_CHECK(num_adapters >= 1 && block >= 1 && min_run >= 1, "molora_cpu: num_adapters, block and min_run must be "
-              ">= 1, got ", num_adapters, ", ", block, ", ", min_run);
+  TORCH_CHECK(num_adapters >= 1 && block >= 1, "molora_cpu: num_adapters and block must be >= 1, got ",
+              num_adapters, " and ", block);
   const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
   const at::Tensor w = weights.contiguous();
-  const int64_t num_tokens = ids.size(0), top_k = ids.size(1), n = num_adapters;
+  const int64_t num_tokens = ids.size(0), top_k = ids.size(1), n = num_adapters, slots = num_tokens * top_k;
   const int64_t* idp = ids.data_ptr<int64_t>();
   const auto lng = at::TensorOptions().dtype(at::kLong);
   // plan order: (adapter, slot, token)
   std::vector<int64_t> count(n + 1, 0);
-  for (int64_t i = 0; i < num_tokens * top_k; ++i)
+  for (int64_t i = 0; i < slots; ++i)
     if (idp[i] >= 0 && idp[i] < n) ++count[idp[i] + 1];
   for (int64_t e = 0; e < n; ++e) count[e + 1] += count[e];
-  const int64_t pairs = count[n];
-  at::Tensor offsets = at::empty({n + 1}, lng), tokens = at::empty({pairs}, lng), slots = at::empty({pairs}, lng);
+  at::Tensor offsets = at::empty({n + 1}, lng), tokens = at::zeros({slots}, lng), slot_of = at::zeros({slots}, lng);
   std::copy(count.begin(), count.end(), offsets.data_ptr<int64_t>());
   int64_t* tp = tokens.data_ptr<int64_t>();
-  int64_t* sp = slots.data_ptr<int64_t>();  // t * K + k of each pair
+  int64_t* sp = slot_of.data_ptr<int64_t>();  // t * K + k of each pair
   std::vector<int64_t> fill(count.begin(), count.end() - 1);
   for (int64_t k = 0; k < top_k; ++k)
     for (int64_t t = 0; t < num_tokens; ++t) {
@@ -282,28 +289,16 @@ std::vector<at::Tensor> prepare(const at::Tensor& topk_ids, const at::Tensor& we
         sp[fill[e]++] = t * top_k + k;
       }
     }
-  at::Tensor coef = w.view(-1).index_select(0, slots);
-  // runs of consecutive tokens inside one adapter's segment: (e, lo, hi, first token), kept when they average at
-  // least min_run pairs
-  std::vector<int64_t> runs;  // flattened (e, lo, hi, t)
-  for (int64_t e = 0; e < n; ++e)
-    for (int64_t i = count[e]; i < count[e + 1]; ++i)
-      if (i == count[e] || tp[i] != tp[i - 1] + 1)
-        runs.insert(runs.end(), {e, i, i + 1, tp[i]});  // a new run
-      else
-        runs[runs.size() - 2] = i + 1;  // the current run grows
-  const int64_t num_runs = static_cast<int64_t>(runs.size()) / 4;
-  at::Tensor run_t = (pairs > 0 && num_runs * min_run <= pairs)
-                         ? at::from_blob(runs.data(), {num_runs, 4}, lng).clone()
-                         : at::empty({0, 4}, lng);
+  at::Tensor coef = w.view(-1).index_select(0, slot_of);
+  if (count[n] < slots) coef.narrow(0, count[n], slots - count[n]).zero_();
   // expand order: (token block, adapter, plan row)
   const int64_t blocks = std::max<int64_t>(1, (num_tokens + block - 1) / block);
   std::vector<int64_t> bcount(blocks * n + 1, 0);
   for (int64_t e = 0; e < n; ++e)
     for (int64_t i = count[e]; i < count[e + 1]; ++i) ++bcount[(tp[i] / block) * n + e + 1];
   for (int64_t j = 0; j < blocks * n; ++j) bcount[j + 1] += bcount[j];
-  at::Tensor block_offsets = at::empty({blocks * n + 1}, lng), order = at::empty({pairs}, lng),
-             etokens = at::empty({pairs}, lng);
+  at::Tensor block_offsets = at::empty({blocks * n + 1}, lng), order = at::zeros({slots}, lng),
+             etokens = at::zeros({slots}, lng);
   std::copy(bcount.begin(), bcount.end(), block_offsets.data_ptr<int64_t>());
   int64_t* op = order.data_ptr<int64_t>();
   int64_t* ep = etokens.data_ptr<int64_t>();
@@ -313,13 +308,37 @@ std::vector<at::Tensor> prepare(const at::Tensor& topk_ids, const at::Tensor& we
       op[bcount[key]] = i;
       ep[bcount[key]++] = tp[i];
     }
-  return {tokens, coef, offsets, order, etokens, block_offsets, run_t};
+  return {tokens, coef, offsets, order, etokens, block_offsets};
+}
+
+// The maximal runs of plan rows lo..hi-1 inside one adapter's segment whose tokens are t..t+hi-lo-1, as [runs, 4]
+// int64 (e, lo, hi, t), or [0, 4] when they average fewer than min_run pairs (or there are no pairs). Its size
+// depends on the routing: eager only.
+at::Tensor token_runs(const at::Tensor& tokens, const at::Tensor& offsets, int64_t min_run) {
+  check_index(tokens, "tokens", -1);
+  TORCH_CHECK(min_run >= 1, "molora_cpu: min_run must be >= 1, got ", min_run);
+  const int64_t n = offsets.numel() - 1;
+  TORCH_CHECK(n >= 1, "molora_cpu: offsets must have N + 1 >= 2 entries, got ", offsets.numel());
+  const std::vector<int64_t> off = offsets_of(offsets, n, tokens.size(0), "offsets");
+  const int64_t* tp = tokens.data_ptr<int64_t>();
+  std::vector<int64_t> runs;  // flattened (e, lo, hi, t)
+  for (int64_t e = 0; e < n; ++e)
+    for (int64_t i = off[e]; i < off[e + 1]; ++i)
+      if (i == off[e] || tp[i] != tp[i - 1] + 1)
+        runs.insert(runs.end(), {e, i, i + 1, tp[i]});  // a new run
+      else
+        runs[runs.size() - 2] = i + 1;  // the current run grows
+  const int64_t num_runs = static_cast<int64_t>(runs.size()) / 4, pairs = off[n];
+  const auto lng = at::TensorOptions().dtype(at::kLong);
+  if (pairs == 0 || num_runs * min_run > pairs) return at::empty({0, 4}, lng);
+  return at::from_blob(runs.data(), {num_runs, 4}, lng).clone();
 }
 
 }  // namespace
 
 TORCH_LIBRARY(molora_cpu, m) {
-  m.def("prepare(Tensor topk_ids, Tensor topk_weights, int num_adapters, int block, int min_run) -> Tensor[]");
+  m.def("prepare(Tensor topk_ids, Tensor topk_weights, int num_adapters, int block) -> Tensor[]");
+  m.def("token_runs(Tensor tokens, Tensor offsets, int min_run) -> Tensor");
   m.def("shrink(Tensor x, Tensor lora_a, Tensor tokens, Tensor offsets, Tensor coef, Tensor? ranks=None) -> Tensor");
   m.def("expand_(Tensor(a!) out, Tensor u, int rank_start, Tensor lora_b, Tensor order, Tensor tokens, "
         "Tensor block_offsets, Tensor? alpha=None, Tensor? ranks=None) -> ()");
@@ -327,6 +346,7 @@ TORCH_LIBRARY(molora_cpu, m) {
 
 TORCH_LIBRARY_IMPL(molora_cpu, CPU, m) {
   m.impl("prepare", &prepare);
+  m.impl("token_runs", &token_runs);
   m.impl("shrink", &shrink);
   m.impl("expand_", &expand_);
 }

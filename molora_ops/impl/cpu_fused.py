@@ -48,6 +48,26 @@ def available() -> bool:
     return status()[0]
 
 
+def _register_fakes() -> None:
+    """Shapes for torch.compile (the ops are opaque to it; these say what they return without running them)."""
+
+    @torch.library.register_fake("molora_cpu::prepare")
+    def _prepare_fake(topk_ids, topk_weights, num_adapters, block):
+        num_tokens, top_k = topk_ids.shape
+        slots, blocks = num_tokens * top_k, torch.sym_max(1, (num_tokens + block - 1) // block)
+        index = topk_ids.new_empty(slots, dtype=torch.long)
+        return [index, topk_weights.new_empty(slots), topk_ids.new_empty(num_adapters + 1, dtype=torch.long),
+                index.new_empty(slots), index.new_empty(slots), index.new_empty(blocks * num_adapters + 1)]
+
+    @torch.library.register_fake("molora_cpu::shrink")
+    def _shrink_fake(x, lora_a, tokens, offsets, coef, ranks=None):
+        return x.new_empty(tokens.shape[0], lora_a.shape[1])
+
+    @torch.library.register_fake("molora_cpu::expand_")
+    def _expand_fake(out, u, rank_start, lora_b, order, tokens, block_offsets, alpha=None, ranks=None):
+        return None
+
+
 def _load() -> dict:
     if os.environ.get("MOLORA_DISABLE_CPU_KERNELS", "") not in ("", "0"):
         return {"available": False, "reason": "disabled by MOLORA_DISABLE_CPU_KERNELS"}
@@ -59,23 +79,26 @@ def _load() -> dict:
     try:
         torch.ops.load_library(str(path))
         torch.ops.molora_cpu.shrink  # noqa: B018 - raises if the library registered nothing
+        _register_fakes()
     except Exception as exc:  # an unloadable library must not break `import molora_ops`
         return {"available": False, "reason": f"{path.name} failed to load: {type(exc).__name__}: {exc}"}
     return {"available": True, "reason": f"C++ CPU kernels ({path.name})"}
 
 
-def prepare(topk_ids: Tensor, topk_weights: Tensor, num_adapters: int, threads: int, min_run: float):
-    """(FusedPairs, runs) for a routing: topk_ids [T, K] int (ids outside [0, N) are empty slots), topk_weights
-    [T, K] in the compute dtype. The pairs are in plan order: by adapter, then slot, then token, so a sequence that
-    routes one adapter from one slot is a run of consecutive tokens. runs: None, or [(e, lo, hi, t)] (the maximal
-    ranges of plan rows lo..hi-1 of adapter e whose tokens are t..t+hi-lo-1) when they average at least min_run
-    pairs. One C++ call (two counting sorts on the host), instead of the ~25 tensor ops of a plan and its orders."""
+def prepare(topk_ids: Tensor, topk_weights: Tensor, num_adapters: int, threads: int) -> "FusedPairs":
+    """The FusedPairs of a routing: topk_ids [T, K] int (ids outside [0, N) are empty slots), topk_weights [T, K]
+    in the compute dtype. One C++ call (two counting sorts on the host) instead of the ~25 tensor ops of a plan and
+    its orders; static shapes, so it traces under torch.compile."""
     block = _expand_block(topk_ids.shape[0], threads)
-    min_run = int(min(max(min_run, 1), 2**62))
-    tokens, coef, offsets, order, etokens, block_offsets, runs = torch.ops.molora_cpu.prepare(
-        topk_ids, topk_weights, num_adapters, block, min_run)
-    pairs = FusedPairs(tokens, coef, offsets, order, etokens, block_offsets)
-    return pairs, ([tuple(r) for r in runs.tolist()] if runs.shape[0] else None)
+    return FusedPairs(*torch.ops.molora_cpu.prepare(topk_ids, topk_weights, num_adapters, block))
+
+
+def token_runs(pairs: "FusedPairs", min_run: float) -> Optional[list]:
+    """[(e, lo, hi, t)]: the maximal ranges of plan rows lo..hi-1 of adapter e whose tokens are t..t+hi-lo-1 (the
+    plan order is adapter, slot, token, so a sequence that routes one adapter from one slot is one run), or None
+    when they average fewer than min_run pairs. Eager only (the number of runs depends on the routing)."""
+    runs = torch.ops.molora_cpu.token_runs(pairs.tokens, pairs.offsets, int(min(max(min_run, 1), 2**62)))
+    return [tuple(r) for r in runs.tolist()] if runs.shape[0] else None
 
 
 def _expand_block(num_tokens: int, threads: int) -> int:
@@ -89,10 +112,12 @@ def _expand_block(num_tokens: int, threads: int) -> int:
 
 
 class FusedPairs:
-    """The routed pairs of one forward for the C++ kernels: plan-order tokens [P] int64, coef [P] (the routing
-    weight of each pair, compute dtype), offsets [N + 1] int64 (adapter e's rows [offsets[e], offsets[e + 1])),
-    and the expand order: order [P] (plan rows grouped by token block, then adapter), etokens [P] (their tokens),
-    block_offsets [blocks * N + 1]. Built once per forward (RoutedBatch); every patched layer reuses it."""
+    """The routed pairs of one forward for the C++ kernels, in static shapes (S = T * K entries, of which the first
+    P = offsets[N] are the routed pairs; the rest is padding no kernel reads): plan-order tokens [S] int64, coef [S]
+    (the routing weight of each pair, compute dtype), offsets [N + 1] int64 (adapter e's rows [offsets[e],
+    offsets[e + 1])), and the expand order: order [S] (plan rows grouped by token block, then adapter), etokens [S]
+    (their tokens), block_offsets [blocks * N + 1]. Built once per forward (RoutedBatch); every patched layer
+    reuses it."""
 
     bounded = True  # its methods take `ranks` and bound each adapter's GEMMs by them
     sliced = True  # expand_ takes the rank slice itself (no column-sliced copy of u)
@@ -103,7 +128,7 @@ class FusedPairs:
         self.order, self.etokens, self.block_offsets = order, etokens, block_offsets
 
     def shrink(self, x: Tensor, a: Tensor, ranks: Optional[Tensor] = None) -> Tensor:
-        """u [P, R] (compute dtype): coef * A[e] @ x[token] per plan row; columns >= ranks[e] are 0."""
+        """u [S, R] (compute dtype): coef * A[e] @ x[token] per plan row; columns >= ranks[e] and rows >= P are 0."""
         return torch.ops.molora_cpu.shrink(x.contiguous(), a, self.tokens, self.offsets, self.coef, ranks)
 
     def expand_(self, u: Tensor, b: Tensor, acc: Tensor, scale: Optional[Tensor], ranks: Optional[Tensor] = None,
