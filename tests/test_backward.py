@@ -11,7 +11,7 @@ import torch
 
 import molora_ops as mo
 from molora_ops import reference
-from molora_ops.impl import torch_backward, triton_backend
+from molora_ops.impl import cpu_train, torch_backward, triton_backend
 
 from _utils import TOLERANCE, assert_close, edge_case_problem
 
@@ -22,6 +22,9 @@ NAMES = ("x", "lora_a", "lora_b", "topk_weights", "scale")
 _, _TRITON_AVAILABLE, _TRITON_REASON = triton_backend.status()
 needs_triton = pytest.mark.skipif(not _TRITON_AVAILABLE, reason=_TRITON_REASON)
 BACKENDS = ("torch", pytest.param("triton", marks=needs_triton))
+# routed_lora's backward: "torch" runs the C++ CPU kernels where they are loaded (impl/cpu_train.py), "torch-pure" the
+# grouped pure-PyTorch code (impl/torch_backward.py with the kernels switched off)
+GRAD_BACKENDS = ("torch", "torch-pure", pytest.param("triton", marks=needs_triton))
 
 # (T, K, N, R, H_in, H_out): small enough for the interpreter; T = 0, 1, 3, 7 and odd sizes.
 SHAPES_SMOKE = ((0, 2, 3, 3, 5, 4), (1, 1, 3, 2, 7, 5), (3, 3, 4, 5, 9, 6), (7, 2, 5, 3, 19, 23))
@@ -39,11 +42,15 @@ def _exact_grads(p, grad_out):
 
 
 def _backend_grads(backend, p, grad_out, needs=(True,) * 5, u=None):
-    impl = torch_backward if backend == "torch" else triton_backend
+    impl = triton_backend if backend == "triton" else torch_backward
     plan = mo.build_plan(p.topk_ids, p.lora_a.shape[0])
     scale = p.scaling.to(F64 if p.x.dtype == F64 else torch.float32)
-    return impl.routed_lora_backward(grad_out, p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights, scale, plan,
-                                     needs, u)
+    use, cpu_train.USE = cpu_train.USE, backend != "torch-pure"
+    try:
+        return impl.routed_lora_backward(grad_out, p.x, p.lora_a, p.lora_b, p.topk_ids, p.topk_weights, scale, plan,
+                                         needs, u)
+    finally:
+        cpu_train.USE = use
 
 
 def _unscaled_u(p):
@@ -57,7 +64,7 @@ def _check(got, want, dtype, names=NAMES):
 
 
 # ----------------------------------------------------------------------------- parity with the reference
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", GRAD_BACKENDS)
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=str)
 @pytest.mark.parametrize("saved_u", (False, True), ids=("recompute", "saved_u"))
 @pytest.mark.parametrize("shape", SHAPES_SMOKE, ids=_shape_id)
@@ -90,7 +97,7 @@ def test_shrink_and_expand_backward_match_reference(backend, shape):
     _check(got, want, torch.float32, names=("h", "lora_b"))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", GRAD_BACKENDS)
 @pytest.mark.parametrize("needs", ((False, False, False, True, False), (True, False, True, False, True),
                                    (False, True, False, False, False)), ids=str)
 def test_only_needed_gradients_are_formed(backend, needs):
@@ -126,6 +133,7 @@ def test_torch_pair_rows_paths_match_reference(grouped, shape, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(pair_rows, "_GROUPED_MM", counted if grouped else None)
+    monkeypatch.setattr(cpu_train, "USE", False)  # the pure-PyTorch forward and backward
     p = edge_case_problem(shape, torch.float32)
     scale = p.scaling.float()
     leaves = [t.detach().clone().requires_grad_() for t in (p.x, p.lora_a, p.lora_b, p.topk_weights, scale)]

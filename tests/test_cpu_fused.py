@@ -263,3 +263,35 @@ def test_prepare_matches_the_python_plan(case, min_run):
     assert torch.equal(fused.etokens[:num_pairs], (pairs // k)[fused.order[:num_pairs]])
     blocks = max(1, -(-ids.shape[0] // block))
     assert fused.block_offsets.tolist() == [0] + torch.bincount(key, minlength=blocks * n).cumsum(0).tolist()
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+def test_training_forward_and_backward_at_prefill_sizes(dtype, threads):
+    """routed_lora_train and its backward through the kernels (impl/cpu_train.py) where adapters hold several
+    shrink chunks of rows (> 128) and the weight gradients several column chunks (> 256), against float64 autograd
+    of the reference; empty slots, a duplicate adapter and an unused adapter included."""
+    from molora_ops.impl import cpu_train
+
+    assert cpu_train.usable(torch.zeros(1))
+    p = _problem((700, 2, 4, 8, 300, 513), dtype)
+    p.topk_ids[0, 1] = p.topk_ids[0, 0]
+    scale = p.scaling.to(dtype if dtype == torch.float64 else torch.float32)
+    leaves = [t.detach().clone().requires_grad_() for t in (p.x, p.lora_a, p.lora_b, p.topk_weights, scale)]
+    out, u = torch.ops.molora.routed_lora_train(*leaves[:3], p.topk_ids, leaves[3], leaves[4], None, None, "torch", None)
+    grad_out = torch.randn(700, 513, dtype=dtype)
+    got = torch.autograd.grad(out, leaves, grad_out)
+    exact_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    want_out = reference.routed_lora(*exact_leaves[:3], p.topk_ids, exact_leaves[3], scaling=exact_leaves[4])
+    want = torch.autograd.grad(want_out, exact_leaves, grad_out.double())
+    # the yardstick: the same gradients by plain float32 autograd of the reference (flash-attention rule)
+    lowp_leaves = [t.detach().float().requires_grad_() for t in leaves]
+    lowp_out = reference.routed_lora(*lowp_leaves[:3], p.topk_ids, lowp_leaves[3], scaling=lowp_leaves[4])
+    lowp = torch.autograd.grad(lowp_out, lowp_leaves, grad_out.float())
+    want_u = reference.lora_shrink(p.x.double(), p.lora_a.double(), p.topk_ids, torch.ones_like(p.topk_weights).double())
+    names = ("out", "u", "x", "lora_a", "lora_b", "topk_weights", "scale")
+    for g, w, low, name in zip((out, u) + got, (want_out, want_u) + want, (lowp_out, want_u) + lowp, names):
+        if dtype == torch.float64 and name != "topk_weights":  # topk_weights stays float32, so its gradient does
+            assert_close(g, w, atol=1e-10, rtol=1e-10, name=name)
+        else:
+            assert_parity(g, w, low, torch.float32, name=name)
+    assert bool((got[1][-1] == 0).all() and (got[2][-1] == 0).all()), "the unused adapter gets zero gradients"

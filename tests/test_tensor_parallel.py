@@ -175,6 +175,17 @@ try:
         seen_full = probe_full.take()
         got = run_forms(tpm, ids, weights_bsn, kind)
         seen_tp = probe_tp.take()
+        if kind == "token":  # the spec forms again with the C++ CPU kernels off: the pure-PyTorch strategies
+            from molora_ops import runtime as molora_runtime
+            fused, molora_runtime._FUSED = molora_runtime._FUSED, False
+            try:
+                again = run_forms(tpm, ids, weights_bsn, kind)
+            finally:
+                molora_runtime._FUSED = fused
+            probe_tp.take()  # the extra forwards are not compared with the unsharded run's routing
+            renamed = lambda f: f[:-7] + "_torch_logits" if f.endswith("_logits") else f + "_torch"  # noqa: E731
+            for form in [f for f in want if not f.startswith(("router_", "generate_token"))]:
+                want[renamed(form)], got[renamed(form)] = want[form], again[form]
         for form, ref in want.items():
             entry = result["forms"][form] = {"shape": list(got[form].shape), "ref_shape": list(ref.shape)}
             if got[form].shape == ref.shape:
@@ -322,6 +333,8 @@ def tp_run(saved_llama, tmp_path_factory):
 FORMS = ("names", "names_base", "blend", "bsn", "bsn_one_adapter", "blend_one_token", "generate_names",
          "router_token", "generate_token", "router_context", "generate_context", "router_per_layer",
          "generate_per_layer")
+# the spec forms once more with the C++ CPU kernels off (runtime._FUSED): the pure-PyTorch strategies' layouts
+FORMS += tuple(f + "_torch" for f in FORMS[:7])
 
 
 def test_the_model_really_is_tensor_parallel(tp_run):

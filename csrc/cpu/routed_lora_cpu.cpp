@@ -34,6 +34,7 @@
 namespace {
 
 constexpr int64_t kShrinkChunk = 128;
+constexpr int64_t kOuterCols = 256;
 
 // A per-thread scratch buffer (one per element type and slot), grown as needed and never shrunk: after the first
 // forward its pages stay mapped, so a call does not pay page faults for its temporaries.
@@ -248,9 +249,69 @@ void expand_(at::Tensor out, const at::Tensor& u, int64_t rank_start, const at::
   });
 }
 
+template <typename scalar_t>
+void outer_impl(const at::Tensor& left, const at::Tensor& src, const at::Tensor& tokens, const std::vector<int64_t>& off,
+                at::Tensor& out) {
+  const int64_t n = out.size(0), f = out.size(1), d = out.size(2), num_tokens = src.size(0);
+  const scalar_t* lp = left.data_ptr<scalar_t>();
+  const scalar_t* sp = src.data_ptr<scalar_t>();
+  const int64_t* tok = tokens.data_ptr<int64_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const at::TensorOptions opts = plain_options(src);
+  struct Item { int64_t e, d0, d1; };
+  std::vector<Item> items;
+  for (int64_t e = 0; e < n; ++e)
+    if (off[e + 1] > off[e])
+      for (int64_t d0 = 0; d0 < d; d0 += kOuterCols) items.push_back({e, d0, std::min(d0 + kOuterCols, d)});
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    for (int64_t w = begin; w < end; ++w) {
+      const Item it = items[w];
+      const int64_t dc = it.d1 - it.d0;
+      at::Tensor dst = at::from_blob(op + it.e * f * d + it.d0, {f, dc}, {d, 1}, opts);
+      for (int64_t lo = off[it.e]; lo < off[it.e + 1]; lo += kShrinkChunk) {
+        const int64_t m = std::min(kShrinkChunk, off[it.e + 1] - lo);
+        scalar_t* g = scratch<scalar_t, 3>(m * dc);
+        for (int64_t j = 0; j < m; ++j) {
+          const int64_t t = tok[lo + j];
+          TORCH_CHECK(t >= 0 && t < num_tokens, "molora_cpu: tokens[", lo + j, "] = ", t, " is outside [0, ",
+                      num_tokens, ")");
+          std::memcpy(g + j * dc, sp + t * d + it.d0, dc * sizeof(scalar_t));
+        }
+        at::Tensor lt = at::from_blob(const_cast<scalar_t*>(lp) + lo * f, {f, m}, {1, f}, opts);  // left rows^T
+        at::addmm_out(dst, dst, lt, at::from_blob(g, {m, dc}, opts), lo == off[it.e] ? 0 : 1, 1);
+      }
+    }
+  });
+}
+
+// out [N, F, D]: out[e] = sum over adapter e's plan rows i of left[i]^T src[tokens[i]] (left [S, F] contiguous, src
+// [T, D] contiguous, tokens [S], offsets [N + 1] with offsets[N] <= S); zeros for an adapter without rows. The
+// weight gradients of the backward (dA from du and x, dB from h and dy). Work items: (adapter, chunk of D columns),
+// each summing its rows chunk by chunk in plan order: deterministic.
+at::Tensor outer(const at::Tensor& left, const at::Tensor& src, const at::Tensor& tokens, const at::Tensor& offsets) {
+  const at::ScalarType dt = src.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "molora_cpu: src must be float32 or float64, got ", dt);
+  check_float(src, "src", dt);
+  check_float(left, "left", dt);
+  TORCH_CHECK(src.dim() == 2 && src.is_contiguous(), "molora_cpu: src must be a contiguous [T, D] tensor, got ",
+              src.sizes());
+  TORCH_CHECK(left.dim() == 2 && left.is_contiguous(), "molora_cpu: left must be a contiguous [S, F] tensor, got ",
+              left.sizes());
+  check_index(tokens, "tokens", left.size(0));
+  const int64_t n = offsets.numel() - 1;
+  TORCH_CHECK(n >= 1, "molora_cpu: offsets must have N + 1 >= 2 entries, got ", offsets.numel());
+  const std::vector<int64_t> off = offsets_of(offsets, n, left.size(0), "offsets");
+  at::Tensor out = at::zeros({n, left.size(1), src.size(1)}, src.options());
+  if (off[n] == 0 || out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(dt, "molora_cpu_outer", [&] { outer_impl<scalar_t>(left, src, tokens, off, out); });
+  return out;
+}
+
 // The routed pairs of one forward, sorted on the host in O(T * K + blocks * N) (two counting sorts); static shapes
 // (S = T * K): tokens [S], coef [S] (weights' dtype), offsets [N + 1], order [S], etokens [S], block_offsets
-// [blocks * N + 1], blocks = ceil(T / block) (at least 1). Plan order is (adapter, slot, token); the expand order is
+// [blocks * N + 1], slots [S] (t * K + k of each plan row), adapters [S] (its adapter); blocks = ceil(T / block),
+// at least 1. Plan order is (adapter, slot, token); the expand order is
 // (token block, adapter, plan row). Entries >= P are 0. topk_ids [T, K] int32/int64 (ids outside [0, N) are empty
 // slots), weights [T, K] float32/float64 (the compute dtype); block >= 1 tokens per expand item.
 std::vector<at::Tensor> prepare(const at::Tensor& topk_ids, const at::Tensor& weights, int64_t num_adapters,
@@ -291,6 +352,10 @@ std::vector<at::Tensor> prepare(const at::Tensor& topk_ids, const at::Tensor& we
     }
   at::Tensor coef = w.view(-1).index_select(0, slot_of);
   if (count[n] < slots) coef.narrow(0, count[n], slots - count[n]).zero_();
+  at::Tensor adapter = at::zeros({slots}, lng);
+  int64_t* adp = adapter.data_ptr<int64_t>();
+  for (int64_t e = 0; e < n; ++e)
+    for (int64_t i = count[e]; i < count[e + 1]; ++i) adp[i] = e;
   // expand order: (token block, adapter, plan row)
   const int64_t blocks = std::max<int64_t>(1, (num_tokens + block - 1) / block);
   std::vector<int64_t> bcount(blocks * n + 1, 0);
@@ -308,7 +373,7 @@ std::vector<at::Tensor> prepare(const at::Tensor& topk_ids, const at::Tensor& we
       op[bcount[key]] = i;
       ep[bcount[key]++] = tp[i];
     }
-  return {tokens, coef, offsets, order, etokens, block_offsets};
+  return {tokens, coef, offsets, order, etokens, block_offsets, slot_of, adapter};
 }
 
 // The maximal runs of plan rows lo..hi-1 inside one adapter's segment whose tokens are t..t+hi-lo-1, as [runs, 4]
@@ -339,6 +404,7 @@ at::Tensor token_runs(const at::Tensor& tokens, const at::Tensor& offsets, int64
 TORCH_LIBRARY(molora_cpu, m) {
   m.def("prepare(Tensor topk_ids, Tensor topk_weights, int num_adapters, int block) -> Tensor[]");
   m.def("token_runs(Tensor tokens, Tensor offsets, int min_run) -> Tensor");
+  m.def("outer(Tensor left, Tensor src, Tensor tokens, Tensor offsets) -> Tensor");
   m.def("shrink(Tensor x, Tensor lora_a, Tensor tokens, Tensor offsets, Tensor coef, Tensor? ranks=None) -> Tensor");
   m.def("expand_(Tensor(a!) out, Tensor u, int rank_start, Tensor lora_b, Tensor order, Tensor tokens, "
         "Tensor block_offsets, Tensor? alpha=None, Tensor? ranks=None) -> ()");
@@ -347,6 +413,7 @@ TORCH_LIBRARY(molora_cpu, m) {
 TORCH_LIBRARY_IMPL(molora_cpu, CPU, m) {
   m.impl("prepare", &prepare);
   m.impl("token_runs", &token_runs);
+  m.impl("outer", &outer);
   m.impl("shrink", &shrink);
   m.impl("expand_", &expand_);
 }

@@ -57,11 +57,16 @@ def _register_fakes() -> None:
         slots, blocks = num_tokens * top_k, torch.sym_max(1, (num_tokens + block - 1) // block)
         index = topk_ids.new_empty(slots, dtype=torch.long)
         return [index, topk_weights.new_empty(slots), topk_ids.new_empty(num_adapters + 1, dtype=torch.long),
-                index.new_empty(slots), index.new_empty(slots), index.new_empty(blocks * num_adapters + 1)]
+                index.new_empty(slots), index.new_empty(slots), index.new_empty(blocks * num_adapters + 1),
+                index.new_empty(slots), index.new_empty(slots)]
 
     @torch.library.register_fake("molora_cpu::shrink")
     def _shrink_fake(x, lora_a, tokens, offsets, coef, ranks=None):
         return x.new_empty(tokens.shape[0], lora_a.shape[1])
+
+    @torch.library.register_fake("molora_cpu::outer")
+    def _outer_fake(left, src, tokens, offsets):
+        return src.new_empty(offsets.shape[0] - 1, left.shape[1], src.shape[1])
 
     @torch.library.register_fake("molora_cpu::expand_")
     def _expand_fake(out, u, rank_start, lora_b, order, tokens, block_offsets, alpha=None, ranks=None):
@@ -116,16 +121,18 @@ class FusedPairs:
     P = offsets[N] are the routed pairs; the rest is padding no kernel reads): plan-order tokens [S] int64, coef [S]
     (the routing weight of each pair, compute dtype), offsets [N + 1] int64 (adapter e's rows [offsets[e],
     offsets[e + 1])), and the expand order: order [S] (plan rows grouped by token block, then adapter), etokens [S]
-    (their tokens), block_offsets [blocks * N + 1]. Built once per forward (RoutedBatch); every patched layer
+    (their tokens), block_offsets [blocks * N + 1], slots [S] (t * K + k of each plan row) and adapters [S] (its
+    adapter). Built once per forward (RoutedBatch); every patched layer
     reuses it."""
 
     bounded = True  # its methods take `ranks` and bound each adapter's GEMMs by them
     sliced = True  # expand_ takes the rank slice itself (no column-sliced copy of u)
 
     def __init__(self, tokens: Tensor, coef: Tensor, offsets: Tensor, order: Tensor, etokens: Tensor,
-                 block_offsets: Tensor):
+                 block_offsets: Tensor, slots: Tensor, adapters: Tensor):
         self.tokens, self.coef, self.offsets = tokens, coef, offsets
         self.order, self.etokens, self.block_offsets = order, etokens, block_offsets
+        self.slots, self.adapters = slots, adapters  # [S] each: t * K + k and the adapter of each plan row
 
     def shrink(self, x: Tensor, a: Tensor, ranks: Optional[Tensor] = None) -> Tensor:
         """u [S, R] (compute dtype): coef * A[e] @ x[token] per plan row; columns >= ranks[e] and rows >= P are 0."""

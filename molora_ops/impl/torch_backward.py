@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from ..plan import RoutingPlan
+from . import cpu_train
 from .pair_rows import PairRows
 
 Tensor = torch.Tensor
@@ -114,6 +115,9 @@ def routed_lora_backward(grad_out, x, lora_a, lora_b, topk_ids, topk_weights, sc
     P_r x R x H_in) where dB, dw or ds needs it. Returns (dx, dA, dB, dw [T, K], ds [N]) in their inputs' dtypes,
     None where not needed.
     """
+    if cpu_train.usable(x):  # CPU tensors with the C++ kernels loaded
+        return cpu_train.routed_lora_backward(grad_out, x, lora_a, lora_b, topk_ids, topk_weights, scale, needs,
+                                              u_saved)
     del topk_ids
     need_x, need_a, need_b, need_w, need_s = needs
     cd = _compute_dtype(x, scale)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..plan import RoutingPlan
+from . import cpu_train
 from .pair_rows import PairRows
 
 name = "torch"
@@ -104,7 +105,11 @@ def routed_lora(
     x, lora_a, lora_b, topk_ids, topk_weights, scale, plan: RoutingPlan, out, accumulate: bool, ranks=None
 ) -> None:
     """Shrink and expand per active adapter, each cut to its rank (ranks given: one adapter at a time; else the
-    grouped pair rows of _pairs_forward)."""
+    C++ kernels on CPU tensors where they are loaded, impl/cpu_train.py, or the grouped pair rows of
+    _pairs_forward)."""
+    if cpu_train.usable(x, ranks):
+        cpu_train.routed_lora_train(x, lora_a, lora_b, topk_ids, topk_weights, scale, out, accumulate)
+        return
     del topk_ids
     if ranks is None:
         _pairs_forward(x, lora_a, lora_b, topk_weights, scale, plan, out, accumulate)
@@ -124,6 +129,8 @@ def routed_lora_train(
     float64 inputs; zeros in empty slots and beyond ranks[e]) for the backward. `out` gets exactly routed_lora's
     result (the same code path), so the autograd and in-place forms agree bit for bit."""
     num_tokens, top_k, rank = x.shape[0], plan.top_k, lora_a.shape[1]
+    if cpu_train.usable(x, ranks):
+        return cpu_train.routed_lora_train(x, lora_a, lora_b, topk_ids, topk_weights, scale, out, accumulate)
     if ranks is not None:
         ones = torch.ones(topk_weights.shape, dtype=torch.float32, device=x.device)
         u = shrink(x, lora_a, topk_ids, ones, torch.ones_like(scale), plan, ranks)
