@@ -11,8 +11,10 @@ decode: one KV-cached step (context 32) per call; providers base, names (one ada
 choose_strategy in the model, where cache effects differ from bench/runtime_strategies.py).
 prefill: one forward of batch x seq tokens; providers base, names, topk (top-2 drawn per sequence), topk/token
 (drawn per token), names[loop] (names with the rows strategy's batched bmm form off: a matmul pair per run),
-topk[no-runs] (topk with the grouped strategy's row-slice runs off) and topk/token[no-pad]
-(topk/token with the grouped strategy's padded layout off: one matmul pair per adapter).
+topk[no-runs] (topk with the grouped strategy's row-slice runs off: the C++ kernels where loaded),
+topk/token[no-kernels] (topk/token with the C++ kernels off: the padded layout with more than one thread) and
+topk/token[no-kernels,no-pad] (and the padded layout off: one matmul pair per adapter).
+decode also times topk[no-kernels] (the pure-PyTorch rule: per_adapter, dense or grouped).
 """
 
 from __future__ import annotations
@@ -51,17 +53,18 @@ def _top2(cfg, batch: int, length: int, gen) -> torch.Tensor:
 
 
 def _forced(strategy: str | None, fn):
-    """fn run with runtime.choose_strategy forced to `strategy` (None: the rule)."""
+    """fn run with runtime.choose_strategy forced to `strategy` (None: the rule) and the C++ kernels off (with them,
+    grouped is taken without consulting the rule)."""
     if strategy is None:
         return fn
 
     def run():
-        rule = runtime.choose_strategy
-        runtime.choose_strategy = lambda *a: strategy
+        rule, fused = runtime.choose_strategy, runtime._FUSED
+        runtime.choose_strategy, runtime._FUSED = (lambda *a: strategy), False
         try:
             return fn()
         finally:
-            runtime.choose_strategy = rule
+            runtime.choose_strategy, runtime._FUSED = rule, fused
 
     return run
 
@@ -84,6 +87,7 @@ def decode_fns(cfg, base, ours, names, batch: int, strategies, gen) -> dict:
     topk = dict(adapter_weights=_top2(cfg, batch, 40, gen))
     fns = {"base": step(base, {}), "names": step(ours, dict(adapter_names=[names[i % len(names)] for i in range(batch)])),
            "topk": step(ours, topk)}
+    fns["topk[no-kernels]"] = _with("_FUSED", False, step(ours, topk))
     for s in strategies:
         fns[f"topk[{s}]"] = _forced(s, step(ours, topk))
     return fns
@@ -125,7 +129,8 @@ def prefill_fns(cfg, base, ours, names, batch: int, seq: int, gen) -> dict:
     fns = {k: call(m, kw) for k, (m, kw) in kws.items()}
     fns["names[loop]"] = _with("_BATCHED_MIN_SEQ", float("inf"), fns["names"])
     fns["topk[no-runs]"] = _with("_MIN_RUN", float("inf"), fns["topk"])
-    fns["topk/token[no-pad]"] = _with("_PAD_WASTE", -1.0, fns["topk/token"])
+    fns["topk/token[no-kernels]"] = _with("_FUSED", False, fns["topk/token"])
+    fns["topk/token[no-kernels,no-pad]"] = _with("_FUSED", False, _with("_PAD_WASTE", -1.0, fns["topk/token"]))
     return fns
 
 
