@@ -15,9 +15,10 @@ that strategy's index tensors and coefficients (on the first call that needs the
     torch.compile traces off the CPU torch path: the registered ``torch.ops.molora.*`` ops with the plan tensors
     (differentiable, traceable without graph breaks; under autograd the functional form with ``base=out``, then
     ``out.copy_``).
-  * a traced strategy (built while torch.compile traces, torch backend on CPU, no grad needed): plain torch ops
-    with static shapes that inductor fuses, no plan, no host reads; ``traced_gather`` (per (token, slot) weight
-    gather) for few pairs, else ``traced_dense`` (every adapter, one GEMM each side); the rule is
+  * a traced strategy (built while torch.compile traces, torch backend on CPU, no grad needed), static shapes, no
+    plan: ``traced_fused`` (the C++ kernels of impl/cpu_fused.py as opaque custom ops with fake implementations)
+    where they are loaded; else plain torch ops that inductor fuses, ``traced_gather`` (per (token, slot) weight
+    gather) for few pairs, ``traced_dense`` (every adapter, one GEMM each side) otherwise; the rule is
     :func:`choose_traced_strategy`.
   * ``backend``: eager, no grad, tensors not on CPU (or a non-torch backend): the backend module's device
     functions (molora_ops/impl) called directly with the prepared plan and scale; no validation, no dispatch,
@@ -31,17 +32,20 @@ that strategy's index tensors and coefficients (on the first call that needs the
         read once at build) as the second GEMM's alpha.
       - ``dense``: most adapters active in a small batch: one GEMM over every adapter's A ([N * R, H_in]), a
         [T, N, 1] coefficient, one GEMM with B laid out [N * R, H_out] (cached per weight tensor).
-      - ``grouped``: otherwise (prefill): pairs ordered (adapter, slot, token); when they form long runs of
-        consecutive tokens (routing constant over stretches of a sequence), one matmul pair per run on row slices
-        of x and out; else tokens gathered once, then either each active adapter's pairs padded to one length
-        (one bmm per side, :class:`_Padded`, with more than one thread while padding adds at most
-        ``_PAD_WASTE`` of the pairs: :func:`_padding_pays`) or one matmul pair per active adapter; one index_add.
-    The rule is :func:`choose_strategy`; the numbers it comes from are in its docstring.
+      - ``grouped``: otherwise (prefill), and at every size where the C++ kernels are loaded: pairs ordered
+        (adapter, slot, token); when they form long runs of consecutive tokens (routing constant over stretches
+        of a sequence), one matmul pair per run on row slices of x and out; else the C++ kernels
+        (impl/cpu_fused.py: no [pairs, H] buffers, parallel over the intra-op threads), or without them tokens
+        gathered once, then either each active adapter's pairs padded to one length (one bmm per side,
+        :class:`_Padded`, with more than one thread while padding adds at most ``_PAD_WASTE`` of the pairs:
+        :func:`_padding_pays`) or one matmul pair per active adapter; one index_add.
+    The rule is :func:`choose_strategy`; the numbers it comes from are in its docstring. ``_FUSED = False`` turns
+    the kernels off (tests, benchmarks).
 
 Heterogeneous ranks: shrink, expand_ and add_ take ``ranks`` (None, or the int32 [N] real ranks of the stacked
 weights, see molora_ops.ops). The backend and ops paths pass it on (the kernels bound their rank loops by it); the
-per_adapter and grouped strategies slice each adapter's A and B views to its rank (a zero-rank adapter costs no
-GEMM); rows, dense, the padded layout and the traced strategies compute over the padded rank, which is exact
+per_adapter and grouped strategies (and the C++ kernels) bound each adapter's GEMMs by its rank (a zero-rank
+adapter costs no GEMM); rows, dense, the padded layout and the traced strategies compute over the padded rank, which is exact
 because the stored padding is zero.
 
 Low-precision inputs on CPU are computed in float32 from float32 copies of the weights (cached per weight tensor,
