@@ -22,8 +22,8 @@ NAMES = ("x", "lora_a", "lora_b", "topk_weights", "scale")
 _, _TRITON_AVAILABLE, _TRITON_REASON = triton_backend.status()
 needs_triton = pytest.mark.skipif(not _TRITON_AVAILABLE, reason=_TRITON_REASON)
 BACKENDS = ("torch", pytest.param("triton", marks=needs_triton))
-# routed_lora's backward: "torch" runs the C++ CPU kernels where they are loaded (impl/cpu_train.py), "torch-pure" the
-# grouped pure-PyTorch code (impl/torch_backward.py with the kernels switched off)
+# the backwards: "torch" runs the C++ CPU kernels where they are loaded (impl/cpu_train.py), "torch-pure" the grouped
+# pure-PyTorch code (impl/torch_backward.py with the kernels switched off)
 GRAD_BACKENDS = ("torch", "torch-pure", pytest.param("triton", marks=needs_triton))
 
 # (T, K, N, R, H_in, H_out): small enough for the interpreter; T = 0, 1, 3, 7 and odd sizes.
@@ -79,12 +79,13 @@ def test_routed_lora_backward_matches_reference(backend, dtype, saved_u, shape):
     assert bool((got[1][-1] == 0).all() and (got[2][-1] == 0).all()), "an adapter with no tokens gets zero grads"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", GRAD_BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES_SMOKE[1:], ids=_shape_id)
-def test_shrink_and_expand_backward_match_reference(backend, shape):
+def test_shrink_and_expand_backward_match_reference(backend, shape, monkeypatch):
     p = edge_case_problem(shape, torch.float32)
     ids, plan = p.topk_ids, mo.build_plan(p.topk_ids, shape[2])
-    impl = torch_backward if backend == "torch" else triton_backend
+    impl = triton_backend if backend == "triton" else torch_backward
+    monkeypatch.setattr(cpu_train, "USE", backend != "torch-pure")
     grad_h, grad_y, h = torch.randn(shape[0], shape[1], shape[3]), torch.randn(shape[0], shape[5]), torch.randn(shape[0], shape[1], shape[3])
     got = impl.shrink_backward(grad_h, p.x, p.lora_a, ids, p.topk_weights, p.scaling, plan, (True,) * 4)
     leaves = [t.detach().to(F64).requires_grad_() for t in (p.x, p.lora_a, p.topk_weights, p.scaling)]

@@ -295,3 +295,27 @@ def test_training_forward_and_backward_at_prefill_sizes(dtype, threads):
         else:
             assert_parity(g, w, low, torch.float32, name=name)
     assert bool((got[1][-1] == 0).all() and (got[2][-1] == 0).all()), "the unused adapter gets zero gradients"
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+def test_split_shrink_and_expand_ops_at_prefill_sizes(dtype, threads):
+    """The shrink and expand ops (a patched model's sibling groups under autograd) and their backwards through the
+    kernels at sizes with several row and column chunks, against float64 autograd of the reference."""
+    p = _problem((600, 2, 4, 8, 300, 290), dtype)
+    scale = p.scaling.to(dtype if dtype == torch.float64 else torch.float32)
+    leaves = [t.detach().clone().requires_grad_() for t in (p.x, p.lora_a, p.lora_b, p.topk_weights, scale)]
+    h = torch.ops.molora.shrink(leaves[0], leaves[1], p.topk_ids, leaves[3], leaves[4], None, None, "torch", None)
+    y = torch.ops.molora.expand(h, leaves[2], p.topk_ids, None, None, "torch", None, None)
+    grad_out = torch.randn(600, 290, dtype=dtype)
+    got = torch.autograd.grad(y, leaves, grad_out)
+    exact = [t.detach().double().requires_grad_() for t in leaves]
+    want_y = reference.routed_lora(*exact[:3], p.topk_ids, exact[3], scaling=exact[4])
+    want = torch.autograd.grad(want_y, exact, grad_out.double())
+    low = [t.detach().float().requires_grad_() for t in leaves]
+    low_y = reference.routed_lora(*low[:3], p.topk_ids, low[3], scaling=low[4])
+    lowp = torch.autograd.grad(low_y, low, grad_out.float())
+    for g, w, lo, name in zip((y,) + got, (want_y,) + want, (low_y,) + lowp, ("y", "x", "lora_a", "lora_b", "w", "s")):
+        if dtype == torch.float64 and name != "w":
+            assert_close(g, w, atol=1e-10, rtol=1e-10, name=name)
+        else:
+            assert_parity(g, w, lo, torch.float32, name=name)

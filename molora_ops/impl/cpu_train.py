@@ -1,7 +1,8 @@
-"""The torch backend's routed_lora forward (with the unscaled shrink u saved for autograd) and its backward on CPU
-tensors, through the C++ kernels of impl/cpu_fused.py: the registered ops' path under autograd (training) and
-mo.routed_lora(backend="torch") calls. impl/torch_grouped.py and impl/torch_backward.py call these where
-:func:`usable` says so (CPU tensors, uniform ranks, the kernels loaded); elsewhere they keep their grouped
+"""The torch backend's ops on CPU tensors through the C++ kernels of impl/cpu_fused.py: shrink, expand and
+routed_lora (with the unscaled shrink u saved for autograd) and their backwards, i.e. the registered ops' path
+under autograd (training a patched model: its sibling groups take shrink + expand, the others routed_lora) and
+mo.*(backend="torch") calls. impl/torch_grouped.py and impl/torch_backward.py call these where :func:`usable`
+says so (CPU tensors, the kernels loaded, and for the forwards uniform ranks); elsewhere they keep their grouped
 pure-PyTorch code.
 
 Notation as in impl/torch_backward.py (pair p = t * K + k routed to adapter e, c = w[t, k] * s[e]):
@@ -50,6 +51,92 @@ def _shrink_unscaled(pairs: cpu_fused.FusedPairs, src: Tensor, weight: Tensor) -
     return torch.ops.molora_cpu.shrink(src, weight, pairs.tokens, pairs.offsets, ones, None)
 
 
+def _to_slots(pairs: cpu_fused.FusedPairs, rows: Tensor, shape: tuple) -> Tensor:
+    """rows [S, D] in plan order placed at their slots: [T, K, D] (shape), zeros in empty slots."""
+    num_pairs = int(pairs.offsets[-1])
+    flat = rows.new_zeros(shape[0] * shape[1], rows.shape[1])
+    return flat.index_copy_(0, pairs.slots[:num_pairs], rows[:num_pairs]).view(shape[0], shape[1], rows.shape[1])
+
+
+def _write(out: Tensor, cd: torch.dtype, accumulate: bool, add) -> None:
+    """out (+)= delta, where add(acc) adds delta into a cd tensor acc: straight into out when it is in cd, else into
+    a cd buffer rounded once into out."""
+    if out.dtype == cd:
+        add(out if accumulate else out.zero_())
+        return
+    delta = torch.zeros(out.shape, dtype=cd)
+    add(delta)
+    out.copy_(out.to(cd) + delta if accumulate else delta)
+
+
+def shrink(x, lora_a, topk_ids, topk_weights, scale) -> Tensor:
+    """h [T, K, R] (compute dtype): w[t, k] * s[e] * A[e] x[t], zeros in empty slots."""
+    cd = _compute_dtype(x, scale)
+    pairs = _pairs(topk_ids, topk_weights, lora_a.shape[0], cd)
+    coef = pairs.coef * scale.to(cd).index_select(0, pairs.adapters)
+    u = torch.ops.molora_cpu.shrink(x.to(cd).contiguous(), lora_a.to(cd).contiguous(), pairs.tokens, pairs.offsets,
+                                    coef, None)
+    return _to_slots(pairs, u, (*topk_ids.shape, lora_a.shape[1]))
+
+
+def expand(h, lora_b, topk_ids, out: Tensor, accumulate: bool) -> None:
+    """out (+)= sum_k B[e] h[t, k] (h [T, K, R])."""
+    cd = _compute_dtype(h, lora_b)
+    pairs = _pairs(topk_ids, torch.ones(topk_ids.shape, dtype=cd), lora_b.shape[0], cd)
+    rows = h.reshape(-1, h.shape[-1]).to(cd).index_select(0, pairs.slots)
+    _write(out, cd, accumulate, lambda acc: pairs.expand_(rows, lora_b.to(cd), acc, None))
+
+
+def shrink_backward(grad_h, x, lora_a, topk_ids, topk_weights, scale, needs):
+    """(dx, dA, dw, ds) of h = shrink(...) given grad_h [T, K, R]; needs: four bools for (x, lora_a, topk_weights,
+    scale). u = A x is recomputed only for dw or ds."""
+    need_x, need_a, need_w, need_s = needs
+    cd = _compute_dtype(x, scale, grad_h)
+    num_adapters = lora_a.shape[0]
+    pairs = _pairs(topk_ids, topk_weights, num_adapters, cd)
+    num_pairs = int(pairs.offsets[-1])
+    xc, ac = x.to(cd).contiguous(), lora_a.to(cd).contiguous()
+    dh = grad_h.reshape(-1, grad_h.shape[-1]).to(cd).index_select(0, pairs.slots)
+    s_row = scale.to(cd).index_select(0, pairs.adapters)
+    dx = da = dw = ds = None
+    if need_x or need_a:
+        du = dh * (pairs.coef * s_row)[:, None]
+        if need_a:
+            da = torch.ops.molora_cpu.outer(du, xc, pairs.tokens, pairs.offsets)
+        if need_x:
+            dx = torch.zeros(x.shape, dtype=cd)
+            pairs.expand_(du, ac.transpose(1, 2), dx, None)
+    if need_w or need_s:
+        u = _shrink_unscaled(pairs, xc, ac)
+        u_dot_dh = (u[:num_pairs] * dh[:num_pairs]).sum(dim=1)
+        if need_w:
+            dw = torch.zeros(topk_weights.numel(), dtype=cd).index_copy_(
+                0, pairs.slots[:num_pairs], s_row[:num_pairs] * u_dot_dh).view(topk_weights.shape)
+        if need_s:
+            ds = torch.zeros(num_adapters, dtype=cd).index_add_(
+                0, pairs.adapters[:num_pairs], pairs.coef[:num_pairs] * u_dot_dh)
+    inputs = (x, lora_a, topk_weights, scale)
+    return tuple(None if g is None else g.to(t.dtype) for g, t in zip((dx, da, dw, ds), inputs))
+
+
+def expand_backward(grad_out, h, lora_b, topk_ids, needs):
+    """(dh [T, K, R], zeros in empty slots; dB [N, H_out, R]) of y = expand(h, lora_b, topk_ids) given grad_out;
+    needs: two bools for (h, lora_b)."""
+    need_h, need_b = needs
+    cd = _compute_dtype(h, lora_b)
+    pairs = _pairs(topk_ids, torch.ones(topk_ids.shape, dtype=cd), lora_b.shape[0], cd)
+    dy = grad_out.to(cd).contiguous()
+    dh = db = None
+    if need_h:
+        rows = _shrink_unscaled(pairs, dy, lora_b.to(cd).transpose(1, 2).contiguous())  # B[e]^T dy[t]
+        dh = _to_slots(pairs, rows, h.shape).to(h.dtype)
+    if need_b:
+        rows = h.reshape(-1, h.shape[-1]).to(cd).index_select(0, pairs.slots).contiguous()
+        db = torch.ops.molora_cpu.outer(rows, dy, pairs.tokens, pairs.offsets).transpose(1, 2).contiguous()
+        db = db.to(lora_b.dtype)
+    return dh, db
+
+
 def routed_lora_train(x, lora_a, lora_b, topk_ids, topk_weights, scale, out: Tensor, accumulate: bool) -> Tensor:
     """routed_lora into `out` (accumulate or overwrite); returns u [T, K, R] (compute dtype, zeros in empty slots)."""
     cd = _compute_dtype(x, scale)
@@ -57,15 +144,8 @@ def routed_lora_train(x, lora_a, lora_b, topk_ids, topk_weights, scale, out: Ten
     pairs = _pairs(topk_ids, topk_weights, num_adapters, cd)
     u = _shrink_unscaled(pairs, x.to(cd).contiguous(), lora_a.to(cd).contiguous())
     h = u * pairs.coef[:, None]
-    if out.dtype == cd:
-        pairs.expand_(h, lora_b.to(cd), out if accumulate else out.zero_(), scale.to(cd))
-    else:
-        delta = torch.zeros(out.shape, dtype=cd)
-        pairs.expand_(h, lora_b.to(cd), delta, scale.to(cd))
-        out.copy_(out.to(cd) + delta if accumulate else delta)
-    num_pairs = int(pairs.offsets[-1])
-    u_slots = u.new_zeros(num_tokens * top_k, rank).index_copy_(0, pairs.slots[:num_pairs], u[:num_pairs])
-    return u_slots.view(num_tokens, top_k, rank)
+    _write(out, cd, accumulate, lambda acc: pairs.expand_(h, lora_b.to(cd), acc, scale.to(cd)))
+    return _to_slots(pairs, u, (num_tokens, top_k, rank))
 
 
 def routed_lora_backward(grad_out, x, lora_a, lora_b, topk_ids, topk_weights, scale, needs,

@@ -77,6 +77,8 @@ def shrink_backward(grad_h, x, lora_a, topk_ids, topk_weights, scale, plan: Rout
     ds [N]) in their inputs' dtypes, None where not needed. u = A x is recomputed (one grouped GEMM) only when
     dw or ds is needed: the op's output is the scaled h, and u = h / c fails where a weight is 0.
     """
+    if cpu_train.usable(x):  # CPU tensors with the C++ kernels loaded
+        return cpu_train.shrink_backward(grad_h, x, lora_a, topk_ids, topk_weights, scale, needs)
     del topk_ids  # the plan lists the routed pairs
     cd = _compute_dtype(x, scale, grad_h)
     rows = PairRows(plan)
@@ -93,6 +95,8 @@ def expand_backward(grad_out, h, lora_b, topk_ids, plan: RoutingPlan, needs):
     needs: two bools for (h, lora_b). Returns (dh [T, K, R] in h.dtype, zeros in empty slots; dB [N, H_out, R]
     in lora_b.dtype), None where not needed.
     """
+    if cpu_train.usable(h):
+        return cpu_train.expand_backward(grad_out, h, lora_b, topk_ids, needs)
     del topk_ids
     need_h, need_b = needs
     cd = _compute_dtype(h, lora_b)

@@ -62,6 +62,8 @@ def _write_out(out: torch.Tensor, delta: torch.Tensor, accumulate: bool) -> None
 def shrink(x, lora_a, topk_ids, topk_weights, scale, plan: RoutingPlan, ranks=None) -> torch.Tensor:
     """h[t, k, r] = w[t, k] * scale[e] * lora_a[e, r] @ x[t] for r < ranks[e]; returns [T, K, R] float32 (zeros
     in empty slots and beyond each adapter's rank; `ranks` None: every adapter has rank R)."""
+    if cpu_train.usable(x, ranks):
+        return cpu_train.shrink(x, lora_a, topk_ids, topk_weights, scale)
     del topk_ids
     cd = _compute_dtype(x, scale)
     num_tokens, top_k, rank = x.shape[0], plan.top_k, lora_a.shape[1]
@@ -74,6 +76,9 @@ def shrink(x, lora_a, topk_ids, topk_weights, scale, plan: RoutingPlan, ranks=No
 def expand(h, lora_b, topk_ids, plan: RoutingPlan, out: torch.Tensor, accumulate: bool, ranks=None) -> None:
     """lora_expand into `out` (see molora_ops/reference.py), formed in float32, rounded once into out; adapter e
     reads only lora_b[e, :, :ranks[e]] and h[t, k, :ranks[e]]."""
+    if cpu_train.usable(h, ranks):
+        cpu_train.expand(h, lora_b, topk_ids, out, accumulate)
+        return
     del topk_ids
     cd = _compute_dtype(h, lora_b)
     h_flat = h.reshape(-1, h.shape[-1])
