@@ -137,6 +137,16 @@ def expand_backward(grad_out, h, lora_b, topk_ids, needs):
     return dh, db
 
 
+def routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale, out: Tensor, accumulate: bool) -> None:
+    """routed_lora into `out` (accumulate or overwrite), u not kept: the shrink applies w itself (the same single
+    rounding of u * w as routed_lora_train's, so both give the same bits)."""
+    cd = _compute_dtype(x, scale)
+    pairs = _pairs(topk_ids, topk_weights, lora_a.shape[0], cd)
+    h = torch.ops.molora_cpu.shrink(x.to(cd).contiguous(), lora_a.to(cd).contiguous(), pairs.tokens, pairs.offsets,
+                                    pairs.coef, None)
+    _write(out, cd, accumulate, lambda acc: pairs.expand_(h, lora_b.to(cd), acc, scale.to(cd)))
+
+
 def routed_lora_train(x, lora_a, lora_b, topk_ids, topk_weights, scale, out: Tensor, accumulate: bool) -> Tensor:
     """routed_lora into `out` (accumulate or overwrite); returns u [T, K, R] (compute dtype, zeros in empty slots)."""
     cd = _compute_dtype(x, scale)

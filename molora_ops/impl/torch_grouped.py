@@ -113,7 +113,7 @@ def routed_lora(
     C++ kernels on CPU tensors where they are loaded, impl/cpu_train.py, or the grouped pair rows of
     _pairs_forward)."""
     if cpu_train.usable(x, ranks):
-        cpu_train.routed_lora_train(x, lora_a, lora_b, topk_ids, topk_weights, scale, out, accumulate)
+        cpu_train.routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale, out, accumulate)
         return
     del topk_ids
     if ranks is None:
