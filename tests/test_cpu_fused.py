@@ -319,3 +319,22 @@ def test_split_shrink_and_expand_ops_at_prefill_sizes(dtype, threads):
             assert_close(g, w, atol=1e-10, rtol=1e-10, name=name)
         else:
             assert_parity(g, w, lo, torch.float32, name=name)
+
+
+def test_status_without_the_library(monkeypatch):
+    """A build without the extension (MOLORA_SKIP_CPU_BUILD=1, no compiler): status says why, and the runtime and
+    the torch backend take their pure-PyTorch code (their tests run that code with the kernels switched off)."""
+    saved = dict(cpu_fused._state)
+    try:
+        cpu_fused._state.clear()
+        monkeypatch.setattr(cpu_fused, "library_path", lambda: None)
+        monkeypatch.setenv("MOLORA_SKIP_CPU_BUILD", "1")
+        assert cpu_fused.status() == (False, "not built: MOLORA_SKIP_CPU_BUILD=1")
+        assert not runtime._kernels_on()
+        cpu_fused._state.clear()
+        monkeypatch.setenv("MOLORA_DISABLE_CPU_KERNELS", "1")
+        assert cpu_fused.status() == (False, "disabled by MOLORA_DISABLE_CPU_KERNELS")
+    finally:
+        cpu_fused._state.clear()
+        cpu_fused._state.update(saved)
+    assert cpu_fused.available()
