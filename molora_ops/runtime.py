@@ -45,8 +45,8 @@ that strategy's index tensors and coefficients (on the first call that needs the
 Heterogeneous ranks: shrink, expand_ and add_ take ``ranks`` (None, or the int32 [N] real ranks of the stacked
 weights, see molora_ops.ops). The backend and ops paths pass it on (the kernels bound their rank loops by it); the
 per_adapter and grouped strategies (and the C++ kernels) bound each adapter's GEMMs by its rank (a zero-rank
-adapter costs no GEMM); rows, dense, the padded layout and the traced strategies compute over the padded rank, which is exact
-because the stored padding is zero.
+adapter costs no GEMM); rows, dense, the padded layout and the other traced strategies compute over the padded
+rank, which is exact because the stored padding is zero.
 
 Low-precision inputs on CPU are computed in float32 from float32 copies of the weights (cached per weight tensor,
 like the dense B layout, and keyed by the tensor's identity, version and data pointer so a changed weight is never
@@ -460,8 +460,9 @@ def choose_strategy(num_tokens: int, num_adapters: int, num_active: int, num_pai
     distinct routed (token, adapter) pairs, num_active adapters with at least one.
 
     Where they are loaded, RoutedBatch takes grouped (which runs them unless its pairs form long runs of
-    consecutive tokens) at every size, without summarising the routing: us per add_ at H 512 -> 1376, R 16, N 8, top-2, float32, 1 thread (2-core AMD EPYC, torch 2.13, warm
-    weights, medians of 300; the base projection beside it):
+    consecutive tokens) at every size, without summarising the routing: us per add_ at H 512 -> 1376, R 16, N 8,
+    top-2, float32, 1 thread (2-core AMD EPYC, torch 2.13, warm weights, medians of 300; the base projection
+    beside it):
         T:            1     2     4     8     16    32    64    128
         base          62    113   143   197   303   529   981   1924
         kernels       19    28    47    62    94    118   203   326
@@ -736,14 +737,14 @@ class RoutedBatch:
                 if runs is None:
                     return fused
                 offsets = fused.offsets.tolist()
-                segments = [(e, offsets[e], offsets[e + 1]) for e in range(self.num_adapters) if offsets[e + 1] > offsets[e]]
-                return _Grouped(fused.tokens[: offsets[-1]], fused.coef[: offsets[-1], None], segments, runs)
+                num_pairs = offsets[-1]
+                return _Grouped(fused.tokens[:num_pairs], fused.coef[:num_pairs, None], _active_segments(offsets), runs)
             ids = self.topk_ids.long()
             valid = (ids >= 0) & (ids < self.num_adapters)
             w = torch.where(valid, self.topk_weights.detach().to(cd), torch.zeros((), dtype=cd))
             offsets = self.plan.seg_offsets.tolist()
             pairs = _slot_major(self.plan.sorted_pairs[: offsets[-1]].long(), ids, self.top_k)
-            segments = [(e, offsets[e], offsets[e + 1]) for e in range(self.num_adapters) if offsets[e + 1] > offsets[e]]
+            segments = _active_segments(offsets)
             tokens = pairs // self.top_k
             runs, coef = _token_runs(tokens, offsets, _MIN_RUN), w.reshape(-1)[pairs].unsqueeze(1)
             if runs is None and _padding_pays(segments, torch.get_num_threads()):
@@ -883,6 +884,11 @@ class RoutedBatch:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _active_segments(offsets: list) -> list:
+    """(e, lo, hi) for each adapter e with pairs, from the plan's segment offsets [N + 1] (a host list)."""
+    return [(e, lo, hi) for e, (lo, hi) in enumerate(zip(offsets[:-1], offsets[1:])) if hi > lo]
+
+
 def _runs(seq_ids: list, seq_len: int, num_adapters: int) -> list:
     """(e, start row, stop row) for each maximal run of consecutive sequences routed to one adapter e."""
     runs = []

@@ -84,7 +84,8 @@ def test_sibling_rank_slices_and_mixed_ranks(threads):
         got1 = batch.expand_(h, p.lora_b, torch.zeros(700, 29), rank_slice=slice(0, 8), scale=p.scaling)
         got2 = batch.expand_(h, b2, out2.clone(), rank_slice=(8, 14), scale=scale2, ranks=ranks2)
     assert_close(got1, p.exact(), **TOLERANCE[torch.float32], name="member 1")
-    want2 = reference.routed_lora(p.x.double(), torch.nan_to_num(a2, nan=0.0).double(), torch.nan_to_num(b2, nan=0.0).double(),
+    a2_zero, b2_zero = torch.nan_to_num(a2, nan=0.0).double(), torch.nan_to_num(b2, nan=0.0).double()
+    want2 = reference.routed_lora(p.x.double(), a2_zero, b2_zero,
                                   p.topk_ids, p.topk_weights.double(), scaling=scale2.double(), ranks=ranks2)
     assert_close(got2, out2.double() + want2, **TOLERANCE[torch.float32], name="member 2")
 
@@ -277,7 +278,8 @@ def test_training_forward_and_backward_at_prefill_sizes(dtype, threads):
     p.topk_ids[0, 1] = p.topk_ids[0, 0]
     scale = p.scaling.to(dtype if dtype == torch.float64 else torch.float32)
     leaves = [t.detach().clone().requires_grad_() for t in (p.x, p.lora_a, p.lora_b, p.topk_weights, scale)]
-    out, u = torch.ops.molora.routed_lora_train(*leaves[:3], p.topk_ids, leaves[3], leaves[4], None, None, "torch", None)
+    out, u = torch.ops.molora.routed_lora_train(*leaves[:3], p.topk_ids, leaves[3], leaves[4], None, None, "torch",
+                                                None)
     grad_out = torch.randn(700, 513, dtype=dtype)
     got = torch.autograd.grad(out, leaves, grad_out)
     exact_leaves = [t.detach().double().requires_grad_() for t in leaves]
@@ -287,7 +289,8 @@ def test_training_forward_and_backward_at_prefill_sizes(dtype, threads):
     lowp_leaves = [t.detach().float().requires_grad_() for t in leaves]
     lowp_out = reference.routed_lora(*lowp_leaves[:3], p.topk_ids, lowp_leaves[3], scaling=lowp_leaves[4])
     lowp = torch.autograd.grad(lowp_out, lowp_leaves, grad_out.float())
-    want_u = reference.lora_shrink(p.x.double(), p.lora_a.double(), p.topk_ids, torch.ones_like(p.topk_weights).double())
+    ones = torch.ones_like(p.topk_weights).double()
+    want_u = reference.lora_shrink(p.x.double(), p.lora_a.double(), p.topk_ids, ones)
     names = ("out", "u", "x", "lora_a", "lora_b", "topk_weights", "scale")
     for g, w, low, name in zip((out, u) + got, (want_out, want_u) + want, (lowp_out, want_u) + lowp, names):
         if dtype == torch.float64 and name != "topk_weights":  # topk_weights stays float32, so its gradient does
