@@ -22,6 +22,11 @@ BACKENDS = ("torch", "triton", "cuda")
 _MODULES = {"torch": "torch_grouped", "triton": "triton_backend", "cuda": "cuda_backend"}
 
 
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype the torch backend computes in: float64 when any of `tensors` is float64, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def _check_name(name: str) -> None:
     if name not in _MODULES:
         raise ValueError(f"backend must be one of 'auto', {', '.join(repr(b) for b in BACKENDS)}; got {name!r}")

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from . import cpu_fused
+from . import compute_dtype, cpu_fused
 
 Tensor = torch.Tensor
 
@@ -35,10 +35,6 @@ USE = True  # tests and benchmarks switch the kernels off here to compare with t
 def usable(x: Tensor, ranks: Optional[Tensor] = None) -> bool:
     """Whether the torch backend runs this call through the C++ kernels."""
     return USE and ranks is None and x.device.type == "cpu" and cpu_fused.available()
-
-
-def _compute_dtype(*tensors: Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _pairs(topk_ids: Tensor, topk_weights: Tensor, num_adapters: int, cd: torch.dtype) -> cpu_fused.FusedPairs:
@@ -71,7 +67,7 @@ def _write(out: Tensor, cd: torch.dtype, accumulate: bool, add) -> None:
 
 def shrink(x, lora_a, topk_ids, topk_weights, scale) -> Tensor:
     """h [T, K, R] (compute dtype): w[t, k] * s[e] * A[e] x[t], zeros in empty slots."""
-    cd = _compute_dtype(x, scale)
+    cd = compute_dtype(x, scale)
     pairs = _pairs(topk_ids, topk_weights, lora_a.shape[0], cd)
     coef = pairs.coef * scale.to(cd).index_select(0, pairs.adapters)
     u = torch.ops.molora_cpu.shrink(x.to(cd).contiguous(), lora_a.to(cd).contiguous(), pairs.tokens, pairs.offsets,
@@ -81,7 +77,7 @@ def shrink(x, lora_a, topk_ids, topk_weights, scale) -> Tensor:
 
 def expand(h, lora_b, topk_ids, out: Tensor, accumulate: bool) -> None:
     """out (+)= sum_k B[e] h[t, k] (h [T, K, R])."""
-    cd = _compute_dtype(h, lora_b)
+    cd = compute_dtype(h, lora_b)
     pairs = _pairs(topk_ids, torch.ones(topk_ids.shape, dtype=cd), lora_b.shape[0], cd)
     rows = h.reshape(-1, h.shape[-1]).to(cd).index_select(0, pairs.slots)
     _write(out, cd, accumulate, lambda acc: pairs.expand_(rows, lora_b.to(cd), acc, None))
@@ -91,7 +87,7 @@ def shrink_backward(grad_h, x, lora_a, topk_ids, topk_weights, scale, needs):
     """(dx, dA, dw, ds) of h = shrink(...) given grad_h [T, K, R]; needs: four bools for (x, lora_a, topk_weights,
     scale). u = A x is recomputed only for dw or ds."""
     need_x, need_a, need_w, need_s = needs
-    cd = _compute_dtype(x, scale, grad_h)
+    cd = compute_dtype(x, scale, grad_h)
     num_adapters = lora_a.shape[0]
     pairs = _pairs(topk_ids, topk_weights, num_adapters, cd)
     num_pairs = int(pairs.offsets[-1])
@@ -123,7 +119,7 @@ def expand_backward(grad_out, h, lora_b, topk_ids, needs):
     """(dh [T, K, R], zeros in empty slots; dB [N, H_out, R]) of y = expand(h, lora_b, topk_ids) given grad_out;
     needs: two bools for (h, lora_b)."""
     need_h, need_b = needs
-    cd = _compute_dtype(h, lora_b)
+    cd = compute_dtype(h, lora_b)
     pairs = _pairs(topk_ids, torch.ones(topk_ids.shape, dtype=cd), lora_b.shape[0], cd)
     dy = grad_out.to(cd).contiguous()
     dh = db = None
@@ -140,7 +136,7 @@ def expand_backward(grad_out, h, lora_b, topk_ids, needs):
 def routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale, out: Tensor, accumulate: bool) -> None:
     """routed_lora into `out` (accumulate or overwrite), u not kept: the shrink applies w itself (the same single
     rounding of u * w as routed_lora_train's, so both give the same bits)."""
-    cd = _compute_dtype(x, scale)
+    cd = compute_dtype(x, scale)
     pairs = _pairs(topk_ids, topk_weights, lora_a.shape[0], cd)
     h = torch.ops.molora_cpu.shrink(x.to(cd).contiguous(), lora_a.to(cd).contiguous(), pairs.tokens, pairs.offsets,
                                     pairs.coef, None)
@@ -149,7 +145,7 @@ def routed_lora(x, lora_a, lora_b, topk_ids, topk_weights, scale, out: Tensor, a
 
 def routed_lora_train(x, lora_a, lora_b, topk_ids, topk_weights, scale, out: Tensor, accumulate: bool) -> Tensor:
     """routed_lora into `out` (accumulate or overwrite); returns u [T, K, R] (compute dtype, zeros in empty slots)."""
-    cd = _compute_dtype(x, scale)
+    cd = compute_dtype(x, scale)
     (num_tokens, top_k), (num_adapters, rank) = topk_ids.shape, lora_a.shape[:2]
     pairs = _pairs(topk_ids, topk_weights, num_adapters, cd)
     u = _shrink_unscaled(pairs, x.to(cd).contiguous(), lora_a.to(cd).contiguous())
@@ -164,7 +160,7 @@ def routed_lora_backward(grad_out, x, lora_a, lora_b, topk_ids, topk_weights, sc
     lora_b, topk_weights, scale); u_saved: the forward's u [T, K, R] or None (recomputed where needed). Each
     gradient in its input's dtype, None where not needed."""
     need_x, need_a, need_b, need_w, need_s = needs
-    cd = _compute_dtype(x, scale)
+    cd = compute_dtype(x, scale)
     num_adapters = lora_a.shape[0]
     pairs = _pairs(topk_ids, topk_weights, num_adapters, cd)
     num_pairs = int(pairs.offsets[-1])

@@ -25,14 +25,10 @@ from typing import Optional
 import torch
 
 from ..plan import RoutingPlan
-from . import cpu_train
+from . import compute_dtype, cpu_train
 from .pair_rows import PairRows
 
 Tensor = torch.Tensor
-
-
-def _compute_dtype(*tensors: Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _outer_b(rows: PairRows, dys: Tensor, hs: Tensor, lora_b: Tensor) -> Tensor:
@@ -80,7 +76,7 @@ def shrink_backward(grad_h, x, lora_a, topk_ids, topk_weights, scale, plan: Rout
     if cpu_train.usable(x):  # CPU tensors with the C++ kernels loaded
         return cpu_train.shrink_backward(grad_h, x, lora_a, topk_ids, topk_weights, scale, needs)
     del topk_ids  # the plan lists the routed pairs
-    cd = _compute_dtype(x, scale, grad_h)
+    cd = compute_dtype(x, scale, grad_h)
     rows = PairRows(plan)
     xs = rows.gather(x, cd) if (needs[1] or needs[2] or needs[3]) else None
     dh = rows.gather_pairs(grad_h.reshape(-1, grad_h.shape[-1]), cd)
@@ -99,7 +95,7 @@ def expand_backward(grad_out, h, lora_b, topk_ids, plan: RoutingPlan, needs):
         return cpu_train.expand_backward(grad_out, h, lora_b, topk_ids, needs)
     del topk_ids
     need_h, need_b = needs
-    cd = _compute_dtype(h, lora_b)
+    cd = compute_dtype(h, lora_b)
     rows = PairRows(plan)
     dys = rows.gather(grad_out, cd)
     dh = db = None
@@ -124,7 +120,7 @@ def routed_lora_backward(grad_out, x, lora_a, lora_b, topk_ids, topk_weights, sc
                                               u_saved)
     del topk_ids
     need_x, need_a, need_b, need_w, need_s = needs
-    cd = _compute_dtype(x, scale)
+    cd = compute_dtype(x, scale)
     rows = PairRows(plan)
     shrink_needs = (need_x, need_a, need_w, need_s)
     need_u = need_b or need_w or need_s

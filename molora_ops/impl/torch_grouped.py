@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..plan import RoutingPlan
-from . import cpu_train
+from . import compute_dtype, cpu_train
 from .pair_rows import PairRows
 
 name = "torch"
@@ -42,10 +42,6 @@ def _bounded_segments(plan: RoutingPlan, ranks, rank: int):
             yield e, pairs, tokens, bound[e]
 
 
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def _shrink_segment(x, lora_a, topk_weights, scale, e, pairs, tokens, cd, r):
     """[M, r]: adapter e's first r rank rows for its segment (pairs, tokens), times probability x scaling."""
     coef = topk_weights.reshape(-1)[pairs].to(cd) * scale[e].to(cd)  # [M]
@@ -65,7 +61,7 @@ def shrink(x, lora_a, topk_ids, topk_weights, scale, plan: RoutingPlan, ranks=No
     if cpu_train.usable(x, ranks):
         return cpu_train.shrink(x, lora_a, topk_ids, topk_weights, scale)
     del topk_ids
-    cd = _compute_dtype(x, scale)
+    cd = compute_dtype(x, scale)
     num_tokens, top_k, rank = x.shape[0], plan.top_k, lora_a.shape[1]
     h = torch.zeros(num_tokens * top_k, rank, dtype=cd, device=x.device)
     for e, pairs, tokens, r in _bounded_segments(plan, ranks, rank):
@@ -80,7 +76,7 @@ def expand(h, lora_b, topk_ids, plan: RoutingPlan, out: torch.Tensor, accumulate
         cpu_train.expand(h, lora_b, topk_ids, out, accumulate)
         return
     del topk_ids
-    cd = _compute_dtype(h, lora_b)
+    cd = compute_dtype(h, lora_b)
     h_flat = h.reshape(-1, h.shape[-1])
     delta = torch.zeros(out.shape, dtype=cd, device=out.device)
     for e, pairs, tokens, r in _bounded_segments(plan, ranks, lora_b.shape[2]):
@@ -92,7 +88,7 @@ def _pairs_forward(x, lora_a, lora_b, topk_weights, scale, plan: RoutingPlan, ou
     """routed_lora into `out` over the plan's pair rows (impl/pair_rows.py): one gather of x, the shrink and the
     expand as one grouped GEMM each over all routed pairs, one index_add_ of the rows into the tokens. Returns the
     unscaled shrink u [P_r, R] in plan order (float32, float64 for float64 inputs)."""
-    cd = _compute_dtype(x, scale)
+    cd = compute_dtype(x, scale)
     rows = PairRows(plan)
     xs = rows.gather(x, cd)
     u = rows.mm(xs, lora_a.to(cd).transpose(1, 2))
@@ -119,7 +115,7 @@ def routed_lora(
     if ranks is None:
         _pairs_forward(x, lora_a, lora_b, topk_weights, scale, plan, out, accumulate)
         return
-    cd = _compute_dtype(x, scale)
+    cd = compute_dtype(x, scale)
     delta = torch.zeros(out.shape, dtype=cd, device=out.device)
     for e, pairs, tokens, r in _bounded_segments(plan, ranks, lora_a.shape[1]):
         h = _shrink_segment(x, lora_a, topk_weights, scale, e, pairs, tokens, cd, r)
