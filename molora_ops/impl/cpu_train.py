@@ -83,36 +83,44 @@ def expand(h, lora_b, topk_ids, out: Tensor, accumulate: bool) -> None:
     _write(out, cd, accumulate, lambda acc: pairs.expand_(rows, lora_b.to(cd), acc, None))
 
 
-def shrink_backward(grad_h, x, lora_a, topk_ids, topk_weights, scale, needs):
-    """(dx, dA, dw, ds) of h = shrink(...) given grad_h [T, K, R]; needs: four bools for (x, lora_a, topk_weights,
-    scale). u = A x is recomputed only for dw or ds."""
+def _shrink_side(pairs: cpu_fused.FusedPairs, dh: Tensor, u: Optional[Tensor], xc: Tensor, a_t: Tensor,
+                 topk_weights: Tensor, s_row: Tensor, needs) -> tuple:
+    """(dx, dA, dw, ds) in the compute dtype, xc's (None where not needed), given dh [S, R] in plan order; needs: four
+    bools for (x, lora_a, topk_weights, scale); a_t: A^T as [N, H_in, R]; s_row [S]: each row's scaling; u [S, R]
+    (the unscaled shrink) only for dw and ds. Shared by shrink_backward and routed_lora_backward."""
     need_x, need_a, need_w, need_s = needs
-    cd = compute_dtype(x, scale, grad_h)
-    num_adapters = lora_a.shape[0]
-    pairs = _pairs(topk_ids, topk_weights, num_adapters, cd)
+    cd = xc.dtype
     num_pairs = int(pairs.offsets[-1])
-    xc, ac = x.to(cd).contiguous(), lora_a.to(cd).contiguous()
-    dh = grad_h.reshape(-1, grad_h.shape[-1]).to(cd).index_select(0, pairs.slots)
-    s_row = scale.to(cd).index_select(0, pairs.adapters)
     dx = da = dw = ds = None
     if need_x or need_a:
         du = dh * (pairs.coef * s_row)[:, None]
         if need_a:
             da = torch.ops.molora_cpu.outer(du, xc, pairs.tokens, pairs.offsets)
         if need_x:
-            dx = torch.zeros(x.shape, dtype=cd)
-            pairs.expand_(du, ac.transpose(1, 2), dx, None)
+            dx = torch.zeros(xc.shape, dtype=cd)
+            pairs.expand_(du, a_t, dx, None)  # A[e]^T du[p]
     if need_w or need_s:
-        u = _shrink_unscaled(pairs, xc, ac)
         u_dot_dh = (u[:num_pairs] * dh[:num_pairs]).sum(dim=1)
         if need_w:
             dw = torch.zeros(topk_weights.numel(), dtype=cd).index_copy_(
                 0, pairs.slots[:num_pairs], s_row[:num_pairs] * u_dot_dh).view(topk_weights.shape)
         if need_s:
-            ds = torch.zeros(num_adapters, dtype=cd).index_add_(
+            ds = torch.zeros(pairs.offsets.shape[0] - 1, dtype=cd).index_add_(
                 0, pairs.adapters[:num_pairs], pairs.coef[:num_pairs] * u_dot_dh)
-    inputs = (x, lora_a, topk_weights, scale)
-    return tuple(None if g is None else g.to(t.dtype) for g, t in zip((dx, da, dw, ds), inputs))
+    return dx, da, dw, ds
+
+
+def shrink_backward(grad_h, x, lora_a, topk_ids, topk_weights, scale, needs):
+    """(dx, dA, dw, ds) of h = shrink(...) given grad_h [T, K, R]; needs: four bools for (x, lora_a, topk_weights,
+    scale). u = A x is recomputed only for dw or ds."""
+    cd = compute_dtype(x, scale, grad_h)
+    pairs = _pairs(topk_ids, topk_weights, lora_a.shape[0], cd)
+    xc, ac = x.to(cd).contiguous(), lora_a.to(cd).contiguous()
+    dh = grad_h.reshape(-1, grad_h.shape[-1]).to(cd).index_select(0, pairs.slots)
+    u = _shrink_unscaled(pairs, xc, ac) if needs[2] or needs[3] else None
+    s_row = scale.to(cd).index_select(0, pairs.adapters)
+    grads = _shrink_side(pairs, dh, u, xc, ac.transpose(1, 2), topk_weights, s_row, needs)
+    return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, (x, lora_a, topk_weights, scale)))
 
 
 def expand_backward(grad_out, h, lora_b, topk_ids, needs):
@@ -161,42 +169,24 @@ def routed_lora_backward(grad_out, x, lora_a, lora_b, topk_ids, topk_weights, sc
     gradient in its input's dtype, None where not needed."""
     need_x, need_a, need_b, need_w, need_s = needs
     cd = compute_dtype(x, scale)
-    num_adapters = lora_a.shape[0]
-    pairs = _pairs(topk_ids, topk_weights, num_adapters, cd)
-    num_pairs = int(pairs.offsets[-1])
-    xc = x.to(cd).contiguous()
+    pairs = _pairs(topk_ids, topk_weights, lora_a.shape[0], cd)
+    xc, ac = x.to(cd).contiguous(), lora_a.to(cd).contiguous()
     dy = grad_out.to(cd).contiguous()
-    w_row = pairs.coef
     s_row = scale.to(cd).index_select(0, pairs.adapters)
-    c_row = w_row * s_row  # 0 in the padding rows (w is)
-    need_u = need_b or need_w or need_s
     u = None
-    if need_u:
+    if need_b or need_w or need_s:
         if u_saved is not None:
             u = u_saved.reshape(-1, u_saved.shape[-1]).to(cd).index_select(0, pairs.slots)
         else:
-            u = _shrink_unscaled(pairs, xc, lora_a.to(cd).contiguous())
-    dx = da = db = dw = ds = None
-    if need_b:  # dB[e] = sum dy[t] h[p]^T: outer gives [N, R, H_out]
-        db = torch.ops.molora_cpu.outer((u * c_row[:, None]).contiguous(), dy, pairs.tokens, pairs.offsets)
-        db = db.transpose(1, 2).contiguous()
-    if need_x or need_a or need_w or need_s:
+            u = _shrink_unscaled(pairs, xc, ac)
+    db = dx = da = dw = ds = None
+    if need_b:  # dB[e] = sum dy[t] h[p]^T, h = c * u: outer gives [N, R, H_out]
+        h = (u * (pairs.coef * s_row)[:, None]).contiguous()
+        db = torch.ops.molora_cpu.outer(h, dy, pairs.tokens, pairs.offsets).transpose(1, 2).contiguous()
+    shrink_needs = (need_x, need_a, need_w, need_s)
+    if any(shrink_needs):
         dh = _shrink_unscaled(pairs, dy, lora_b.to(cd).transpose(1, 2).contiguous())  # B[e]^T dy[t]
-        if need_x or need_a:
-            du = dh * c_row[:, None]
-            if need_a:
-                da = torch.ops.molora_cpu.outer(du, xc, pairs.tokens, pairs.offsets)
-            if need_x:
-                dx = torch.zeros(x.shape, dtype=cd)
-                pairs.expand_(du, lora_a.to(cd).transpose(1, 2), dx, None)  # A[e]^T du[p], A^T as [N, H_in, R]
-        if need_w or need_s:
-            u_dot_dh = (u[:num_pairs] * dh[:num_pairs]).sum(dim=1)
-            if need_w:
-                dw = torch.zeros(topk_weights.numel(), dtype=cd).index_copy_(
-                    0, pairs.slots[:num_pairs], s_row[:num_pairs] * u_dot_dh).view(topk_weights.shape)
-            if need_s:
-                ds = torch.zeros(num_adapters, dtype=cd).index_add_(
-                    0, pairs.adapters[:num_pairs], w_row[:num_pairs] * u_dot_dh)
+        dx, da, dw, ds = _shrink_side(pairs, dh, u, xc, ac.transpose(1, 2), topk_weights, s_row, shrink_needs)
     grads = (dx, da, db, dw, ds)
     inputs = (x, lora_a, lora_b, topk_weights, scale)
     return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs))
