@@ -266,6 +266,27 @@ def test_prepare_matches_the_python_plan(case, min_run):
     assert fused.block_offsets.tolist() == [0] + torch.bincount(key, minlength=blocks * n).cumsum(0).tolist()
 
 
+def _reference_autograd(leaves, topk_ids, grad_out, dtype):
+    """(y, dx, dA, dB, dw, ds) of the reference routed_lora by autograd in `dtype` on copies of leaves (x, lora_a,
+    lora_b, topk_weights, scale)."""
+    ref = [t.detach().to(dtype).requires_grad_() for t in leaves]
+    y = reference.routed_lora(*ref[:3], topk_ids, ref[3], scaling=ref[4])
+    return (y,) + torch.autograd.grad(y, ref, grad_out.to(dtype))
+
+
+def _assert_like_reference(got, leaves, topk_ids, grad_out, dtype):
+    """got = (y, dx, dA, dB, dw, ds) against float64 autograd of the reference: to 1e-10 for float64 (dw excepted:
+    topk_weights stays float32, so its gradient does), else by the flash-attention rule against the same computed
+    by plain float32 autograd."""
+    exact = _reference_autograd(leaves, topk_ids, grad_out, torch.float64)
+    lowp = _reference_autograd(leaves, topk_ids, grad_out, torch.float32)
+    for g, w, low, name in zip(got, exact, lowp, ("y", "x", "lora_a", "lora_b", "topk_weights", "scale")):
+        if dtype == torch.float64 and name != "topk_weights":
+            assert_close(g, w, atol=1e-10, rtol=1e-10, name=name)
+        else:
+            assert_parity(g, w, low, torch.float32, name=name)
+
+
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
 def test_training_forward_and_backward_at_prefill_sizes(dtype, threads):
     """routed_lora_train and its backward through the kernels (impl/cpu_train.py) where adapters hold several
@@ -282,21 +303,11 @@ def test_training_forward_and_backward_at_prefill_sizes(dtype, threads):
                                                 None)
     grad_out = torch.randn(700, 513, dtype=dtype)
     got = torch.autograd.grad(out, leaves, grad_out)
-    exact_leaves = [t.detach().double().requires_grad_() for t in leaves]
-    want_out = reference.routed_lora(*exact_leaves[:3], p.topk_ids, exact_leaves[3], scaling=exact_leaves[4])
-    want = torch.autograd.grad(want_out, exact_leaves, grad_out.double())
-    # the yardstick: the same gradients by plain float32 autograd of the reference (flash-attention rule)
-    lowp_leaves = [t.detach().float().requires_grad_() for t in leaves]
-    lowp_out = reference.routed_lora(*lowp_leaves[:3], p.topk_ids, lowp_leaves[3], scaling=lowp_leaves[4])
-    lowp = torch.autograd.grad(lowp_out, lowp_leaves, grad_out.float())
     ones = torch.ones_like(p.topk_weights).double()
     want_u = reference.lora_shrink(p.x.double(), p.lora_a.double(), p.topk_ids, ones)
-    names = ("out", "u", "x", "lora_a", "lora_b", "topk_weights", "scale")
-    for g, w, low, name in zip((out, u) + got, (want_out, want_u) + want, (lowp_out, want_u) + lowp, names):
-        if dtype == torch.float64 and name != "topk_weights":  # topk_weights stays float32, so its gradient does
-            assert_close(g, w, atol=1e-10, rtol=1e-10, name=name)
-        else:
-            assert_parity(g, w, low, torch.float32, name=name)
+    _assert_like_reference((out,) + got, leaves, p.topk_ids, grad_out, dtype)
+    assert_close(u, want_u, **(dict(atol=1e-10, rtol=1e-10) if dtype == torch.float64 else TOLERANCE[torch.float32]),
+                 name="u")
     assert bool((got[1][-1] == 0).all() and (got[2][-1] == 0).all()), "the unused adapter gets zero gradients"
 
 
@@ -310,18 +321,7 @@ def test_split_shrink_and_expand_ops_at_prefill_sizes(dtype, threads):
     h = torch.ops.molora.shrink(leaves[0], leaves[1], p.topk_ids, leaves[3], leaves[4], None, None, "torch", None)
     y = torch.ops.molora.expand(h, leaves[2], p.topk_ids, None, None, "torch", None, None)
     grad_out = torch.randn(600, 290, dtype=dtype)
-    got = torch.autograd.grad(y, leaves, grad_out)
-    exact = [t.detach().double().requires_grad_() for t in leaves]
-    want_y = reference.routed_lora(*exact[:3], p.topk_ids, exact[3], scaling=exact[4])
-    want = torch.autograd.grad(want_y, exact, grad_out.double())
-    low = [t.detach().float().requires_grad_() for t in leaves]
-    low_y = reference.routed_lora(*low[:3], p.topk_ids, low[3], scaling=low[4])
-    lowp = torch.autograd.grad(low_y, low, grad_out.float())
-    for g, w, lo, name in zip((y,) + got, (want_y,) + want, (low_y,) + lowp, ("y", "x", "lora_a", "lora_b", "w", "s")):
-        if dtype == torch.float64 and name != "w":
-            assert_close(g, w, atol=1e-10, rtol=1e-10, name=name)
-        else:
-            assert_parity(g, w, lo, torch.float32, name=name)
+    _assert_like_reference((y,) + torch.autograd.grad(y, leaves, grad_out), leaves, p.topk_ids, grad_out, dtype)
 
 
 def test_status_without_the_library(monkeypatch):
